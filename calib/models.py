@@ -1,0 +1,58 @@
+"""The model registry: a name -> how to run it (backend, weights, pipeline) and its default settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class UnknownModelError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    backend: str  # tiny | diffusers
+    hub_id: str | None
+    pipeline: str  # the diffusers pipeline class the weights belong to
+    steps: int
+    cfg: float
+    size: tuple[int, int]  # (width, height)
+    edit: bool  # takes a reference image
+    description: str
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            "tiny-qwen-image-edit", "tiny", None, "QwenImageEditPipeline", 20, 4.0, (128, 128), True,
+            "embedded default: diffusers' Qwen-Image classes at 190k parameters, runs offline on a CPU",
+        ),
+        ModelSpec(
+            "qwen-image-edit", "diffusers", "Qwen/Qwen-Image-Edit", "QwenImageEditPipeline", 50, 4.0, (1024, 1024), True,
+            "Qwen-Image-Edit (2508), 20B MMDiT",
+        ),
+        ModelSpec(
+            "qwen-image-edit-2509", "diffusers", "Qwen/Qwen-Image-Edit-2509", "QwenImageEditPlusPipeline", 40, 4.0, (1024, 1024), True,
+            "Qwen-Image-Edit-2509, multi-image edit",
+        ),
+        ModelSpec(
+            "qwen-image-edit-2511", "diffusers", "Qwen/Qwen-Image-Edit-2511", "QwenImageEditPlusPipeline", 40, 4.0, (1024, 1024), True,
+            "Qwen-Image-Edit-2511, zero_cond_t reference modulation",
+        ),
+        ModelSpec(
+            "qwen-image", "diffusers", "Qwen/Qwen-Image", "QwenImagePipeline", 50, 4.0, (1328, 1328), False,
+            "Qwen-Image text-to-image",
+        ),
+    )
+}
+
+DEFAULT_MODEL = "tiny-qwen-image-edit"
+
+
+def get_model(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(MODELS)} (see `teacal models`)") from None

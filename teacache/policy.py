@@ -1,0 +1,178 @@
+"""The TeaCache decision rule: the only place it is written. Pure: no model, no hooks.
+
+Per transformer call at step ``i`` of one decision series (a CFG branch, or one shared series)::
+
+    acc += max(0, poly(rel_l1(signal_i, signal_{i-1})))
+    compute = i < ret_steps or i >= cutoff or acc >= threshold
+    if compute: acc = 0
+    signal_{i-1} = signal_i              # on every step, computed or skipped
+
+Deliberate choices, each fixing a pitfall of the original sketch (REFERENCE §1):
+
+* forced steps still store the signal, so the first middle step compares against a real previous signal;
+* the rescaled estimate is clamped at 0: a fitted polynomial can dip below zero near x = 0, and a negative
+  "output change" would let the accumulator run backwards; it also makes threshold 0 mean "never skip";
+* `start()` resets everything for a new generation;
+* every branch has its own state (or, in shared mode, one decision per step that both branches follow),
+  and a branch that has no residual yet is always computed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from teacache.preset import Preset, check_threshold
+
+SHARED = "shared"
+
+
+def rel_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
+    """mean(|current - previous|) / mean(|previous|), in float32 so bf16 signals do not round to zero."""
+    current = current.float()
+    previous = previous.float()
+    return ((current - previous).abs().mean() / previous.abs().mean()).item()
+
+
+@dataclass(frozen=True)
+class Decision:
+    step: int
+    branch: str
+    distance: float | None  # rel-L1 of the signal against the previous step; None on a series' first step
+    accumulated: float  # accumulator after this step's addition, before any reset
+    computed: bool
+    reason: str  # forced | threshold | cap | no-residual | skip | follow
+
+
+@dataclass
+class TeaCacheStats:
+    """What happened in one generation, per step and branch."""
+
+    num_steps: int
+    decisions: list[Decision] = field(default_factory=list)
+
+    @property
+    def computed(self) -> int:
+        return sum(d.computed for d in self.decisions)
+
+    @property
+    def skipped(self) -> int:
+        return sum(not d.computed for d in self.decisions)
+
+    @property
+    def branches(self) -> list[str]:
+        return sorted({d.branch for d in self.decisions})
+
+    def schedule(self, branch: str) -> list[bool]:
+        """Computed (True) or skipped, in step order, for one branch."""
+        return [d.computed for d in sorted(self.decisions, key=lambda d: d.step) if d.branch == branch]
+
+    def per_branch(self) -> dict[str, dict[str, int]]:
+        return {
+            b: {"computed": sum(self.schedule(b)), "skipped": len(self.schedule(b)) - sum(self.schedule(b))}
+            for b in self.branches
+        }
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{b}: {c['computed']} computed / {c['skipped']} skipped" for b, c in self.per_branch().items())
+        return f"TeaCache {self.computed}/{len(self.decisions)} calls computed ({parts})"
+
+
+@dataclass
+class _Series:
+    """Decision state of one series: a CFG branch, or the shared series."""
+
+    previous_signal: torch.Tensor | None = None
+    accumulated: float = 0.0
+    consecutive_skips: int = 0
+    last_step: int | None = None
+    last_computed: bool = True
+    branches_at_last_step: set[str] = field(default_factory=set)
+
+
+class TeaCachePolicy:
+    """Decides, per call, whether the transformer blocks run. Runtimes call `decide`; simulators `decide_distance`."""
+
+    def __init__(self, preset: Preset, threshold: float | None = None) -> None:
+        self.preset = preset
+        self.threshold = check_threshold(preset.threshold if threshold is None else threshold)
+        self.shared = preset.branch_mode == SHARED
+        self._rescale = np.poly1d(preset.coefficients)
+        self._series: dict[str, _Series] = {}
+        self._has_residual: set[str] = set()
+        self._cutoff: int | None = None
+        self.stats: TeaCacheStats | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.stats is not None
+
+    def start(self, num_steps: int) -> None:
+        """Begin a new generation of `num_steps` steps: forget every signal, accumulator and residual."""
+        self._cutoff = self.preset.resolve_cutoff(num_steps)
+        self._series = {}
+        self._has_residual = set()
+        self.stats = TeaCacheStats(num_steps=num_steps)
+
+    def rescale(self, distance: float) -> float:
+        value = float(self._rescale(distance))
+        return max(0.0, value) if math.isfinite(value) else math.inf
+
+    def decide(self, step: int, branch: str, signal: torch.Tensor) -> bool:
+        """True = run the transformer blocks for this call; False = reuse the branch's cached residual."""
+        series = self._series_for(branch)
+        distance = None
+        if not self._follows_shared_decision(series, step):
+            if series.previous_signal is not None:
+                distance = rel_l1(signal, series.previous_signal)
+            series.previous_signal = signal.detach()
+        return self.decide_distance(step, branch, distance)
+
+    def decide_distance(self, step: int, branch: str, distance: float | None) -> bool:
+        """The rule itself, from a precomputed rel-L1 (None when there is no previous signal)."""
+        if self.stats is None or self._cutoff is None:
+            raise RuntimeError("TeaCachePolicy.start(num_steps) must be called before the first decision of a generation")
+        series = self._series_for(branch)
+        repeated = series.last_step is not None and (step < series.last_step or branch in series.branches_at_last_step and step == series.last_step)
+        if repeated:
+            raise RuntimeError(
+                f"TeaCache: branch {branch!r} asked twice for step {step}; each CFG branch needs its own "
+                "cache context ('cond'/'uncond'), and each generation needs a reset"
+            )
+        if self._follows_shared_decision(series, step):
+            computed, reason, accumulated = series.last_computed, "follow", series.accumulated
+            series.branches_at_last_step.add(branch)
+        else:
+            series.last_step = step
+            series.branches_at_last_step = {branch}
+            if distance is not None:
+                series.accumulated += self.rescale(distance) if math.isfinite(distance) else math.inf
+            accumulated = series.accumulated
+            if step < self.preset.ret_steps or step >= self._cutoff:
+                computed, reason = True, "forced"
+            elif series.accumulated >= self.threshold:
+                computed, reason = True, "threshold"
+            elif self.preset.max_consecutive_skips is not None and series.consecutive_skips >= self.preset.max_consecutive_skips:
+                computed, reason = True, "cap"
+            else:
+                computed, reason = False, "skip"
+            if computed:
+                series.accumulated = 0.0
+            series.consecutive_skips = 0 if computed else series.consecutive_skips + 1
+            series.last_computed = computed
+        if not computed and branch not in self._has_residual:
+            computed, reason = True, "no-residual"
+        if computed:
+            self._has_residual.add(branch)
+        self.stats.decisions.append(Decision(step, branch, distance, accumulated, computed, reason))
+        return computed
+
+    def _series_for(self, branch: str) -> _Series:
+        return self._series.setdefault(SHARED if self.shared else branch, _Series())
+
+    def _follows_shared_decision(self, series: _Series, step: int) -> bool:
+        """In shared mode the first branch at a step decides; the others follow that decision."""
+        return self.shared and series.last_step == step

@@ -1,0 +1,168 @@
+"""The TeaCache preset: what `teacal fit` writes and every runtime reads.
+
+A preset is versioned JSON (``"format": "teacal-preset/1"``). Unknown keys and wrong versions are errors:
+a preset that is silently half-understood is how borrowed coefficients end up wrecking images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from teacache._files import atomic_write
+
+PRESET_FORMAT = "teacal-preset/1"
+SIGNALS = ("temb", "modin")
+BRANCH_MODES = ("per-branch", "shared")
+
+
+class PresetError(ValueError):
+    """A preset that cannot be used; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Coefficients and schedule limits for one model.
+
+    `coefficients` are highest power first, as `np.poly1d` takes them; `[1.0, 0.0]` is the identity.
+    `cutoff_steps` is the first step that is always computed again; a negative value counts from the end
+    (-1: the last step), so one preset serves any step count.
+    """
+
+    model: str
+    signal: str
+    coefficients: tuple[float, ...]
+    ret_steps: int
+    cutoff_steps: int
+    branch_mode: str = "per-branch"
+    threshold: float = 0.2
+    max_consecutive_skips: int | None = None
+    calibration: dict[str, Any] = field(default_factory=dict)
+    fit: dict[str, Any] = field(default_factory=dict)
+    thresholds: tuple[dict[str, Any], ...] = ()
+    format: str = PRESET_FORMAT
+    source: str = field(default="<memory>", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "coefficients", tuple(float(c) for c in self.coefficients))
+        object.__setattr__(self, "thresholds", tuple(dict(t) for t in self.thresholds))
+        self._check()
+
+    def _fail(self, name: str, message: str) -> PresetError:
+        return PresetError(f"preset {self.source}: field '{name}': {message}")
+
+    def _check(self) -> None:
+        if self.format != PRESET_FORMAT:
+            raise self._fail("format", f"expected '{PRESET_FORMAT}', got {self.format!r}")
+        if not isinstance(self.model, str) or not self.model:
+            raise self._fail("model", "must be a non-empty model name")
+        if self.signal not in SIGNALS:
+            raise self._fail("signal", f"unknown signal {self.signal!r}; expected one of {', '.join(SIGNALS)}")
+        if not self.coefficients:
+            raise self._fail("coefficients", "must hold at least one number (highest power first)")
+        if not all(math.isfinite(c) for c in self.coefficients):
+            raise self._fail("coefficients", f"must all be finite, got {list(self.coefficients)}")
+        if self.branch_mode not in BRANCH_MODES:
+            raise self._fail("branch_mode", f"unknown mode {self.branch_mode!r}; expected one of {', '.join(BRANCH_MODES)}")
+        for name in ("ret_steps", "cutoff_steps"):
+            if not _is_int(getattr(self, name)):
+                raise self._fail(name, f"must be an integer, got {getattr(self, name)!r}")
+        if self.ret_steps < 0:
+            raise self._fail("ret_steps", f"must be >= 0, got {self.ret_steps}")
+        if self.cutoff_steps >= 0 and self.ret_steps + 1 > self.cutoff_steps:
+            raise self._fail(
+                "cutoff_steps",
+                f"ret_steps + 1 > cutoff_steps ({self.ret_steps} + 1 > {self.cutoff_steps}): no step could ever be skipped",
+            )
+        check_threshold(self.threshold, lambda msg: self._fail("threshold", msg))
+        if self.max_consecutive_skips is not None and (not _is_int(self.max_consecutive_skips) or self.max_consecutive_skips < 1):
+            raise self._fail("max_consecutive_skips", f"must be null or an integer >= 1, got {self.max_consecutive_skips!r}")
+        for name in ("calibration", "fit"):
+            if not isinstance(getattr(self, name), dict):
+                raise self._fail(name, "must be an object")
+
+    # -- schedule ---------------------------------------------------------------------------------------------
+    @property
+    def rescale(self) -> np.poly1d:
+        return np.poly1d(self.coefficients)
+
+    def resolve_cutoff(self, num_steps: int) -> int:
+        """The absolute first step that is always computed again, for a run of `num_steps` steps."""
+        if num_steps < 1:
+            raise self._fail("cutoff_steps", f"a run needs at least one step, got num_steps={num_steps}")
+        cutoff = self.cutoff_steps if self.cutoff_steps >= 0 else num_steps + self.cutoff_steps
+        if self.ret_steps + 1 > cutoff:
+            raise self._fail(
+                "cutoff_steps",
+                f"with {num_steps} steps, ret_steps={self.ret_steps} and cutoff_steps={self.cutoff_steps} leave no step to skip",
+            )
+        return cutoff
+
+    def require_model(self, model: str) -> None:
+        if self.model != model:
+            raise self._fail("model", f"this preset was calibrated for {self.model!r}, not {model!r}; calibrate one with `teacal record` + `teacal fit`")
+
+    def replace(self, **changes: Any) -> Preset:
+        return dataclasses.replace(self, **changes)
+
+    # -- JSON -------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source"}
+        data["coefficients"] = list(self.coefficients)
+        data["thresholds"] = list(self.thresholds)
+        return {"format": data.pop("format"), **data}
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<memory>") -> Preset:
+        if not isinstance(data, dict):
+            raise PresetError(f"preset {source}: expected a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+        if data.get("format") != PRESET_FORMAT:
+            raise PresetError(f"preset {source}: field 'format': expected '{PRESET_FORMAT}', got {data.get('format')!r}")
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PresetError(f"preset {source}: unknown field(s) {', '.join(repr(k) for k in unknown)}")
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise PresetError(f"preset {source}: missing field(s) {', '.join(repr(k) for k in missing)}")
+        coefficients = data["coefficients"]
+        if not isinstance(coefficients, list) or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in coefficients):
+            raise PresetError(f"preset {source}: field 'coefficients': must be a list of numbers, got {coefficients!r}")
+        return cls(**data, source=source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Preset:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise PresetError(f"preset {path}: file not found") from None
+        try:
+            # Python's json accepts NaN/Infinity; a preset must not, so they surface as non-finite errors below.
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise PresetError(f"preset {path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+        return cls.from_dict(data, source=str(path))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return atomic_write(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+
+
+def check_threshold(value: Any, fail=None) -> float:
+    """A threshold is a finite number >= 0; 0 computes every step."""
+    fail = fail or (lambda msg: PresetError(f"threshold: {msg}"))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise fail(f"must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
