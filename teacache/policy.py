@@ -157,13 +157,15 @@ class TeaCachePolicy:
                 computed, reason = True, "threshold"
             elif self.preset.max_consecutive_skips is not None and series.consecutive_skips >= self.preset.max_consecutive_skips:
                 computed, reason = True, "cap"
+            elif branch not in self._has_residual:
+                computed, reason = True, "no-residual"
             else:
                 computed, reason = False, "skip"
             if computed:
                 series.accumulated = 0.0
             series.consecutive_skips = 0 if computed else series.consecutive_skips + 1
             series.last_computed = computed
-        if not computed and branch not in self._has_residual:
+        if not computed and branch not in self._has_residual:  # a branch following a shared skip
             computed, reason = True, "no-residual"
         if computed:
             self._has_residual.add(branch)
