@@ -144,4 +144,5 @@ def test_stock_pipelines(tiny, pipeline_class, reference_image, monkeypatch):
         skipped = run()
         stats = teacache_stats(tiny.transformer)
     assert np.array_equal(plain, exact)
+    assert not np.array_equal(plain, skipped)
     assert stats.schedule("cond") == stats.schedule("uncond") == [True, False, False, True]

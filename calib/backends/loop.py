@@ -86,24 +86,20 @@ def denoise(
     n_target = latents.shape[1]
     for i, t in enumerate(timesteps):
         model_input = latents if image_latents is None else torch.cat([latents, image_latents], dim=1)
-        timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
-
-        def predict(branch: str, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            with transformer.cache_context(branch, step_index=i, num_inference_steps=steps, timestep=t, sigma=float(scheduler.sigmas[i])):
-                out = transformer(
-                    hidden_states=model_input,
-                    timestep=timestep,
-                    encoder_hidden_states=embeds,
-                    encoder_hidden_states_mask=mask,
-                    img_shapes=img_shapes,
-                    return_dict=False,
-                )[0]
-            return out[:, :n_target]
-
-        prediction = predict("cond", conditioning.prompt_embeds, conditioning.prompt_mask)
+        call = dict(
+            hidden_states=model_input,
+            timestep=t.expand(latents.shape[0]).to(latents.dtype) / 1000,
+            img_shapes=img_shapes,
+            return_dict=False,
+        )
+        context = dict(step_index=i, num_inference_steps=steps, timestep=t, sigma=float(scheduler.sigmas[i]))
+        with transformer.cache_context("cond", **context):
+            prediction = transformer(encoder_hidden_states=conditioning.prompt_embeds, encoder_hidden_states_mask=conditioning.prompt_mask, **call)[0]
+        prediction = prediction[:, :n_target]
         if do_cfg:
-            negative = predict("uncond", conditioning.negative_embeds, conditioning.negative_mask)
-            prediction = true_cfg(prediction, negative, cfg)
+            with transformer.cache_context("uncond", **context):
+                negative = transformer(encoder_hidden_states=conditioning.negative_embeds, encoder_hidden_states_mask=conditioning.negative_mask, **call)[0]
+            prediction = true_cfg(prediction, negative[:, :n_target], cfg)
         latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
         if on_step is not None:
             on_step(i)
