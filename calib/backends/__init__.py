@@ -1,0 +1,70 @@
+"""How a model is run: each backend generates one image per (prompt, seed) and exposes the transformer
+that TeaCache and the recorder hook into."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from PIL import Image
+
+from calib.errors import UserError
+from calib.models import ModelSpec
+from calib.prompts import PromptItem
+
+
+class Backend(Protocol):
+    transformer: torch.nn.Module
+
+    def run(self, item: PromptItem, seed: int, steps: int, cfg: float, size: tuple[int, int], on_step=None) -> tuple[Image.Image, dict[str, float]]:
+        """The image, and {"seconds", "denoise_seconds"} measured with the device synchronised."""
+
+    def close(self) -> None:
+        """Free the model and its device memory."""
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine (use --device auto or cpu)")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise UserError(f"--device {device!r}: expected auto, cpu or cuda[:N]")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in table:
+        raise UserError(f"--dtype {dtype!r}: expected auto, float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def check_backend(spec: ModelSpec, backend: str | None, model_path: str | None) -> str:
+    """Which backend runs `spec`, checked before anything is loaded."""
+    chosen = backend or spec.backend
+    if chosen == "lightx2v":
+        raise UserError("--backend lightx2v: the LightX2V backend is not available yet (tracked in issue 5); use --backend diffusers")
+    if chosen not in ("tiny", "diffusers"):
+        raise UserError(f"--backend {chosen!r}: expected diffusers or lightx2v")
+    if spec.backend == "tiny" and chosen != "tiny":
+        raise UserError(f"model {spec.name} is the embedded tiny model; it runs on its own backend, not {chosen}")
+    if chosen == "diffusers" and spec.backend == "tiny":
+        chosen = "tiny"
+    if chosen == "diffusers" and model_path is not None:
+        from calib.backends.diffusers import check_model_folder
+
+        check_model_folder(model_path)
+    return chosen
+
+
+def load_backend(spec: ModelSpec, backend: str, model_path: str | None, device: str, dtype: torch.dtype) -> Backend:
+    if backend == "tiny":
+        from calib.backends.tiny import TinyQwenImageEdit
+
+        return TinyQwenImageEdit(device=device, dtype=dtype)
+    from calib.backends.diffusers import DiffusersBackend
+
+    return DiffusersBackend(spec, model_path, device, dtype)

@@ -121,3 +121,10 @@ class TinyQwenImageEdit:
         denoise_seconds = time.perf_counter() - started
         result = self.decode(latents, width, height)
         return result, {"denoise_seconds": denoise_seconds, "seconds": time.perf_counter() - started}
+
+    def run(self, item, seed: int, steps: int, cfg: float, size: tuple[int, int], on_step=None) -> tuple[Image.Image, dict[str, float]]:
+        """The backend interface: one prompt-set item."""
+        return self.generate(item.prompt, item.load_image(), seed, steps, cfg, size, item.negative_prompt, on_step)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,124 @@
+"""The `teacal` command: thin; it parses, calls a stage and prints. Bad input exits 2 with one line."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from calib.errors import UserError
+
+app = typer.Typer(
+    help=(
+        "teacal: calibrate TeaCache for Qwen-Image(-Edit) and measure what each threshold buys.\n\n"
+        "The main job: `teacal record` (uncached runs, per-step signals) -> `teacal fit` (rescale polynomial -> "
+        "preset JSON) -> `teacal sweep` (speed against LPIPS/PSNR/SSIM) -> `teacal report` (Pareto curves). "
+        "`make demo` runs all four on the embedded tiny model."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def parse_size(size: str | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--size {size!r}: expected WIDTHxHEIGHT, e.g. 128x128") from None
+    if width < 16 or height < 16 or width % 16 or height % 16:
+        raise UserError(f"--size {size!r}: width and height must be multiples of 16, at least 16")
+    return width, height
+
+
+def parse_seeds(seeds: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(s) for s in seeds.split(",") if s.strip())
+    except ValueError:
+        raise UserError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1") from None
+    if not values or len(set(values)) != len(values) or min(values) < 0:
+        raise UserError(f"--seeds {seeds!r}: expected distinct non-negative integers")
+    return values
+
+
+@app.command()
+def models() -> None:
+    """List the models teacal knows: name, backend, weights, pipeline and default settings."""
+    from calib.models import DEFAULT_MODEL, MODELS
+
+    typer.echo(f"{'name':<24}{'backend':<11}{'weights':<28}{'pipeline':<28}{'steps':>6}{'cfg':>6}  size")
+    for spec in MODELS.values():
+        mark = " (default)" if spec.name == DEFAULT_MODEL else ""
+        typer.echo(f"{spec.name:<24}{spec.backend:<11}{spec.hub_id or 'embedded':<28}{spec.pipeline:<28}{spec.steps:>6}{spec.cfg:>6g}  {spec.size[0]}x{spec.size[1]}{mark}")
+
+
+@app.command()
+def record(
+    out: Annotated[str, typer.Option("--out", help="Run folder to write (trace/, refs/, run.json); rerun to resume.")],
+    model: Annotated[str, typer.Option(help="Model name from `teacal models`.")] = "tiny-qwen-image-edit",
+    prompts: Annotated[str, typer.Option(help="Prompt set (JSONL: id, prompt, image, negative_prompt).")] = "prompts/edit.jsonl",
+    model_path: Annotated[str | None, typer.Option(help="Local diffusers folder with the weights; never downloads.")] = None,
+    backend: Annotated[str | None, typer.Option(help="diffusers or lightx2v (default: the model's own).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the model's).")] = None,
+    cfg: Annotated[float | None, typer.Option(help="True-CFG scale (default: the model's).")] = None,
+    size: Annotated[str | None, typer.Option(help="Output WIDTHxHEIGHT (default: the model's).")] = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds, each run for every prompt.")] = "0",
+    device: Annotated[str, typer.Option(help="auto (cuda when present), cpu or cuda[:N].")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")] = "auto",
+    shard: Annotated[str | None, typer.Option(help="i/K: record every K-th prompt from i (torchrun sets RANK/WORLD_SIZE).")] = None,
+) -> None:
+    """Run prompts uncached and record, per step and CFG branch, the signals' and the output's rel-L1."""
+    from calib.record import RecordRequest
+    from calib.record import record as run_record
+
+    run_record(RecordRequest(model, prompts, out, steps, cfg, parse_size(size), parse_seeds(seeds), device, dtype, backend, model_path, shard), echo=typer.echo)
+
+
+@app.command()
+def fit(
+    runs: Annotated[list[str], typer.Argument(help="Run folders written by `teacal record`.")],
+    out: Annotated[str, typer.Option("--out", help="Preset JSON to write, e.g. presets/my-model.json.")],
+    signal: Annotated[str, typer.Option(help="auto (best held-out error), temb or modin.")] = "auto",
+    degree: Annotated[int, typer.Option(help="Polynomial degree (upstream TeaCache uses 4).")] = 4,
+    target: Annotated[str, typer.Option(help="What the polynomial predicts: output or residual rel-L1.")] = "output",
+    branch_mode: Annotated[str, typer.Option(help="auto, per-branch or shared (one decision per step for both CFG branches).")] = "auto",
+    loss: Annotated[str, typer.Option(help="linear (= np.polyfit) or a robust loss: soft_l1, huber, cauchy.")] = "linear",
+    folds: Annotated[int, typer.Option(help="Cross-validation folds, grouped by prompt.")] = 5,
+    ret_steps: Annotated[int, typer.Option(help="First steps always computed.")] = 1,
+    cutoff_steps: Annotated[int, typer.Option(help="First step always computed again at the end; negative counts from the end.")] = -1,
+    speedup: Annotated[float, typer.Option(help="The default threshold is the one simulated to reach this speedup.")] = 1.6,
+) -> None:
+    """Fit the rescale polynomial (np.poly1d order) with scipy and write a preset with its provenance and fit quality."""
+    from calib.fit import FitRequest
+    from calib.fit import fit as run_fit
+
+    run_fit(FitRequest(tuple(runs), out, signal, degree, target, branch_mode, loss, folds, ret_steps, cutoff_steps, speedup), echo=typer.echo)
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as err:
+        fail(str(err))
+    except ValueError as err:  # PresetError and UnknownModelError are ValueErrors with a user-facing line
+        from calib.models import UnknownModelError
+        from teacache.preset import PresetError
+
+        if isinstance(err, (PresetError, UnknownModelError)):
+            fail(str(err))
+        raise
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished files are kept; rerun the same command to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

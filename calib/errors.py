@@ -1,0 +1,5 @@
+"""Errors a user can fix: the CLI prints their one line and exits with code 2."""
+
+
+class UserError(Exception):
+    pass

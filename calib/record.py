@@ -1,0 +1,159 @@
+"""`teacal record`: uncached runs, observed step by step, into `trace/` parts, reference images and run.json.
+
+Layout of a run folder::
+
+    run.json                      settings (hashed: a rerun with other settings is refused) and status
+    trace/<prompt>-<seed>.parquet one complete part per finished (prompt, seed); readers concatenate them
+    trace.parquet                 all parts merged, written once every pair of the prompt set is done
+    refs/<prompt>-<seed>.png      the uncached image: the reference that `sweep` measures against
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from calib.backends import check_backend, load_backend, resolve_device, resolve_dtype
+from calib.backends.observe import observe
+from calib.errors import UserError
+from calib.models import get_model
+from calib.prompts import load_prompts
+from calib.rundir import (
+    RUN_FILE,
+    check_same_settings,
+    library_versions,
+    now_iso,
+    progress,
+    read_json,
+    read_parts,
+    resolve_shard,
+    write_json,
+    write_png,
+    write_table,
+)
+
+TRACE_COLUMNS = ["prompt_id", "seed", "step", "branch", "timestep", "sigma", "x_temb", "x_modin", "y_output", "y_residual", "seconds"]
+
+
+@dataclass(frozen=True)
+class RecordRequest:
+    model: str
+    prompts: str
+    out: str
+    steps: int | None = None
+    cfg: float | None = None
+    size: tuple[int, int] | None = None
+    seeds: tuple[int, ...] = (0,)
+    device: str = "auto"
+    dtype: str = "auto"
+    backend: str | None = None
+    model_path: str | None = None
+    shard: str | None = None
+
+
+def pair_name(prompt_id: str, seed: int) -> str:
+    return f"{prompt_id}-{seed}"
+
+
+def record(request: RecordRequest, echo=print) -> Path:
+    # Everything a user can get wrong is checked here, before a model is loaded.
+    spec = get_model(request.model)
+    backend_name = check_backend(spec, request.backend, request.model_path)
+    prompts = load_prompts(request.prompts, need_image=spec.edit)
+    device = resolve_device(request.device)
+    dtype = resolve_dtype(request.dtype, device)
+    steps = request.steps or spec.steps
+    cfg = spec.cfg if request.cfg is None else request.cfg
+    size = request.size or spec.size
+    if steps < 2:
+        raise UserError(f"--steps {steps}: need at least 2 steps to measure a change between steps")
+    if not request.seeds:
+        raise UserError("--seeds: give at least one seed")
+    shard_index, shard_count = resolve_shard(request.shard)
+
+    out = Path(request.out)
+    settings = {
+        "model": spec.name, "backend": backend_name, "steps": steps, "cfg": cfg, "size": list(size),
+        "seeds": list(request.seeds), "dtype": str(dtype).removeprefix("torch."),
+        "prompts_sha256": prompts.sha256,
+    }
+    check_same_settings(out / RUN_FILE, settings, "recording")
+    all_pairs = [(item, seed) for item in prompts.items for seed in request.seeds]
+    mine = [(item, seed) for item, seed in all_pairs if prompts.items.index(item) % shard_count == shard_index]
+    todo = [(item, seed) for item, seed in mine if not (out / "trace" / f"{pair_name(item.id, seed)}.parquet").exists()]
+    write_run_file(out, settings, prompts.path, all_pairs, device)
+    echo(f"record {spec.name} ({backend_name}, {device}, {settings['dtype']}): {len(prompts)} prompts x {len(request.seeds)} seeds, "
+         f"{steps} steps, {size[0]}x{size[1]}, CFG {cfg}; shard {shard_index}/{shard_count}: {len(todo)} to run, {len(mine) - len(todo)} done")
+    if todo:
+        backend = load_backend(spec, backend_name, request.model_path, device, dtype)
+        try:
+            with observe(backend.transformer) as observer, progress("record", len(todo)) as advance:
+                for item, seed in todo:
+                    observer.rows.clear()
+                    image, _ = backend.run(item, seed, steps, cfg, size)
+                    frame = trace_frame(observer.rows, item.id, seed, steps)
+                    name = pair_name(item.id, seed)
+                    # The reference first, then the trace part that marks the pair as done.
+                    write_png(out / "refs" / f"{name}.png", image)
+                    write_table(out / "trace" / f"{name}.parquet", frame)
+                    write_run_file(out, settings, prompts.path, all_pairs, device)
+                    advance(f"record {name}")
+        finally:
+            backend.close()
+    merged = merge_if_complete(out, all_pairs)
+    echo(f"wrote {out / ('trace.parquet' if merged else 'trace')} and {out / 'refs'}")
+    return out
+
+
+def trace_frame(rows: list[dict], prompt_id: str, seed: int, steps: int) -> pd.DataFrame:
+    frame = pd.DataFrame(rows)
+    branches = frame["branch"].nunique()
+    if len(frame) != steps * branches or sorted(frame["step"].unique()) != list(range(steps)):
+        raise RuntimeError(f"observed {len(frame)} transformer calls for {steps} steps x {branches} branches")
+    frame.insert(0, "seed", seed)
+    frame.insert(0, "prompt_id", prompt_id)
+    return frame[TRACE_COLUMNS].sort_values(["step", "branch"]).reset_index(drop=True)
+
+
+def write_run_file(out: Path, settings: dict, prompt_file: Path, pairs: list, device: str) -> None:
+    done = {p.stem for p in (out / "trace").glob("*.parquet")}
+    existing = read_json(out / RUN_FILE) if (out / RUN_FILE).exists() else {}
+    write_json(out / RUN_FILE, {
+        "kind": "record",
+        "settings": settings,
+        "prompt_file": str(prompt_file),
+        "created": existing.get("created", now_iso()),
+        "updated": now_iso(),
+        "device": device,
+        "versions": library_versions(),
+        "status": {pair_name(item.id, seed): ("done" if pair_name(item.id, seed) in done else "pending") for item, seed in pairs},
+    })
+
+
+def merge_if_complete(out: Path, pairs: list) -> bool:
+    names = {pair_name(item.id, seed) for item, seed in pairs}
+    if not all((out / "trace" / f"{name}.parquet").exists() for name in names):
+        return False
+    write_table(out / "trace.parquet", load_trace(out))
+    return True
+
+
+def load_trace(run: str | Path) -> pd.DataFrame:
+    """Every finished part of a run (all shards), in a stable order."""
+    run = Path(run)
+    frame = read_parts(run / "trace")
+    if frame is None:
+        if not (run / "trace.parquet").exists():
+            raise UserError(f"{run}: no trace found; run `teacal record --out {run}` first")
+        frame = pd.read_parquet(run / "trace.parquet")
+    return frame.sort_values(["prompt_id", "seed", "branch", "step"]).reset_index(drop=True)
+
+
+def load_run(run: str | Path) -> dict:
+    path = Path(run) / RUN_FILE
+    if not path.exists():
+        raise UserError(f"{run}: no {RUN_FILE}; is this a `teacal record` output folder?")
+    return read_json(path)
+
