@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import functools
 from typing import Annotated
 
 import typer
@@ -27,6 +27,24 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def command(function):
+    """Register a subcommand whose user errors become one `error:` line and exit code 2."""
+    from calib.models import UnknownModelError
+    from teacache.preset import PresetError
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except (UserError, PresetError, UnknownModelError) as err:
+            fail(str(err))
+        except KeyboardInterrupt:
+            typer.echo("interrupted: finished files are kept; rerun the same command to resume", err=True)
+            raise typer.Exit(130) from None
+
+    return app.command()(wrapper)
+
+
 def parse_size(size: str | None) -> tuple[int, int] | None:
     if size is None:
         return None
@@ -49,7 +67,7 @@ def parse_seeds(seeds: str) -> tuple[int, ...]:
     return values
 
 
-@app.command()
+@command
 def models() -> None:
     """List the models teacal knows: name, backend, weights, pipeline and default settings."""
     from calib.models import DEFAULT_MODEL, MODELS
@@ -60,7 +78,7 @@ def models() -> None:
         typer.echo(f"{spec.name:<24}{spec.backend:<11}{spec.hub_id or 'embedded':<28}{spec.pipeline:<28}{spec.steps:>6}{spec.cfg:>6g}  {spec.size[0]}x{spec.size[1]}{mark}")
 
 
-@app.command()
+@command
 def record(
     out: Annotated[str, typer.Option("--out", help="Run folder to write (trace/, refs/, run.json); rerun to resume.")],
     model: Annotated[str, typer.Option(help="Model name from `teacal models`.")] = "tiny-qwen-image-edit",
@@ -82,7 +100,7 @@ def record(
     run_record(RecordRequest(model, prompts, out, steps, cfg, parse_size(size), parse_seeds(seeds), device, dtype, backend, model_path, shard), echo=typer.echo)
 
 
-@app.command()
+@command
 def fit(
     runs: Annotated[list[str], typer.Argument(help="Run folders written by `teacal record`.")],
     out: Annotated[str, typer.Option("--out", help="Preset JSON to write, e.g. presets/my-model.json.")],
@@ -104,20 +122,7 @@ def fit(
 
 
 def main() -> None:
-    try:
-        app()
-    except UserError as err:
-        fail(str(err))
-    except ValueError as err:  # PresetError and UnknownModelError are ValueErrors with a user-facing line
-        from calib.models import UnknownModelError
-        from teacache.preset import PresetError
-
-        if isinstance(err, (PresetError, UnknownModelError)):
-            fail(str(err))
-        raise
-    except KeyboardInterrupt:
-        typer.echo("interrupted: finished files are kept; rerun the same command to resume", err=True)
-        sys.exit(130)
+    app()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.linalg
 from scipy.optimize import least_squares
 
 from calib.errors import UserError
@@ -28,12 +29,15 @@ def fit_polynomial(x: np.ndarray, y: np.ndarray, degree: int, loss: str = "linea
     """Coefficients, highest power first (np.poly1d order). `linear` is plain least squares = np.polyfit."""
     if loss not in LOSSES:
         raise UserError(f"--loss {loss!r}: expected one of {', '.join(LOSSES)}")
-    start = np.polyfit(x, y, degree)
+    vandermonde = np.vander(x, degree + 1)
+    scale = np.sqrt((vandermonde * vandermonde).sum(axis=0))  # column scaling, as np.polyfit does, for conditioning
+    scale[scale == 0] = 1.0
+    start = scipy.linalg.lstsq(vandermonde / scale, y)[0] / scale
     if loss == "linear":
         return start
     # Robust losses down-weight outlier steps; f_scale is the residual size where that starts.
-    scale = float(np.median(np.abs(np.polyval(start, x) - y))) or 1e-3
-    result = least_squares(lambda c: np.polyval(c, x) - y, start, loss=loss, f_scale=scale, method="trf")
+    f_scale = float(np.median(np.abs(np.polyval(start, x) - y))) or 1e-3
+    result = least_squares(lambda c: np.polyval(c, x) - y, start, loss=loss, f_scale=f_scale, x_scale=np.abs(start) + 1e-12, method="trf")
     return result.x
 
 

@@ -20,3 +20,33 @@ def reference_image() -> Image.Image:
 
 def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
+
+
+SMALL = dict(steps=6, size=(64, 64))
+
+
+def write_prompts(path, rows) -> str:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+SMALL_PROMPTS = [
+    {"id": "cat-hat", "prompt": "put a hat on the cat", "image": "skimage:chelsea"},
+    {"id": "rocket-night", "prompt": "make it night", "image": "skimage:rocket"},
+    {"id": "coffee-green", "prompt": "make the cup green", "image": "skimage:coffee"},
+    {"id": "coins-gold", "prompt": "make every coin gold", "image": "skimage:coins"},
+]
+
+
+@pytest.fixture(scope="session")
+def recorded_run(tmp_path_factory):
+    """One small real recording on the tiny model, shared by the tests that only read it."""
+    from calib.record import RecordRequest, record
+
+    base = tmp_path_factory.mktemp("recorded")
+    prompts = write_prompts(base / "prompts.jsonl", SMALL_PROMPTS)
+    out = base / "run"
+    record(RecordRequest("tiny-qwen-image-edit", prompts, str(out), seeds=(0, 1), **SMALL), echo=lambda *_: None)
+    return out
