@@ -121,6 +121,32 @@ def fit(
     run_fit(FitRequest(tuple(runs), out, signal, degree, target, branch_mode, loss, folds, ret_steps, cutoff_steps, speedup), echo=typer.echo)
 
 
+@command
+def sweep(
+    preset: Annotated[str, typer.Option(help="Preset JSON written by `teacal fit`.")],
+    run: Annotated[str, typer.Option(help="Run folder written by `teacal record` (its prompts, seeds and reference images).")],
+    thresh: Annotated[str, typer.Option(help="Thresholds: START:STOP[:STEP] (step 0.05 by default) or a comma list.")],
+    out: Annotated[str | None, typer.Option(help="Where sweep.parquet and its parts go (default: the run folder).")] = None,
+    metrics: Annotated[str | None, typer.Option(help="Comma-separated: lpips, psnr, ssim (default: all that can run here).")] = None,
+    baseline: Annotated[list[str] | None, typer.Option(help="Uncalibrated coefficients to compare: constant, identity, flux, wan21, mlx-qwen, or a JSON file. Repeatable.")] = None,
+    oracle: Annotated[str, typer.Option(help="Oracle static schedules: auto (budgets of the thresholds), none, or step budgets like 8,10,12.")] = "auto",
+    target_lpips: Annotated[float | None, typer.Option(help="Recommend the fastest threshold with LPIPS <= this (mean and worst prompt); saved in the preset.")] = None,
+    target_psnr: Annotated[float | None, typer.Option(help="Recommend the fastest threshold with PSNR >= this (mean and worst prompt); saved in the preset.")] = None,
+    model_path: Annotated[str | None, typer.Option(help="Local diffusers folder with the weights (real models).")] = None,
+    device: Annotated[str, typer.Option(help="auto (cuda when present), cpu or cuda[:N].")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")] = "auto",
+) -> None:
+    """Measure speed against LPIPS/PSNR/SSIM for each threshold, baseline and oracle schedule."""
+    from calib.metrics import METRICS
+    from calib.sweep import SweepRequest
+    from calib.sweep import sweep as run_sweep
+
+    run_sweep(SweepRequest(
+        preset, run, thresh, out, metrics or ",".join(METRICS), metrics is not None, tuple(baseline or ()), oracle,
+        target_lpips, target_psnr, device, dtype, model_path,
+    ), echo=typer.echo)
+
+
 def main() -> None:
     app()
 

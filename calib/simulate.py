@@ -106,3 +106,22 @@ def oracle_schedule(y: np.ndarray, budget: int, forced: np.ndarray) -> np.ndarra
         schedule[last] = True
         last, c = parent[last, c], c - 1
     return schedule
+
+
+class StaticSchedulePolicy(TeaCachePolicy):
+    """Computes exactly the steps a fixed schedule names, for every branch: how the oracle is run.
+
+    Only the rule is replaced; ordering checks, residual guards and stats stay TeaCachePolicy's.
+    """
+
+    def __init__(self, preset: Preset, schedule: np.ndarray) -> None:
+        super().__init__(preset.replace(branch_mode="shared"), threshold=0.0)
+        self.schedule = np.asarray(schedule, bool)
+
+    def start(self, num_steps: int) -> None:
+        if num_steps != len(self.schedule):
+            raise ValueError(f"the schedule has {len(self.schedule)} steps, the run {num_steps}")
+        super().start(num_steps)
+
+    def _rule(self, series, step: int, distance: float | None) -> tuple[bool, str]:
+        return bool(self.schedule[step]), "schedule"

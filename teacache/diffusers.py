@@ -99,9 +99,9 @@ class _BranchState(BaseState):
 class _TeaCacheRuntime:
     """What the hooks of one transformer share beyond per-branch state: the policy and the step count."""
 
-    def __init__(self, config: TeaCacheConfig) -> None:
+    def __init__(self, config: TeaCacheConfig, policy: TeaCachePolicy | None = None) -> None:
         self.config = config
-        self.policy = TeaCachePolicy(config.preset, config.threshold)
+        self.policy = policy or TeaCachePolicy(config.preset, config.threshold)
         self.state_manager = StateManager(_BranchState)
         self.num_steps: int | None = None
         self.new_generation = True
@@ -204,11 +204,14 @@ def apply_teacache(
     preset: Preset | str | os.PathLike,
     threshold: float | None = None,
     num_inference_steps: int | None = None,
+    policy: TeaCachePolicy | None = None,
 ) -> TeaCacheConfig:
     """Make `transformer` (a `QwenImageTransformer2DModel`) skip whole block-stack passes by the preset's rule.
 
     Works with the stock Qwen-Image pipelines (they name the CFG branches with `cache_context`) and with
-    hand-written loops that wrap each call in `transformer.cache_context("cond" | "uncond")`.
+    hand-written loops that wrap each call in `transformer.cache_context("cond" | "uncond")`. `policy`
+    replaces the preset's rule with another decision maker of the same interface (teacal's sweeps use a
+    fixed schedule for the oracle).
     """
     config = TeaCacheConfig(preset, threshold, num_inference_steps)
     blocks = getattr(transformer, "transformer_blocks", None)
@@ -218,7 +221,7 @@ def apply_teacache(
     if registry.get_hook(_TRANSFORMER_HOOK) is not None:
         raise RuntimeError("TeaCache is already applied to this transformer; call remove_teacache first")
 
-    runtime = _TeaCacheRuntime(config)
+    runtime = _TeaCacheRuntime(config, policy)
     registry.register_hook(TeaCacheTransformerHook(runtime), _TRANSFORMER_HOOK)
     last = len(blocks) - 1
     HookRegistry.check_if_exists_or_initialize(blocks[0]).register_hook(TeaCacheHeadBlockHook(runtime, is_tail=last == 0), _HEAD_HOOK)

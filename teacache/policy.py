@@ -132,7 +132,7 @@ class TeaCachePolicy:
         return self.decide_distance(step, branch, distance)
 
     def decide_distance(self, step: int, branch: str, distance: float | None) -> bool:
-        """The rule itself, from a precomputed rel-L1 (None when there is no previous signal)."""
+        """Decide from a precomputed rel-L1 (None when there is no previous signal): for simulators."""
         if self.stats is None or self._cutoff is None:
             raise RuntimeError("TeaCachePolicy.start(num_steps) must be called before the first decision of a generation")
         series = self._series_for(branch)
@@ -148,19 +148,10 @@ class TeaCachePolicy:
         else:
             series.last_step = step
             series.branches_at_last_step = {branch}
-            if distance is not None:
-                series.accumulated += self.rescale(distance) if math.isfinite(distance) else math.inf
+            computed, reason = self._rule(series, step, distance)
             accumulated = series.accumulated
-            if step < self.preset.ret_steps or step >= self._cutoff:
-                computed, reason = True, "forced"
-            elif series.accumulated >= self.threshold:
-                computed, reason = True, "threshold"
-            elif self.preset.max_consecutive_skips is not None and series.consecutive_skips >= self.preset.max_consecutive_skips:
-                computed, reason = True, "cap"
-            elif branch not in self._has_residual:
+            if not computed and branch not in self._has_residual:
                 computed, reason = True, "no-residual"
-            else:
-                computed, reason = False, "skip"
             if computed:
                 series.accumulated = 0.0
             series.consecutive_skips = 0 if computed else series.consecutive_skips + 1
@@ -171,6 +162,18 @@ class TeaCachePolicy:
             self._has_residual.add(branch)
         self.stats.decisions.append(Decision(step, branch, distance, accumulated, computed, reason))
         return computed
+
+    def _rule(self, series: _Series, step: int, distance: float | None) -> tuple[bool, str]:
+        """TeaCache itself: accumulate the rescaled distance; compute when forced, over threshold or capped."""
+        if distance is not None:
+            series.accumulated += self.rescale(distance) if math.isfinite(distance) else math.inf
+        if step < self.preset.ret_steps or step >= self._cutoff:
+            return True, "forced"
+        if series.accumulated >= self.threshold:
+            return True, "threshold"
+        if self.preset.max_consecutive_skips is not None and series.consecutive_skips >= self.preset.max_consecutive_skips:
+            return True, "cap"
+        return False, "skip"
 
     def _series_for(self, branch: str) -> _Series:
         return self._series.setdefault(SHARED if self.shared else branch, _Series())
