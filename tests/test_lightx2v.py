@@ -324,10 +324,10 @@ def test_signals_and_block_outputs_match_diffusers(tl, tiny_dir, tmp_path, reque
     for name, dtype, fp32_timestep in (("bf16", torch.bfloat16, False), ("fp32", torch.float32, True)):
         df = _diffusers_calls(calls, latents_at, timesteps, request_inputs, dtype, fp32_timestep)
         for kind in ("temb", "modin"):
-            numbers[f"{kind}_{name}"] = max(_rel(c.signals[kind].reshape(d["signals"][kind].shape), d["signals"][kind]) for c, d in zip(calls, df))
-            df_distances = _distances(calls, lambda i, c, k=kind: df[i]["signals"][k])
+            numbers[f"{kind}_{name}"] = max(_rel(c.signals[kind].reshape(d["signals"][kind].shape), d["signals"][kind]) for c, d in zip(calls, df, strict=True))
+            df_distances = _distances(calls, lambda i, c, k=kind, df=df: df[i]["signals"][k])
             numbers[f"x_{kind}_{name}"] = max(
-                abs(a - b) / b for branch in df_distances for a, b in zip(lx_distances[kind][branch], df_distances[branch])
+                abs(a - b) / b for branch in df_distances for a, b in zip(lx_distances[kind][branch], df_distances[branch], strict=True)
             )
         for b in range(n_blocks):
             numbers[f"block{b}_{name}"] = max(_rel(blocks_lx[i * n_blocks + b], d["blocks"][b]) for i, d in enumerate(df))
@@ -362,7 +362,65 @@ def test_seq_parallel_rel_l1_is_the_full_tensor_rel_l1(tl, tmp_path):
         "dist.destroy_process_group()\n"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("LIGHTX2V_SRC"), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", str(script)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env["GLOO_SOCKET_IFNAME"] = "lo"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                           f"--master_port={port}", str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("ok") == 2
+
+
+# -- shipped configs and patch -----------------------------------------------------------------------------------------
+@pytest.mark.lightx2v
+def test_example_configs_extend_lightx2vs_own_config(tl):
+    src = os.environ.get("LIGHTX2V_SRC")
+    upstream = Path(src) / "configs/qwen_image/qwen_image_i2i_2511.json" if src else None
+    for path in sorted((REPO / "presets/lightx2v").glob("*.json")):
+        config = json.loads(path.read_text())
+        assert config["feature_caching"] == "Tea" and config["teacache_model"] == "qwen-image-edit-2511"
+        assert "teacache_thresh" in config and config["teacache_thresh"] is None  # keeps LightX2V's 0.26 default out
+        if upstream is not None and upstream.exists():
+            base = json.loads(upstream.read_text())
+            assert {k: config[k] for k in base} == base
+
+
+@pytest.mark.lightx2v
+def test_relative_preset_path_is_found_beside_the_config(tl, tmp_path):
+    (tmp_path / "configs").mkdir()
+    make_preset(tmp_path, model="qwen-image-edit-2511")
+    config = {"teacache_preset": "../qwen-image-edit-2511-temb.json", "config_json": str(tmp_path / "configs" / "c.json"), "task": "i2i",
+              "teacache_model": "qwen-image-edit-2511"}
+    assert tl.load_preset(config).model == "qwen-image-edit-2511"
+
+
+@pytest.mark.lightx2v
+def test_patch_applies_to_lightx2v_and_selects_tea_without_install(tl, tiny_dir, tmp_path):
+    src = os.environ.get("LIGHTX2V_SRC")
+    if not src:
+        pytest.skip("needs LIGHTX2V_SRC (a LightX2V checkout) to apply the patch to a copy of it")
+    import shutil
+
+    copy = tmp_path / "LightX2V"
+    for part in ("lightx2v", "lightx2v_platform"):
+        shutil.copytree(Path(src) / part, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
+    patch = REPO / "integrations/lightx2v/qwen_image_tea.patch"
+    subprocess.run(["git", "apply", "--check", str(patch)], cwd=src, check=True)
+    subprocess.run(["git", "apply", str(patch)], cwd=copy, check=True)
+    preset = make_preset(tmp_path)
+    code = (
+        "import sys, torch\n"
+        "from calib.backends.lightx2v import TinyLightX2V\n"
+        "import calib.backends.lightx2v as b\n"
+        "b._lightx2v = lambda: None  # no install(): the patched LightX2V selects Tea by itself\n"
+        f"lx = TinyLightX2V({str(tiny_dir)!r}, feature_caching='Tea', teacache_preset={str(preset)!r}, teacache_thresh=None)\n"
+        "print(type(lx.transformer_infer).__name__)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(copy), str(REPO)]))
+    env.pop("LIGHTX2V_SRC", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("QwenImageTeaCachingTransformerInfer")
