@@ -29,3 +29,24 @@ lint: install
 
 bench: install
 	$(PY) -m calib.bench
+
+# LightX2V integration (issue 5): its own env (REFERENCE §3), LightX2V from a checkout, the CPU platform plugin.
+#   make test-lightx2v LIGHTX2V_SRC=/path/to/LightX2V
+LX_VENV      ?= .venv-lightx2v
+LX_PY        := $(LX_VENV)/bin/python
+LIGHTX2V_SRC ?=
+
+$(LX_VENV)/.installed: integrations/lightx2v/cpu_platform/pyproject.toml
+	test -x $(LX_PY) || python3 -m venv $(LX_VENV)
+	$(LX_PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(LX_PY) -m pip install -q triton loguru einops omegaconf gguf imageio imageio-ffmpeg prometheus_client opencv-python-headless \
+		safetensors pydantic 'diffusers>=0.42.1,<0.43' transformers accelerate av pyzmq decord ftfy numpy scipy pillow scikit-image pytest
+	# LightX2V imports torchaudio; no release here matches torch 2.14.1, and --no-deps keeps pip from swapping torch.
+	$(LX_PY) -m pip install -q --no-deps torchaudio
+	$(LX_PY) -m pip install -q --no-deps -e integrations/lightx2v/cpu_platform
+	touch $@
+
+.PHONY: test-lightx2v
+test-lightx2v: $(LX_VENV)/.installed
+	@test -n "$(LIGHTX2V_SRC)" || { echo "make test-lightx2v: set LIGHTX2V_SRC=/path/to/a/LightX2V/checkout" >&2; exit 2; }
+	LIGHTX2V_SRC=$(abspath $(LIGHTX2V_SRC)) PYTHONPATH=.:$(abspath $(LIGHTX2V_SRC)) $(LX_PY) -m pytest -q -m lightx2v tests/test_lightx2v.py

@@ -20,6 +20,7 @@ Deliberate choices, each fixing a pitfall of the original sketch (REFERENCE §1)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -94,10 +95,21 @@ class _Series:
 
 
 class TeaCachePolicy:
-    """Decides, per call, whether the transformer blocks run. Runtimes call `decide`; simulators `decide_distance`."""
+    """Decides, per call, whether the transformer blocks run. Runtimes call `decide`; simulators `decide_distance`.
 
-    def __init__(self, preset: Preset, threshold: float | None = None) -> None:
+    `distance` measures a signal against the previous one (default `rel_l1`). A runtime whose signal is split
+    across processes (LightX2V's sequence parallelism) passes a rel-L1 that all-reduces its two sums, so every
+    process sees the distance of the full signal and takes the same decision.
+    """
+
+    def __init__(
+        self,
+        preset: Preset,
+        threshold: float | None = None,
+        distance: Callable[[torch.Tensor, torch.Tensor], float] = rel_l1,
+    ) -> None:
         self.preset = preset
+        self.distance = distance
         self.threshold = check_threshold(preset.threshold if threshold is None else threshold)
         self.shared = preset.branch_mode == SHARED
         self._rescale = np.poly1d(preset.coefficients)
@@ -127,7 +139,7 @@ class TeaCachePolicy:
         distance = None
         if not self._follows_shared_decision(series, step):
             if series.previous_signal is not None:
-                distance = rel_l1(signal, series.previous_signal)
+                distance = self.distance(signal, series.previous_signal)
             series.previous_signal = signal.detach()
         return self.decide_distance(step, branch, distance)
 

@@ -1,0 +1,338 @@
+"""TeaCache for LightX2V's Qwen-Image(-Edit), and how ``"feature_caching": "Tea"`` selects it.
+
+LightX2V (github.com/ModelTC/LightX2V) is an optional dependency: importing this module without it raises an
+ImportError that says what is missing. Nothing here copies LightX2V code; the classes below subclass its real
+``QwenImageTransformerInfer`` and call its own block, modulation and weight code.
+
+Selecting it
+    LightX2V's ``QwenImageTransformerModel._init_infer_class`` only knows ``"NoCaching"``. Either call
+    :func:`install` before LightX2V builds the model (``python -m teacache.lightx2v <lightx2v.infer arguments>``
+    does that, then runs LightX2V's own ``lightx2v.infer``), or apply ``integrations/lightx2v/qwen_image_tea.patch``
+    to a LightX2V checkout. Both make ``"feature_caching": "Tea"`` pick :func:`tea_infer_class`.
+
+Config keys (in the LightX2V JSON config)
+    ``teacache_preset``  path of a teacal preset (``teacal fit`` writes them); a relative path is looked up from
+                         the working directory, then beside the config JSON. A `Preset` object also works.
+    ``teacache_thresh``  optional threshold; ``null`` uses the preset's. LightX2V's ``get_default_config()``
+                         (``lightx2v/utils/set_config.py``) puts ``teacache_thresh: 0.26`` into *every* config, so a
+                         config that omits the key gets 0.26, not the preset's threshold: write ``null`` to get it.
+    ``teacache_model``   optional model name (``qwen-image-edit-2511``...); the preset must have been made for it.
+                         Without it, the preset must at least be a Qwen-Image preset of the right kind (edit
+                         preset for ``task: i2i``, text-to-image preset for ``t2i``).
+
+How one call runs (`QwenImageTeaCachingTransformerInfer.infer`)
+    * signal, over the target tokens only (the reference tokens of an edit are left out, as in
+      ``teacache.diffusers.compute_signal``, so presets transfer between the two backends):
+      ``temb``: ``pre_infer_out.temb_img_silu`` of the target (its first row under ``zero_cond_t``);
+      ``modin``: block 0's modulated image input, computed with block 0's own ``img_mod``/``img_norm1`` weights
+      and LightX2V's ``_modulate``;
+    * branch: ``scheduler.infer_condition`` (True: "cond", False: "uncond"); each branch has its own state;
+    * decision: `teacache.policy.TeaCachePolicy`, the one place the rule is written;
+    * computed: the block stack runs and ``output - input`` is kept as the branch's residual, on the device, or on
+      the CPU when ``cpu_offload`` is set; skipped: ``input + residual``, no block runs.
+
+Request boundaries
+    A new generation starts when the scheduler prepares a new request (``scheduler.rope_request_id`` changes), or
+    when the step index goes back. ``clear()`` drops residuals and signals; it runs from ``scheduler.clear()``
+    (after the runner's warm-up and at the end of every request) once `install` or the patch is in place.
+
+Parallelism
+    ``cfg_parallel``: rank 0 runs only the cond branch and rank 1 only the uncond branch; each rank keeps the state
+    of its own branch. In ``shared`` branch mode both ranks see the same image-stream signal and so decide alike.
+    ``seq_parallel``: every rank holds a slice of the tokens. ``temb`` is the same on every rank, so the decision
+    is too. For ``modin`` each rank keeps its slice of the target tokens, and the rel-L1 all-reduces its two sums
+    (``sum|a - b|`` and ``sum|b|``) over the sequence-parallel group: every rank gets the rel-L1 of the full tensor
+    and takes the same decision, without gathering the signal.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from teacache.policy import TeaCachePolicy, TeaCacheStats, rel_l1
+from teacache.preset import Preset, PresetError, check_threshold
+
+try:
+    from lightx2v.models.networks.qwen_image.infer.offload.transformer_infer import QwenImageOffloadTransformerInfer
+    from lightx2v.models.networks.qwen_image.infer.transformer_infer import QwenImageTransformerInfer
+    from lightx2v.models.networks.qwen_image.model import QwenImageTransformerModel
+    from lightx2v.models.schedulers.qwen_image.scheduler import QwenImageScheduler
+except ImportError as err:  # ModuleNotFoundError included
+    raise ImportError(
+        f"teacache.lightx2v needs LightX2V (github.com/ModelTC/LightX2V, installed from its git repository or a "
+        f"checkout on PYTHONPATH) and its dependencies; importing it failed: {err}"
+    ) from err
+except RuntimeError as err:
+    raise ImportError(
+        f"LightX2V is importable but could not set up its device ({err}). Set PLATFORM to an available platform; "
+        "on a machine without an accelerator install integrations/lightx2v/cpu_platform and set PLATFORM=cpu"
+    ) from err
+
+logger = logging.getLogger(__name__)
+
+LIGHTX2V_DEFAULT_THRESH = 0.26  # lightx2v/utils/set_config.py: get_default_config()
+BRANCHES = {True: "cond", False: "uncond"}
+
+
+# -- configuration -------------------------------------------------------------------------------------------------
+def load_preset(config: Any) -> Preset:
+    """The preset named by ``teacache_preset``, checked against the model the config runs."""
+    value = config.get("teacache_preset")
+    if value is None:
+        raise PresetError(
+            "LightX2V config: 'feature_caching': 'Tea' on qwen_image needs 'teacache_preset', the path of a teacal "
+            "preset (`teacal record` + `teacal fit` write one)"
+        )
+    preset = value if isinstance(value, Preset) else Preset.load(_resolve_path(value, config))
+    check_preset_model(preset, config)
+    return preset
+
+
+def _resolve_path(value: str | os.PathLike, config: Any) -> Path:
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists() or not config.get("config_json"):
+        return path
+    beside = Path(config["config_json"]).parent / path
+    return beside if beside.exists() else path
+
+
+def check_preset_model(preset: Preset, config: Any) -> None:
+    """Reject a preset made for another model: exactly ``teacache_model`` when given, else by family and task."""
+    expected = config.get("teacache_model")
+    if expected:
+        preset.require_model(expected)
+        return
+    if "qwen-image" not in preset.model:
+        raise PresetError(
+            f"preset {preset.source}: field 'model': this preset was calibrated for {preset.model!r}, not a Qwen-Image "
+            "model; LightX2V's qwen_image transformer needs a Qwen-Image(-Edit) preset"
+        )
+    task, edit = config.get("task"), "edit" in preset.model
+    if (task == "i2i" and not edit) or (task == "t2i" and edit):
+        kind = "an edit" if edit else "a text-to-image"
+        raise PresetError(
+            f"preset {preset.source}: field 'model': {preset.model!r} is {kind} model, but this LightX2V config runs "
+            f"task {task!r}; use a preset calibrated for the model you run (or name it with 'teacache_model')"
+        )
+
+
+def resolve_threshold(config: Any, preset: Preset) -> float:
+    value = config.get("teacache_thresh")
+    if value is None:
+        return preset.threshold
+    threshold = check_threshold(value)
+    if threshold == LIGHTX2V_DEFAULT_THRESH and threshold != preset.threshold:
+        logger.warning(
+            "TeaCache: teacache_thresh=%s overrides the preset's threshold %s. 0.26 is also the value LightX2V's "
+            "get_default_config() gives every config; if you did not set it, write \"teacache_thresh\": null",
+            threshold,
+            preset.threshold,
+        )
+    return threshold
+
+
+# -- the infer classes -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TeaCacheCall:
+    """What observers (the record backend) see of one transformer call."""
+
+    step: int
+    branch: str
+    computed: bool
+    signals: dict[str, torch.Tensor]  # "temb" and "modin", over the target tokens (this rank's part of them)
+    hidden_states: torch.Tensor  # block-stack input
+    output: torch.Tensor  # block-stack output (input + residual on a skipped call)
+    n_target: int  # target tokens: the first n_target rows (of the full sequence) are the generated image
+
+
+class QwenImageTeaCachingTransformerInfer(QwenImageTransformerInfer):
+    """LightX2V's Qwen-Image transformer infer with TeaCache: skips the whole block stack when the policy says so."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.preset = load_preset(config)
+        self.threshold = resolve_threshold(config, self.preset)
+        self.cpu_offload = bool(config.get("cpu_offload", False))
+        self.observers: list[Callable[[TeaCacheCall], None]] = []
+        self.last_stats: TeaCacheStats | None = None
+        self._reset()
+        logger.info("TeaCache on qwen_image: preset %s (%s), threshold %s", self.preset.source, self.preset.model, self.threshold)
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    def _reset(self) -> None:
+        distance = self._seq_parallel_rel_l1 if self.seq_parallel and self.preset.signal == "modin" else rel_l1
+        self.policy = TeaCachePolicy(self.preset, self.threshold, distance)
+        self._residuals: dict[str, torch.Tensor] = {}
+        self._request: tuple[int, Any] | None = None
+        self._last_step = -1
+
+    def clear(self) -> None:
+        """Forget residuals and signals (after warm-up, between requests). The last generation's stats stay readable."""
+        if self.policy.started:
+            self.last_stats = self.policy.stats
+        self._reset()
+
+    @property
+    def stats(self) -> TeaCacheStats | None:
+        """Per step and branch, computed or skipped, for the generation in progress or the last one."""
+        return self.policy.stats if self.policy.started else self.last_stats
+
+    def set_scheduler(self, scheduler) -> None:
+        super().set_scheduler(scheduler)
+        # As LightX2V's BaseTransformerInfer.set_scheduler does (Qwen's override does not): scheduler.clear() reaches
+        # self.clear() through it once install() or the patch is in place.
+        scheduler.transformer_infer = self
+
+    def _begin_call(self) -> None:
+        scheduler = self.scheduler
+        request = (id(scheduler), getattr(scheduler, "rope_request_id", None))
+        step = scheduler.step_index
+        if not self.policy.started or request != self._request or step < self._last_step:
+            self.clear()
+            self._request = request
+            self.policy.start(scheduler.infer_steps)
+        self._last_step = step
+
+    # -- signals -------------------------------------------------------------------------------------------------
+    def n_target(self) -> int:
+        """Target tokens of the full sequence: the packed latents being denoised (reference tokens follow them)."""
+        return self.scheduler.latents.shape[1]
+
+    def _target_rows(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of the target tokens (all of them without sequence parallelism)."""
+        n_target = self.n_target()
+        if not self.seq_parallel:
+            return hidden_states[:n_target]
+        start = dist.get_rank(self.seq_p_group) * hidden_states.shape[0]
+        return hidden_states[: max(0, min(hidden_states.shape[0], n_target - start))]
+
+    def _target_temb(self, pre_infer_out) -> torch.Tensor:
+        temb = pre_infer_out.temb_img_silu
+        # zero_cond_t (2511): rows are [target t, reference t=0]; the target's is the first, as in diffusers.
+        return temb[:1] if self.zero_cond_t else temb
+
+    def signals(self, block_weights, pre_infer_out, kinds: tuple[str, ...] = ("temb", "modin")) -> dict[str, torch.Tensor]:
+        """The candidate TeaCache signals of this call, over the target tokens, as `teacache.diffusers` defines them."""
+        temb = self._target_temb(pre_infer_out)
+        out: dict[str, torch.Tensor] = {}
+        if "temb" in kinds:
+            out["temb"] = temb
+        if "modin" in kinds:
+            phase = block_weights.blocks[0].compute_phases[0]
+            mod1 = self._block0_img_mod(phase.img_mod, temb).chunk(2, dim=-1)[0]
+            modulated, _ = self._modulate(phase.img_norm1.apply(self._target_rows(pre_infer_out.hidden_states)), mod1)
+            out["modin"] = modulated
+        return out
+
+    @staticmethod
+    def _block0_img_mod(img_mod, temb: torch.Tensor) -> torch.Tensor:
+        weight = getattr(img_mod, "weight", None)
+        if weight is not None and weight.device == temb.device:
+            return img_mod.apply(temb)
+        if getattr(img_mod, "pin_weight", None) is None:
+            raise RuntimeError(
+                "TeaCache signal 'modin' needs block 0's img_mod weights, which this LightX2V setup keeps on disk "
+                "(lazy_load); use a preset with signal 'temb'"
+            )
+        # cpu_offload (block/phase granularity) keeps block weights in host memory: bring img_mod over for this call,
+        # with LightX2V's own to_cuda/to_cpu (to_cpu leaves a host copy in .weight, hence the device test above).
+        img_mod.to_cuda()
+        try:
+            return img_mod.apply(temb)
+        finally:
+            img_mod.to_cpu()
+
+    def _seq_parallel_rel_l1(self, current: torch.Tensor, previous: torch.Tensor) -> float:
+        """rel-L1 of the full signal from each rank's slice: all-reduce sum|a-b| and sum|b| (same count on both)."""
+        sums = torch.stack([(current.float() - previous.float()).abs().sum(), previous.float().abs().sum()])
+        dist.all_reduce(sums, group=self.seq_p_group)
+        value = (sums[0] / sums[1]).item()
+        return value if math.isfinite(value) else math.inf
+
+    # -- the call ------------------------------------------------------------------------------------------------
+    def infer(self, block_weights, pre_infer_out):
+        self._begin_call()
+        step, branch = self.scheduler.step_index, BRANCHES[bool(self.scheduler.infer_condition)]
+        kinds = ("temb", "modin") if self.observers else (self.preset.signal,)
+        signals = self.signals(block_weights, pre_infer_out, kinds)
+        computed = self.policy.decide(step, branch, signals[self.preset.signal])
+        hidden_states = pre_infer_out.hidden_states
+        if computed:
+            # LightX2V's Qwen blocks update hidden_states out of place, so the input is still the stack's input here.
+            output = super().infer(block_weights, pre_infer_out)
+            residual = output - hidden_states
+            self._residuals[branch] = residual.to("cpu", non_blocking=True) if self.cpu_offload else residual
+        else:
+            output = hidden_states + self._residuals[branch].to(hidden_states.device, non_blocking=True)
+        if self.observers:
+            call = TeaCacheCall(step, branch, computed, signals, hidden_states, output, self.n_target())
+            for observer in self.observers:
+                observer(call)
+        return output
+
+
+class QwenImageOffloadTeaCachingTransformerInfer(QwenImageTeaCachingTransformerInfer, QwenImageOffloadTransformerInfer):
+    """The same under ``cpu_offload``: LightX2V's offloading block loop runs the computed calls."""
+
+
+def tea_infer_class(config: Any) -> type[QwenImageTeaCachingTransformerInfer]:
+    """The infer class ``"feature_caching": "Tea"`` selects, as LightX2V picks its own for NoCaching."""
+    return QwenImageOffloadTeaCachingTransformerInfer if config.get("cpu_offload", False) else QwenImageTeaCachingTransformerInfer
+
+
+# -- selection without patching LightX2V -----------------------------------------------------------------------------
+_ORIGINALS: dict[str, Any] = {}
+
+
+def install() -> None:
+    """Make ``"feature_caching": "Tea"`` select TeaCache in LightX2V's Qwen-Image model, for this process.
+
+    Wraps ``QwenImageTransformerModel._init_infer_class`` (which leaves the class unset for anything but
+    NoCaching) and ``QwenImageScheduler.clear`` (so the runner's warm-up and end of request clear TeaCache state).
+    Idempotent; `uninstall` restores both.
+    """
+    if _ORIGINALS:
+        return
+    init_infer_class, clear = QwenImageTransformerModel._init_infer_class, QwenImageScheduler.clear
+
+    def _init_infer_class(self):
+        init_infer_class(self)  # sets the pre/post infer classes (and, once patched, maybe ours already)
+        if self.config["feature_caching"] == "Tea":
+            self.transformer_infer_class = tea_infer_class(self.config)
+
+    def _clear(self):
+        clear(self)
+        if isinstance(getattr(self, "transformer_infer", None), QwenImageTeaCachingTransformerInfer):
+            self.transformer_infer.clear()
+
+    _ORIGINALS.update(init_infer_class=init_infer_class, clear=clear)
+    QwenImageTransformerModel._init_infer_class = _init_infer_class
+    QwenImageScheduler.clear = _clear
+
+
+def uninstall() -> None:
+    if not _ORIGINALS:
+        return
+    QwenImageTransformerModel._init_infer_class = _ORIGINALS.pop("init_infer_class")
+    QwenImageScheduler.clear = _ORIGINALS.pop("clear")
+
+
+def main() -> None:
+    """``python -m teacache.lightx2v ARGS``: LightX2V's own ``lightx2v.infer`` with TeaCache selectable."""
+    install()
+    from lightx2v.infer import main as lightx2v_main
+
+    lightx2v_main()
+
+
+if __name__ == "__main__":
+    main()
