@@ -16,7 +16,6 @@ from pathlib import Path
 import pandas as pd
 
 from calib.backends import check_backend, load_backend, resolve_device, resolve_dtype
-from calib.backends.observe import observe
 from calib.errors import UserError
 from calib.models import get_model
 from calib.prompts import load_prompts
@@ -89,7 +88,7 @@ def record(request: RecordRequest, echo=print) -> Path:
     if todo:
         backend = load_backend(spec, backend_name, request.model_path, device, dtype)
         try:
-            with observe(backend.transformer) as observer, progress("record", len(todo)) as advance:
+            with backend.observing() as observer, progress("record", len(todo)) as advance:
                 for item, seed in todo:
                     observer.rows.clear()
                     image, _ = backend.run(item, seed, steps, cfg, size)

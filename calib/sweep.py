@@ -26,7 +26,6 @@ from calib.prompts import load_prompts
 from calib.record import load_run, load_trace, pair_name
 from calib.rundir import check_same_settings, now_iso, progress, write_json, write_table
 from calib.simulate import StaticSchedulePolicy, oracle_schedule, simulate
-from teacache.diffusers import apply_teacache, remove_teacache, teacache_block_forwards, teacache_stats
 from teacache.preset import Preset, PresetError
 
 SWEEP_FILE = "sweep.json"
@@ -249,17 +248,14 @@ def run_config(backend, config: Config, item, seed: int, steps: int, cfg: float,
     if config.method == "uncached":
         image, timing = backend.run(item, seed, steps, cfg, size)
         calls = steps * (2 if cfg > 1 else 1)
-        row.update(computed=calls, skipped=0, block_forwards=calls * len(backend.transformer.transformer_blocks))
+        row.update(computed=calls, skipped=0, block_forwards=calls * backend.num_blocks)
     else:
         policy = StaticSchedulePolicy(config.preset, np.array(config.schedule)) if config.schedule else None
-        apply_teacache(backend.transformer, config.preset, threshold=config.threshold, num_inference_steps=steps, policy=policy)
-        try:
+        with backend.caching(config.preset, config.threshold, steps, policy) as cache:
             image, timing = backend.run(item, seed, steps, cfg, size)
-            stats = teacache_stats(backend.transformer)
-            row.update(computed=stats.computed, skipped=stats.skipped, block_forwards=teacache_block_forwards(backend.transformer),
+            stats = cache.stats()
+            row.update(computed=stats.computed, skipped=stats.skipped, block_forwards=cache.block_forwards(),
                        schedule="".join("x" if c else "." for c in stats.schedule("cond")))
-        finally:
-            remove_teacache(backend.transformer)
     row.update(seconds=timing["denoise_seconds"], image=image)
     return row
 

@@ -3,24 +3,63 @@ that TeaCache and the recorder hook into."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from PIL import Image
 
+from calib.backends.observe import Observer, observe
 from calib.errors import UserError
 from calib.models import ModelSpec
 from calib.prompts import PromptItem
+from teacache.diffusers import apply_teacache, remove_teacache, teacache_block_forwards, teacache_stats
+from teacache.policy import TeaCacheStats
 
 
 class Backend(Protocol):
-    transformer: torch.nn.Module
+    def observing(self) -> contextlib.AbstractContextManager:
+        """Record every transformer call while active; yields an object whose `.rows` are trace rows."""
+
+    def caching(self, preset, threshold: float | None, steps: int, policy=None) -> contextlib.AbstractContextManager:
+        """TeaCache on while active; yields a `CacheHandle` for the stats of the last generation."""
 
     def run(self, item: PromptItem, seed: int, steps: int, cfg: float, size: tuple[int, int], on_step=None) -> tuple[Image.Image, dict[str, float]]:
         """The image, and {"seconds", "denoise_seconds"} measured with the device synchronised."""
 
     def close(self) -> None:
         """Free the model and its device memory."""
+
+
+@dataclass(frozen=True)
+class CacheHandle:
+    stats: Callable[[], TeaCacheStats]
+    block_forwards: Callable[[], int]
+
+
+class HookedTransformerBackend:
+    """Shared by the backends whose denoiser is diffusers' `QwenImageTransformer2DModel` (`self.transformer`)."""
+
+    transformer: torch.nn.Module
+
+    @contextlib.contextmanager
+    def observing(self) -> Iterator[Observer]:
+        with observe(self.transformer) as observer:
+            yield observer
+
+    @contextlib.contextmanager
+    def caching(self, preset, threshold: float | None, steps: int, policy=None) -> Iterator[CacheHandle]:
+        apply_teacache(self.transformer, preset, threshold=threshold, num_inference_steps=steps, policy=policy)
+        try:
+            yield CacheHandle(lambda: teacache_stats(self.transformer), lambda: teacache_block_forwards(self.transformer))
+        finally:
+            remove_teacache(self.transformer)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.transformer.transformer_blocks)
 
 
 def resolve_device(device: str) -> str:

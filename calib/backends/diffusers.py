@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from calib.backends import HookedTransformerBackend
 from calib.errors import UserError
 from calib.models import ModelSpec
 
@@ -31,7 +32,7 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-class DiffusersBackend:
+class DiffusersBackend(HookedTransformerBackend):
     def __init__(self, spec: ModelSpec, model_path: str | None, device: str, dtype: torch.dtype) -> None:
         import diffusers
 

@@ -18,6 +18,7 @@ from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
+from calib.backends import HookedTransformerBackend
 from calib.backends.loop import Conditioning, denoise, pack, qwen_scheduler, unpack
 
 TRANSFORMER_CONFIG = dict(
@@ -62,7 +63,7 @@ def embed_text(text: str) -> tuple[torch.Tensor, torch.Tensor]:
     return embeds, torch.ones(1, len(words), dtype=torch.long)
 
 
-class TinyQwenImageEdit:
+class TinyQwenImageEdit(HookedTransformerBackend):
     """Runs the tiny model; `transformer` is the module that caches and recorders hook into."""
 
     vae_scale_factor = 2 ** len(VAE_CONFIG["temperal_downsample"])
