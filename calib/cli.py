@@ -147,6 +147,19 @@ def sweep(
     ), echo=typer.echo)
 
 
+@command
+def report(
+    run: Annotated[str, typer.Argument(help="Run folder (record, and optionally sweep, output).")],
+    preset: Annotated[str | None, typer.Option(help="Preset to draw the fit of (default: the one the sweep used).")] = None,
+) -> None:
+    """Write Pareto curves, the fit, per-step curves, a skip map and report.md to RUN/report/."""
+    from calib.report import report as run_report
+    from calib.report import require_run
+
+    require_run(run)
+    run_report(run, preset, echo=typer.echo)
+
+
 def main() -> None:
     app()
 
