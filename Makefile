@@ -6,6 +6,9 @@ TEACAL  := $(VENV)/bin/teacal
 RUN     ?= results/demo
 STAMP   := $(VENV)/.installed
 
+DEMO_PROMPTS ?= prompts/demo.jsonl
+THRESH  ?= 0.05:0.3:0.05
+
 .PHONY: install test test-slow lint bench demo report
 
 install: $(STAMP)
@@ -29,6 +32,17 @@ lint: install
 
 bench: install
 	$(PY) -m calib.bench
+
+# The main job on the embedded tiny model: record -> fit -> sweep -> report (a few minutes on 2 CPU cores).
+demo: install
+	$(TEACAL) record --model tiny-qwen-image-edit --prompts $(DEMO_PROMPTS) --out $(RUN)
+	$(TEACAL) fit $(RUN) --out $(RUN)/preset.json
+	$(TEACAL) sweep --preset $(RUN)/preset.json --run $(RUN) --thresh $(THRESH) --baseline identity --baseline flux --baseline mlx-qwen --target-psnr 30
+	$(TEACAL) report $(RUN)
+	@echo "report: $(RUN)/report/report.md"
+
+report: install
+	$(TEACAL) report $(RUN)
 
 # LightX2V integration (issue 5): its own env (REFERENCE §3), LightX2V from a checkout, the CPU platform plugin.
 #   make test-lightx2v LIGHTX2V_SRC=/path/to/LightX2V
