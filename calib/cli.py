@@ -83,8 +83,8 @@ def record(
     out: Annotated[str, typer.Option("--out", help="Run folder to write (trace/, refs/, run.json); rerun to resume.")],
     model: Annotated[str, typer.Option(help="Model name from `teacal models`.")] = "tiny-qwen-image-edit",
     prompts: Annotated[str, typer.Option(help="Prompt set (JSONL: id, prompt, image, negative_prompt).")] = "prompts/edit.jsonl",
-    model_path: Annotated[str | None, typer.Option(help="Local diffusers folder with the weights; never downloads.")] = None,
-    backend: Annotated[str | None, typer.Option(help="diffusers or lightx2v (default: the model's own).")] = None,
+    model_path: Annotated[str | None, typer.Option(help="Local folder with the weights (diffusers layout); never downloads. Required with --backend lightx2v.")] = None,
+    backend: Annotated[str | None, typer.Option(help="diffusers or lightx2v (default: the model's own). lightx2v needs --model-path and --lightx2v-config.")] = None,
     steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the model's).")] = None,
     cfg: Annotated[float | None, typer.Option(help="True-CFG scale (default: the model's).")] = None,
     size: Annotated[str | None, typer.Option(help="Output WIDTHxHEIGHT (default: the model's).")] = None,
@@ -92,12 +92,14 @@ def record(
     device: Annotated[str, typer.Option(help="auto (cuda when present), cpu or cuda[:N].")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")] = "auto",
     shard: Annotated[str | None, typer.Option(help="i/K: record every K-th prompt from i (torchrun sets RANK/WORLD_SIZE).")] = None,
+    lightx2v_config: Annotated[str | None, typer.Option(help="--backend lightx2v: LightX2V JSON config (e.g. its configs/qwen_image/qwen_image_i2i_2511.json); sweep reuses it.")] = None,
 ) -> None:
     """Run prompts uncached and record, per step and CFG branch, the signals' and the output's rel-L1."""
     from calib.record import RecordRequest
     from calib.record import record as run_record
 
-    run_record(RecordRequest(model, prompts, out, steps, cfg, parse_size(size), parse_seeds(seeds), device, dtype, backend, model_path, shard), echo=typer.echo)
+    run_record(RecordRequest(model, prompts, out, steps, cfg, parse_size(size), parse_seeds(seeds), device, dtype, backend, model_path, shard, lightx2v_config),
+               echo=typer.echo)
 
 
 @command
@@ -132,7 +134,8 @@ def sweep(
     oracle: Annotated[str, typer.Option(help="Oracle static schedules: auto (budgets of the thresholds), none, or step budgets like 8,10,12.")] = "auto",
     target_lpips: Annotated[float | None, typer.Option(help="Recommend the fastest threshold with LPIPS <= this (mean and worst prompt); saved in the preset.")] = None,
     target_psnr: Annotated[float | None, typer.Option(help="Recommend the fastest threshold with PSNR >= this (mean and worst prompt); saved in the preset.")] = None,
-    model_path: Annotated[str | None, typer.Option(help="Local diffusers folder with the weights (real models).")] = None,
+    model_path: Annotated[str | None, typer.Option(help="Local folder with the weights (real models; required for a lightx2v run).")] = None,
+    lightx2v_config: Annotated[str | None, typer.Option(help="LightX2V JSON config for a lightx2v run (default: the one it was recorded with).")] = None,
     device: Annotated[str, typer.Option(help="auto (cuda when present), cpu or cuda[:N].")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")] = "auto",
 ) -> None:
@@ -143,7 +146,7 @@ def sweep(
 
     run_sweep(SweepRequest(
         preset, run, thresh, out, metrics or ",".join(METRICS), metrics is not None, tuple(baseline or ()), oracle,
-        target_lpips, target_psnr, device, dtype, model_path,
+        target_lpips, target_psnr, device, dtype, model_path, lightx2v_config,
     ), echo=typer.echo)
 
 

@@ -50,6 +50,7 @@ class RecordRequest:
     backend: str | None = None
     model_path: str | None = None
     shard: str | None = None
+    lightx2v_config: str | None = None  # --backend lightx2v: the LightX2V JSON config
 
 
 def pair_name(prompt_id: str, seed: int) -> str:
@@ -59,7 +60,7 @@ def pair_name(prompt_id: str, seed: int) -> str:
 def record(request: RecordRequest, echo=print) -> Path:
     # Everything a user can get wrong is checked here, before a model is loaded.
     spec = get_model(request.model)
-    backend_name = check_backend(spec, request.backend, request.model_path)
+    backend_name = check_backend(spec, request.backend, request.model_path, request.lightx2v_config)
     prompts = load_prompts(request.prompts, need_image=spec.edit)
     device = resolve_device(request.device)
     dtype = resolve_dtype(request.dtype, device)
@@ -78,6 +79,10 @@ def record(request: RecordRequest, echo=print) -> Path:
         "seeds": list(request.seeds), "dtype": str(dtype).removeprefix("torch."),
         "prompts_sha256": prompts.sha256,
     }
+    if backend_name == "lightx2v":  # sweep reuses the config; the dtype is LightX2V's own
+        from calib.backends.lightx2v import lightx2v_settings
+
+        settings.update(lightx2v_settings(request.lightx2v_config, request.dtype))
     check_same_settings(out / RUN_FILE, settings, "recording")
     all_pairs = [(item, seed) for item in prompts.items for seed in request.seeds]
     mine = [(item, seed) for item, seed in all_pairs if prompts.items.index(item) % shard_count == shard_index]
@@ -86,7 +91,7 @@ def record(request: RecordRequest, echo=print) -> Path:
     echo(f"record {spec.name} ({backend_name}, {device}, {settings['dtype']}): {len(prompts)} prompts x {len(request.seeds)} seeds, "
          f"{steps} steps, {size[0]}x{size[1]}, CFG {cfg}; shard {shard_index}/{shard_count}: {len(todo)} to run, {len(mine) - len(todo)} done")
     if todo:
-        backend = load_backend(spec, backend_name, request.model_path, device, dtype)
+        backend = load_backend(spec, backend_name, request.model_path, device, dtype, request.lightx2v_config)
         try:
             with backend.observing() as observer, progress("record", len(todo)) as advance:
                 for item, seed in todo:

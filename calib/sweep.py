@@ -114,6 +114,7 @@ class SweepRequest:
     device: str = "auto"
     dtype: str = "auto"
     model_path: str | None = None
+    lightx2v_config: str | None = None  # default: the one the run was recorded with
     lpips_random_backbone: bool = False  # wiring tests only: never a figure
     extra: dict = field(default_factory=dict)
 
@@ -140,7 +141,12 @@ def sweep(request: SweepRequest, echo=print) -> pd.DataFrame:
     settings = info["settings"]
     preset.require_model(settings["model"])
     spec = get_model(settings["model"])
-    backend_name = check_backend(spec, settings["backend"], request.model_path)
+    lightx2v_config = request.lightx2v_config or settings.get("lightx2v_config")
+    if request.lightx2v_config is None and lightx2v_config is not None:
+        from calib.backends.lightx2v import check_same_lightx2v_config
+
+        check_same_lightx2v_config(settings, request.run)
+    backend_name = check_backend(spec, settings["backend"], request.model_path, lightx2v_config)
     prompts = load_prompts(info["prompt_file"], need_image=spec.edit)
     if prompts.sha256 != settings["prompts_sha256"]:
         raise UserError(f"{info['prompt_file']}: changed since it was recorded in {request.run}; record again")
@@ -218,7 +224,7 @@ def sweep(request: SweepRequest, echo=print) -> pd.DataFrame:
     echo(f"{len(todo)} generations to run, {len(work) - len(todo)} already done")
     if todo:
         metrics = Metrics(metric_names, lpips_random_backbone=request.lpips_random_backbone)
-        backend = load_backend(spec, backend_name, request.model_path, device, dtype)
+        backend = load_backend(spec, backend_name, request.model_path, device, dtype, lightx2v_config)
         try:
             item, seed = todo[0][1], todo[0][2]
             backend.run(item, seed, steps, cfg, size)  # warm-up: first-call costs stay out of every timing

@@ -164,13 +164,14 @@ class QwenImageTeaCachingTransformerInfer(QwenImageTransformerInfer):
         self.cpu_offload = bool(config.get("cpu_offload", False))
         self.observers: list[Callable[[TeaCacheCall], None]] = []
         self.last_stats: TeaCacheStats | None = None
+        self._policy: TeaCachePolicy | None = None  # set by `use_preset`; None: the preset's own rule
         self._reset()
         logger.info("TeaCache on qwen_image: preset %s (%s), threshold %s", self.preset.source, self.preset.model, self.threshold)
 
     # -- state ---------------------------------------------------------------------------------------------------
     def _reset(self) -> None:
         distance = self._seq_parallel_rel_l1 if self.seq_parallel and self.preset.signal == "modin" else rel_l1
-        self.policy = TeaCachePolicy(self.preset, self.threshold, distance)
+        self.policy = self._policy or TeaCachePolicy(self.preset, self.threshold, distance)
         self._residuals: dict[str, torch.Tensor] = {}
         self._request: tuple[int, Any] | None = None
         self._last_step = -1
@@ -179,6 +180,19 @@ class QwenImageTeaCachingTransformerInfer(QwenImageTransformerInfer):
         """Forget residuals and signals (after warm-up, between requests). The last generation's stats stay readable."""
         if self.policy.started:
             self.last_stats = self.policy.stats
+        self._reset()
+
+    def use_preset(self, preset: Preset, threshold: float | None = None, policy: TeaCachePolicy | None = None) -> None:
+        """Switch to another preset and threshold between requests, without rebuilding the model (teacal's sweep).
+
+        The preset is checked against the model as at construction. `policy` replaces the preset's rule with another
+        decision maker of `TeaCachePolicy`'s interface (teacal runs its oracle schedules so); each request restarts it.
+        """
+        check_preset_model(preset, self.config)
+        self.preset = preset
+        self.threshold = check_threshold(preset.threshold if threshold is None else threshold)
+        self._policy = policy
+        self.last_stats = None
         self._reset()
 
     @property

@@ -168,7 +168,7 @@ def test_bad_prompt_files_exit_2_with_file_and_line(tmp_path, rows, message):
         (["--model", "flux-dev"], "unknown model 'flux-dev'"),
         (["--size", "100x64"], "multiples of 16"),
         (["--seeds", "0,a"], "--seeds '0,a'"),
-        (["--backend", "lightx2v"], "LightX2V backend is not available yet"),
+        (["--backend", "lightx2v"], "is the embedded tiny model; it runs on its own backend, not lightx2v"),
         (["--model", "qwen-image-edit", "--model-path", "/nonexistent/weights"], "--model-path /nonexistent/weights: not a folder"),
         (["--device", "cuda"], "CUDA is not available"),
         (["--shard", "2/2"], "need 0 <= i < K"),

@@ -81,17 +81,21 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return table[dtype]
 
 
-def check_backend(spec: ModelSpec, backend: str | None, model_path: str | None) -> str:
+def check_backend(spec: ModelSpec, backend: str | None, model_path: str | None, lightx2v_config: str | None = None) -> str:
     """Which backend runs `spec`, checked before anything is loaded."""
     chosen = backend or spec.backend
-    if chosen == "lightx2v":
-        raise UserError("--backend lightx2v: the LightX2V backend is not available yet (tracked in issue 5); use --backend diffusers")
-    if chosen not in ("tiny", "diffusers"):
+    if chosen not in ("tiny", "diffusers", "lightx2v"):
         raise UserError(f"--backend {chosen!r}: expected diffusers or lightx2v")
     if spec.backend == "tiny" and chosen != "tiny":
         raise UserError(f"model {spec.name} is the embedded tiny model; it runs on its own backend, not {chosen}")
     if chosen == "diffusers" and spec.backend == "tiny":
         chosen = "tiny"
+    if chosen != "lightx2v" and lightx2v_config is not None:
+        raise UserError(f"--lightx2v-config is for --backend lightx2v; this run uses {chosen}")
+    if chosen == "lightx2v":
+        from calib.backends.lightx2v import check_lightx2v
+
+        check_lightx2v(model_path, lightx2v_config)
     if chosen == "diffusers" and model_path is not None:
         from calib.backends.diffusers import check_model_folder
 
@@ -99,11 +103,16 @@ def check_backend(spec: ModelSpec, backend: str | None, model_path: str | None) 
     return chosen
 
 
-def load_backend(spec: ModelSpec, backend: str, model_path: str | None, device: str, dtype: torch.dtype) -> Backend:
+def load_backend(spec: ModelSpec, backend: str, model_path: str | None, device: str, dtype: torch.dtype, lightx2v_config: str | None = None) -> Backend:
     if backend == "tiny":
         from calib.backends.tiny import TinyQwenImageEdit
 
         return TinyQwenImageEdit(device=device, dtype=dtype)
+    if backend == "lightx2v":
+        # LightX2V picks its device (PLATFORM) and dtype (DTYPE, bf16 by default) itself.
+        from calib.backends.lightx2v import LightX2VQwenImage
+
+        return LightX2VQwenImage(spec, model_path, lightx2v_config)
     from calib.backends.diffusers import DiffusersBackend
 
     return DiffusersBackend(spec, model_path, device, dtype)

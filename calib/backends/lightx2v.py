@@ -2,18 +2,26 @@
 
 `teacal record|sweep --backend lightx2v --model-path DIR --lightx2v-config FILE` use `LightX2VQwenImage`:
 
-* it builds LightX2V's `QwenImageRunner` the way ``lightx2v.infer`` does (``set_config`` + ``init_runner``), with
-  ``"feature_caching": "Tea"`` selected through `teacache.lightx2v.install`;
-* recording runs the TeaCache infer class at threshold 0, which computes every call, and observes each call's
-  ``temb``/``modin`` signals and block-stack output (`teacache.lightx2v.TeaCacheCall`);
-* sweeping runs it with a real preset and threshold.
+* it builds LightX2V's `QwenImageRunner` the way ``lightx2v.infer`` does (``set_config``, then ``init_runner``'s two lines), with
+  ``"feature_caching": "Tea"`` selected through `teacache.lightx2v.install`, and runs each generation with the
+  runner's own ``run_pipeline`` (text encoder, VAE encoder, denoising loop, VAE decoder);
+* outside `caching()` the TeaCache infer class runs a recording preset at threshold 0, which computes every call;
+  `observing()` turns each call into a trace row with exactly the columns and definitions of the diffusers
+  backend (`calib.backends.observe.trace_row`): the signals and block-stack input/output come from
+  `teacache.lightx2v.TeaCacheCall`, the prediction from ``QwenImageTransformerModel._infer_cond_uncond``;
+* `caching()` switches the same infer object to a preset and threshold (or a fixed schedule) for the sweep.
 
-LightX2V is an optional dependency: this module imports it only when a backend object is made.
+Timings synchronise LightX2V's device (``AI_DEVICE``). The uncached runs go through the TeaCache class at threshold 0,
+so they pay its per-call bookkeeping (one ``temb`` rel-L1 and one residual subtraction), as the cached runs do.
+
+LightX2V is an optional dependency: this module imports it only when a backend object is made. `check_lightx2v`
+checks the flags and the import before anything loads.
 
 The tiny model runs on LightX2V too (`write_tiny_model` + `TinyLightX2V`), on the CPU through the
 ``teacal-lightx2v-cpu`` platform plugin. Two things in LightX2V stand in the way of its runner there, so
 `TinyLightX2V` drives LightX2V's real transformer model and scheduler directly, in the runner's own step loop
-(``QwenImageRunner.run``), with the tiny model's prompt embeddings instead of the Qwen2.5-VL text encoder:
+(``QwenImageRunner.run``), with the tiny model's prompt embeddings and VAE instead of the Qwen2.5-VL text encoder
+and the Qwen-Image VAE; it implements the same backend interface:
 
 * ``QwenImageScheduler.__init__`` builds ``QwenEmbedRope(theta=10000, axes_dim=[16, 56, 56])`` (hard-coded, for
   head dim 128); the tiny model has ``axes_dims_rope=(8, 4, 4)``. We set ``scheduler.pos_embed`` to LightX2V's
@@ -28,17 +36,25 @@ The tiny model runs on LightX2V too (`write_tiny_model` + `TinyLightX2V`), on th
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import gc
+import hashlib
 import json
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
+from calib.backends import CacheHandle
+from calib.backends.observe import trace_row
+from calib.errors import UserError
+from calib.models import ModelSpec
 from teacache.preset import Preset
 
 TINY_LIGHTX2V_CONFIG = dict(
@@ -50,11 +66,112 @@ TINY_LIGHTX2V_CONFIG = dict(
     rms_norm_type="torch",
 )
 
+# LightX2V's Qwen blocks squeeze the text's batch dimension (``txt_modulated2.squeeze(0)`` in
+# ``qwen_image/infer/transformer_infer.py``, ``infer_ffn``), so a one-token text becomes 1-D and fails in ``addmm``. The
+# real text encoder never yields one token (its prompt template alone is dozens); the tiny model's word embedding
+# gives the empty negative prompt one token, so on LightX2V the tiny model's default negative prompt is this one.
+TINY_NEGATIVE_PROMPT = "low quality"
 
+INSTALL_HINT = (
+    "install LightX2V from its git repository (pip install git+https://github.com/ModelTC/LightX2V, or put a checkout "
+    "on PYTHONPATH) with its dependencies (the list in `make test-lightx2v`); without a GPU also "
+    "`pip install -e integrations/lightx2v/cpu_platform` and set PLATFORM=cpu"
+)
+# Config keys under which LightX2V runs differently from the one-process runner this backend drives.
+UNSUPPORTED_CONFIG = {
+    "parallel": "teacal drives LightX2V in one process; shard prompts with `teacal record --shard` instead",
+    "lazy_load": "the runner rebuilds the transformer for every request, which drops teacal's observers",
+    "unload_modules": "the runner rebuilds the transformer for every request, which drops teacal's observers",
+    "disagg_mode": "disaggregated serving runs the transformer in another process",
+}
+
+
+# -- checks, before anything loads -----------------------------------------------------------------------------------
+def check_lightx2v_config(path: str | None) -> Path:
+    """`--lightx2v-config`: a LightX2V JSON config (an object) that this backend can run."""
+    if path is None:
+        raise UserError(
+            "--backend lightx2v needs --lightx2v-config FILE, a LightX2V JSON config such as LightX2V's "
+            "configs/qwen_image/qwen_image_i2i_2511.json"
+        )
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--lightx2v-config {path}: no such file")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"--lightx2v-config {path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"--lightx2v-config {path}: cannot read it ({type(err).__name__})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"--lightx2v-config {path}: expected a JSON object of LightX2V config keys")
+    for key, why in UNSUPPORTED_CONFIG.items():
+        if config.get(key):
+            raise UserError(f"--lightx2v-config {path}: {key!r} is not supported here ({why})")
+    return file
+
+
+def check_lightx2v_model_folder(model_path: str | None) -> Path:
+    """`--model-path`: required; the Qwen-Image weights folder LightX2V loads (``transformer/``, ``scheduler/``...)."""
+    if model_path is None:
+        raise UserError("--backend lightx2v needs --model-path DIR, the local Qwen-Image weights folder LightX2V loads")
+    folder = Path(model_path)
+    if not folder.is_dir():
+        raise UserError(f"--model-path {model_path}: not a folder (expected the Qwen-Image weights: transformer/, scheduler/, text_encoder/, vae/)")
+    for part in ("transformer", "scheduler/scheduler_config.json", "text_encoder", "vae"):
+        if not (folder / part).exists():
+            raise UserError(f"--model-path {model_path}: no {part}; LightX2V loads the weights in their Hugging Face layout")
+    return folder
+
+
+def check_lightx2v_importable() -> None:
+    """LightX2V and its device platform import, or one line that says how to get them."""
+    try:
+        import teacache.lightx2v  # noqa: F401
+    except ImportError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"--backend lightx2v: LightX2V cannot be imported here ({first}); {INSTALL_HINT}") from None
+
+
+def check_lightx2v(model_path: str | None, lightx2v_config: str | None) -> None:
+    """Everything `--backend lightx2v` needs, cheapest first; each failure is one `UserError` line."""
+    check_lightx2v_model_folder(model_path)
+    check_lightx2v_config(lightx2v_config)
+    check_lightx2v_importable()
+
+
+def lightx2v_settings(lightx2v_config: str | os.PathLike, dtype: str) -> dict[str, Any]:
+    """What a run records about LightX2V: its config (path and content hash) and the dtype it runs in.
+
+    LightX2V takes its dtype from the ``DTYPE`` environment variable (BF16 by default), not from teacal's --dtype.
+    """
+    if dtype != "auto":
+        raise UserError(f"--dtype {dtype}: LightX2V takes its dtype from the DTYPE environment variable (BF16 or FP16); leave --dtype auto")
+    path = Path(lightx2v_config).resolve()
+    return {
+        "lightx2v_config": str(path),
+        "lightx2v_config_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "dtype": {"BF16": "bfloat16", "FP16": "float16"}.get(os.environ.get("DTYPE", "BF16"), os.environ.get("DTYPE", "BF16")),
+    }
+
+
+def check_same_lightx2v_config(settings: dict[str, Any], run: str | os.PathLike) -> None:
+    """Sweep reusing the recorded --lightx2v-config: the file must still be the one the references were made with."""
+    path = Path(settings["lightx2v_config"])
+    if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() != settings["lightx2v_config_sha256"]:
+        raise UserError(f"{path}: changed since it was recorded in {run}; record again, or pass --lightx2v-config to sweep with another config")
+
+
+# -- recording and caching on LightX2V's Qwen-Image model --------------------------------------------------------------
 def recording_preset(model: str) -> Preset:
     """A preset under which every call is computed (threshold 0): recording observes, it never skips."""
     return Preset(model=model, signal="temb", coefficients=(1.0, 0.0), ret_steps=0, cutoff_steps=-1, threshold=0.0,
                   calibration={"purpose": "recording: threshold 0 computes every call"})
+
+
+def recording_config(model: str) -> dict[str, Any]:
+    """LightX2V config keys that select TeaCache with the recording preset, for the model named `model`."""
+    return dict(feature_caching="Tea", teacache_model=model, teacache_preset=recording_preset(model), teacache_thresh=0.0)
 
 
 def _lightx2v():
@@ -64,106 +181,208 @@ def _lightx2v():
     return tl
 
 
-class _Observed:
-    """Collects the `TeaCacheCall`s of one generation, with the step's timestep and sigma."""
+def _device_module():
+    from lightx2v_platform.base.global_var import AI_DEVICE
 
-    def __init__(self, scheduler, on_call: Callable[[dict[str, Any]], None] | None) -> None:
-        self.scheduler = scheduler
-        self.on_call = on_call
-        self.started = time.perf_counter()
-
-    def __call__(self, call) -> None:
-        now = time.perf_counter()
-        if self.on_call is not None:
-            step = call.step
-            self.on_call(
-                dict(
-                    step=step,
-                    branch=call.branch,
-                    computed=call.computed,
-                    timestep=float(self.scheduler.timesteps[step]),
-                    sigma=float(self.scheduler.scheduler.sigmas[step]),
-                    signals=call.signals,
-                    hidden_states=call.hidden_states,
-                    output=call.output,
-                    n_target=call.n_target,
-                    seconds=now - self.started,
-                )
-            )
-        self.started = time.perf_counter()
+    return getattr(torch, AI_DEVICE, None)
 
 
-class LightX2VQwenImage:
-    """Qwen-Image(-Edit) through LightX2V's runner (needs the real weights: text encoder, transformer, VAE)."""
+def _now() -> float:
+    """perf_counter after LightX2V's device has finished its queued work."""
+    synchronize = getattr(_device_module(), "synchronize", None)
+    if synchronize is not None:
+        synchronize()
+    return time.perf_counter()
 
-    def __init__(
-        self,
-        model_path: str | os.PathLike,
-        lightx2v_config: str | os.PathLike,
-        *,
-        task: str = "i2i",
-        preset: Preset | str | os.PathLike | None = None,
-        threshold: float | None = None,
-        model_name: str | None = None,
-    ) -> None:
-        _lightx2v()
-        from lightx2v.infer import init_runner
-        from lightx2v.utils.set_config import set_config
 
-        args = argparse.Namespace(model_cls="qwen_image", task=task, model_path=str(model_path), config_json=str(lightx2v_config), support_tasks=[])
-        config = set_config(args)
-        name = model_name or config.get("teacache_model") or ("qwen-image-edit" if task == "i2i" else "qwen-image")
-        with config.temporarily_unlocked():
-            config["feature_caching"] = "Tea"
-            config["teacache_model"] = model_name or config.get("teacache_model")
-            config["teacache_preset"] = preset if preset is not None else recording_preset(name)
-            config["teacache_thresh"] = threshold if preset is not None else 0.0
-        self.task = task
-        self.runner = init_runner(config)
-        self.transformer_infer = self.runner.model.transformer_infer
+def timestep_input(scheduler) -> float:
+    """The timestep the transformer gets at this step: ``QwenImageScheduler.step_pre`` feeds t in its dtype (bf16) / 1000."""
+    t = torch.tensor([float(scheduler.timesteps[scheduler.step_index])], dtype=scheduler.dtype) / 1000
+    return float(t[0])
+
+
+class LightX2VObserver:
+    """Trace rows of LightX2V's transformer calls, with `calib.backends.observe.Observer`'s columns and definitions.
+
+    One call is one ``QwenImageTransformerModel._infer_cond_uncond`` (one CFG branch of one step). Within it the
+    TeaCache infer class hands over the signals and the block-stack input and output (`TeaCacheCall`); the call
+    returns the prediction. Each branch keeps its own previous values, and a new request (the scheduler's
+    ``rope_request_id``) starts every branch afresh, so a branch's first call gives None.
+    """
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.rows: list[dict] = []
+        self._previous: dict[str, dict[str, torch.Tensor]] = {}
+        self._request: tuple[int, Any] | None = None
+        self._call = None
+
+    def on_tea_call(self, call) -> None:
+        self._call = call
+
+    def observe_call(self, infer_cond_uncond: Callable, *args, **kwargs) -> torch.Tensor:
+        scheduler = self.model.scheduler
+        request = (id(scheduler), getattr(scheduler, "rope_request_id", None))
+        if request != self._request:
+            self._previous, self._request = {}, request
+        self._call = None
+        started = _now()
+        prediction = infer_cond_uncond(*args, **kwargs)
+        seconds = _now() - started
+        call, self._call = self._call, None
+        if call is None:
+            raise RuntimeError("LightX2V ran a transformer call without TeaCache's infer class; build it with recording_config()")
+        n = call.n_target
+        current = {
+            "x_temb": call.signals["temb"],
+            "x_modin": call.signals["modin"],
+            "y_residual": (call.output - call.hidden_states)[:n],
+            "y_output": prediction[:, :n],
+        }
+        previous = self._previous.setdefault(call.branch, {})
+        self.rows.append(trace_row(call.step, call.branch, timestep_input(scheduler), current, previous, seconds))
+        return prediction
+
+
+class LightX2VModelBackend:
+    """Observing and caching, shared by the backends whose denoiser is LightX2V's `QwenImageTransformerModel`
+    (``self.model``), built with `recording_config` so that its infer class is TeaCache's."""
+
+    model: Any
+    recording: Preset
 
     @property
-    def stats(self):
-        return self.transformer_infer.stats
+    def transformer_infer(self):
+        return self.model.transformer_infer
+
+    def _tea_infer(self):
+        infer = self.model.transformer_infer
+        if not hasattr(infer, "use_preset"):
+            raise RuntimeError(f"{type(infer).__name__} is not TeaCache's infer class; build the model with recording_config()")
+        return infer
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.model.transformer_weights.blocks)
+
+    @contextlib.contextmanager
+    def observing(self) -> Iterator[LightX2VObserver]:
+        infer, model = self._tea_infer(), self.model
+        observer = LightX2VObserver(model)
+        patched = "_infer_cond_uncond" in vars(model)
+        original = model._infer_cond_uncond
+        model._infer_cond_uncond = functools.partial(observer.observe_call, original)
+        infer.observers.append(observer.on_tea_call)
+        try:
+            yield observer
+        finally:
+            infer.observers.remove(observer.on_tea_call)
+            if patched:
+                model._infer_cond_uncond = original
+            else:
+                del model._infer_cond_uncond
+
+    @contextlib.contextmanager
+    def caching(self, preset: Preset, threshold: float | None, steps: int, policy=None) -> Iterator[CacheHandle]:
+        """TeaCache with `preset` at `threshold` (or `policy`'s decisions) while active; the steps come from the scheduler.
+
+        ``block_forwards`` counts the block-stack passes that really ran (``infer_func``, which runs every block).
+        """
+        infer = self._tea_infer()
+        infer.use_preset(preset, threshold, policy)
+        stack_runs = 0
+        infer_func = infer.infer_func
+
+        def counted(*args, **kwargs):
+            nonlocal stack_runs
+            stack_runs += 1
+            return infer_func(*args, **kwargs)
+
+        def stats():
+            if infer.stats is None:
+                raise RuntimeError("TeaCache has not run a generation yet")
+            return infer.stats
+
+        infer.infer_func = counted
+        try:
+            yield CacheHandle(stats, lambda: stack_runs * self.num_blocks)
+        finally:
+            infer.infer_func = infer_func
+            infer.use_preset(self.recording)
+
+
+class LightX2VQwenImage(LightX2VModelBackend):
+    """Qwen-Image(-Edit) through LightX2V's runner (needs the real weights: text encoder, transformer, VAE)."""
+
+    def __init__(self, spec: ModelSpec, model_path: str | os.PathLike, lightx2v_config: str | os.PathLike) -> None:
+        _lightx2v()
+        # Not `lightx2v.infer.init_runner`: importing lightx2v.infer imports the runner of every model LightX2V has, and
+        # their extra dependencies (soundfile...). The Qwen runner's module registers it; the two lines are init_runner's.
+        from lightx2v.models.runners.qwen_image.qwen_image_runner import QwenImageRunner
+        from lightx2v.utils.set_config import set_config
+
+        self.spec = spec
+        self.task = "i2i" if spec.edit else "t2i"
+        self.recording = recording_preset(spec.name)
+        args = argparse.Namespace(model_cls="qwen_image", task=self.task, model_path=str(model_path), config_json=str(lightx2v_config), support_tasks=[])
+        config = set_config(args)
+        with config.temporarily_unlocked():
+            config.update(recording_config(spec.name))
+        try:
+            self.runner = QwenImageRunner(config)
+            self.runner.init_modules()
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"LightX2V cannot load {spec.name} from {model_path}: {first}") from None
+        self.model = self.runner.model
 
     @torch.no_grad()
-    def generate(
-        self,
-        prompt: str,
-        image: Image.Image | None,
-        seed: int,
-        steps: int = 40,
-        cfg: float = 4.0,
-        size: tuple[int, int] = (1024, 1024),
-        negative_prompt: str = " ",
-        on_call: Callable[[dict[str, Any]], None] | None = None,
-    ) -> tuple[Image.Image, dict[str, float]]:
-        """One generation; `on_call` sees every transformer call (step, branch, signals, outputs, seconds)."""
+    def run(self, item, seed: int, steps: int, cfg: float, size: tuple[int, int], on_step=None) -> tuple[Image.Image, dict[str, float]]:
         from lightx2v.utils.input_info import init_empty_input_info, update_input_info_from_dict
+        from lightx2v.utils.utils import seed_all
 
         width, height = size
-        self.runner.set_config({"infer_steps": steps, "enable_cfg": cfg > 1, "sample_guide_scale": cfg})
-        scheduler = self.runner.model.scheduler
-        scheduler.sample_guide_scale = cfg  # read once at construction
-        observer = _Observed(scheduler, on_call)
-        self.transformer_infer.observers.append(observer)
+        runner, scheduler = self.runner, self.model.scheduler
+        runner.set_config({"infer_steps": steps, "enable_cfg": cfg > 1, "sample_guide_scale": cfg})
+        scheduler.sample_guide_scale = cfg  # the scheduler reads it once, at construction
+        denoise_seconds: list[float] = []
+        run_dit = runner.run_dit
+
+        def timed_run_dit(*args, **kwargs):
+            started = _now()
+            out = run_dit(*args, **kwargs)
+            denoise_seconds.append(_now() - started)
+            return out
+
         with tempfile.TemporaryDirectory() as tmp:
-            data = dict(seed=seed, prompt=prompt, negative_prompt=negative_prompt, target_shape=[height, width], return_result_tensor=False,
-                        save_result_path=str(Path(tmp) / "out.png"))
-            if image is not None:
+            data = dict(seed=seed, prompt=item.prompt, negative_prompt=item.negative_prompt or " ", target_shape=[height, width],
+                        return_result_tensor=False, save_result_path=str(Path(tmp) / "out.png"))
+            if self.spec.edit:
                 data["image_path"] = str(Path(tmp) / "input.png")
-                image.convert("RGB").save(data["image_path"])
+                item.load_image().convert("RGB").save(data["image_path"])
             input_info = init_empty_input_info(self.task)
             update_input_info_from_dict(input_info, data)
-            started = time.perf_counter()
+            seed_all(seed)
+            runner.run_dit = timed_run_dit
+            if on_step is not None:  # LightX2V reports (step + 1) / steps * 100 after each step
+                runner.set_progress_callback(lambda done, total: on_step(round(done / total * scheduler.infer_steps) - 1))
+            started = _now()
             try:
-                self.runner.run_pipeline(input_info)
+                runner.run_pipeline(input_info)
             finally:
-                self.transformer_infer.observers.remove(observer)
-            seconds = time.perf_counter() - started
-            result = Image.open(data["save_result_path"]).convert("RGB")
-            result.load()
-        return result, {"seconds": seconds}
+                runner.run_dit = run_dit
+                runner.set_progress_callback(None)
+            seconds = _now() - started
+            with Image.open(data["save_result_path"]) as result:
+                image = result.convert("RGB")
+        return image, {"seconds": seconds, "denoise_seconds": denoise_seconds[0]}
+
+    def close(self) -> None:
+        del self.runner, self.model
+        gc.collect()
+        empty_cache = getattr(_device_module(), "empty_cache", None)
+        if empty_cache is not None:
+            empty_cache()
 
 
 # -- the tiny model on LightX2V ------------------------------------------------------------------------------------
@@ -185,10 +404,14 @@ def write_tiny_model(directory: str | os.PathLike, seed: int = 0) -> Path:
     return root
 
 
-class TinyLightX2V:
-    """The tiny Qwen-Image-Edit on LightX2V's real transformer model and scheduler (see the module notes)."""
+class TinyLightX2V(LightX2VModelBackend):
+    """The tiny Qwen-Image-Edit on LightX2V's real transformer model and scheduler (see the module notes).
 
-    def __init__(self, model_dir: str | os.PathLike, **config_overrides: Any) -> None:
+    As a backend (`run`, `observing`, `caching`) build it with ``**recording_config("tiny-qwen-image-edit")``; the
+    prompt embeddings and the VAE are the diffusers tiny model's (`TinyQwenImageEdit`, same seed).
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, seed: int = 0, **config_overrides: Any) -> None:
         _lightx2v()
         from lightx2v.models.networks.qwen_image.model import QwenImageTransformerModel
         from lightx2v.models.schedulers.qwen_image.scheduler import QwenEmbedRope, QwenImageScheduler
@@ -208,7 +431,18 @@ class TinyLightX2V:
         self.scheduler = QwenImageScheduler(config)
         self.scheduler.pos_embed = QwenEmbedRope(theta=10000, axes_dim=list(transformer_config["axes_dims_rope"]), scale_rope=True)
         self.model.set_scheduler(self.scheduler)
-        self.transformer_infer = self.model.transformer_infer
+        self.recording = recording_preset("tiny-qwen-image-edit")
+        self.seed = seed
+        self._codec = None
+
+    @property
+    def codec(self):
+        """The tiny model's text embedding and VAE (`TinyQwenImageEdit`), which stand in for the runner's encoders."""
+        if self._codec is None:
+            from calib.backends.tiny import TinyQwenImageEdit
+
+            self._codec = TinyQwenImageEdit(self.seed)
+        return self._codec
 
     def inputs(self, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, image_latents: torch.Tensor) -> dict[str, Any]:
         """The runner's ``inputs`` dict: text encoder and VAE encoder outputs."""
@@ -231,7 +465,8 @@ class TinyLightX2V:
         )
 
     @torch.no_grad()
-    def denoise(self, inputs: dict[str, Any], input_info, steps: int | None = None, before_step: Callable[[int], None] | None = None) -> torch.Tensor:
+    def denoise(self, inputs: dict[str, Any], input_info, steps: int | None = None, before_step: Callable[[int], None] | None = None,
+                on_step: Callable[[int], None] | None = None) -> torch.Tensor:
         """``scheduler.prepare`` then ``QwenImageRunner.run``'s loop, then the runner's ``end_run`` clear. Returns the latents."""
         if steps is not None:
             self.config["infer_steps"] = steps
@@ -242,9 +477,34 @@ class TinyLightX2V:
                 before_step(step)
             self.model.infer(inputs)
             self.scheduler.step_post()
+            if on_step is not None:
+                on_step(step)
         latents = self.scheduler.latents
         self.scheduler.clear()
         return latents
+
+    @torch.no_grad()
+    def run(self, item, seed: int, steps: int, cfg: float, size: tuple[int, int], on_step=None) -> tuple[Image.Image, dict[str, float]]:
+        """The backend interface: one prompt-set item, as `TinyQwenImageEdit.run` makes it, denoised by LightX2V."""
+        width, height = size
+        self.config["enable_cfg"] = cfg > 1
+        self.scheduler.sample_guide_scale = cfg
+        started = _now()
+        conditioning = self.codec.conditioning(item.prompt, item.negative_prompt or TINY_NEGATIVE_PROMPT)
+        if min(conditioning.prompt_embeds.shape[1], conditioning.negative_embeds.shape[1]) < 2:
+            raise UserError(f"{item.id}: LightX2V's Qwen blocks cannot take a one-token text (they squeeze it to 1-D); use a longer prompt")
+        image_latents = self.codec.encode_image(item.load_image(), width, height)
+        inputs = self.inputs(conditioning.prompt_embeds, conditioning.negative_embeds, image_latents)
+        info = self.input_info(seed, size, conditioning.prompt_embeds.shape[1], conditioning.negative_embeds.shape[1])
+        denoise_started = _now()
+        latents = self.denoise(inputs, info, steps, on_step=on_step)
+        denoise_seconds = _now() - denoise_started
+        image = self.codec.decode(latents, width, height)
+        return image, {"seconds": _now() - started, "denoise_seconds": denoise_seconds}
+
+    def close(self) -> None:
+        del self.model, self.scheduler
+        gc.collect()
 
     @torch.no_grad()
     def warmup(self, inputs: dict[str, Any], input_info) -> None:

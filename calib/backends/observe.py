@@ -21,6 +21,22 @@ _OBSERVE_HEAD = "teacal_observe_head"
 _OBSERVE_TAIL = "teacal_observe_tail"
 
 
+def trace_row(step: int, branch: str, sigma: float, current: dict[str, torch.Tensor], previous: dict[str, torch.Tensor], seconds: float) -> dict:
+    """One trace row of a transformer call, shared by every backend's observer.
+
+    `current` holds this call's `x_<signal>` and `y_<target>` tensors (target tokens only); each column's value is
+    `rel_l1` against the same column of the branch's previous call, None on the branch's first call. `previous`
+    (the branch's) is updated in place. `sigma` is the timestep the transformer received, t / 1000.
+    """
+    row = {"step": step, "branch": branch, "timestep": sigma * 1000, "sigma": sigma}
+    for column, value in current.items():
+        before = previous.get(column)
+        row[column] = None if before is None else rel_l1(value, before)
+        previous[column] = value.detach()
+    row["seconds"] = seconds
+    return row
+
+
 class _Previous(BaseState):
     def __init__(self) -> None:
         self.reset()
@@ -54,13 +70,7 @@ class Observer:
         context = self.state_manager.context
         state = self.state_manager.get_state()
         state.current["y_output"] = output[:, : state.n_target]
-        row = {"step": state.step, "branch": context.name, "timestep": state.sigma * 1000, "sigma": state.sigma}
-        for column, value in state.current.items():
-            previous = state.values.get(column)
-            row[column] = None if previous is None else rel_l1(value, previous)
-            state.values[column] = value.detach()
-        row["seconds"] = _now() - state.started
-        self.rows.append(row)
+        self.rows.append(trace_row(state.step, context.name, state.sigma, state.current, state.values, _now() - state.started))
         state.step += 1
 
     def reset(self) -> None:
