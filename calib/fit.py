@@ -22,7 +22,7 @@ from calib.simulate import threshold_for_speedup
 from teacache.preset import SIGNALS, Preset
 
 LOSSES = ("linear", "soft_l1", "huber", "cauchy")
-SETTINGS_THAT_MUST_MATCH = ("model", "backend", "steps", "cfg", "size", "dtype")
+SETTINGS_THAT_MUST_MATCH = ("model", "backend", "steps", "cfg", "size", "dtype", "weights")
 
 
 def fit_polynomial(x: np.ndarray, y: np.ndarray, degree: int, loss: str = "linear") -> np.ndarray:

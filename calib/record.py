@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from calib.backends import check_backend, load_backend, resolve_device, resolve_dtype
+from calib.backends import check_backend, load_backend, resolve_device, resolve_dtype, weights_id
 from calib.errors import UserError
 from calib.models import get_model
 from calib.prompts import load_prompts
@@ -77,7 +77,7 @@ def record(request: RecordRequest, echo=print) -> Path:
     settings = {
         "model": spec.name, "backend": backend_name, "steps": steps, "cfg": cfg, "size": list(size),
         "seeds": list(request.seeds), "dtype": str(dtype).removeprefix("torch."),
-        "prompts_sha256": prompts.sha256,
+        "prompts_sha256": prompts.sha256, "weights": weights_id(spec, backend_name, request.model_path),
     }
     if backend_name == "lightx2v":  # sweep reuses the config; the dtype is LightX2V's own
         from calib.backends.lightx2v import lightx2v_settings

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from calib.backends import check_backend, load_backend, resolve_device, resolve_dtype
+from calib.backends import check_backend, load_backend, resolve_device, resolve_dtype, weights_id
 from calib.errors import UserError
 from calib.metrics import METRICS, Metrics, lpips_unavailable_reason, parse_metrics
 from calib.models import get_model
@@ -147,6 +147,9 @@ def sweep(request: SweepRequest, echo=print) -> pd.DataFrame:
 
         check_same_lightx2v_config(settings, request.run)
     backend_name = check_backend(spec, settings["backend"], request.model_path, lightx2v_config)
+    recorded_weights = settings.get("weights")
+    if recorded_weights is not None and weights_id(spec, backend_name, request.model_path) != recorded_weights:
+        raise UserError(f"{request.run}: recorded with weights {recorded_weights}, but this sweep would run {weights_id(spec, backend_name, request.model_path)}; record again (or pass the same --model-path)")
     prompts = load_prompts(info["prompt_file"], need_image=spec.edit)
     if prompts.sha256 != settings["prompts_sha256"]:
         raise UserError(f"{info['prompt_file']}: changed since it was recorded in {request.run}; record again")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -101,6 +102,15 @@ def check_backend(spec: ModelSpec, backend: str | None, model_path: str | None, 
 
         check_model_folder(model_path)
     return chosen
+
+
+def weights_id(spec: ModelSpec, backend: str, model_path: str | None) -> str:
+    """Names the weights a run uses, so a run folder never mixes outputs of different weights."""
+    if backend == "tiny":
+        from calib.backends.tiny import weights_fingerprint
+
+        return weights_fingerprint()
+    return str(Path(model_path).resolve()) if model_path else str(spec.hub_id)
 
 
 def load_backend(spec: ModelSpec, backend: str, model_path: str | None, device: str, dtype: torch.dtype, lightx2v_config: str | None = None) -> Backend:

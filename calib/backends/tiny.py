@@ -8,6 +8,7 @@ embeddings are derived deterministically from the prompt's words.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 import zlib
@@ -53,6 +54,17 @@ def build_tiny(seed: int = 0) -> tuple[QwenImageTransformer2DModel, AutoencoderK
     transformer = QwenImageTransformer2DModel(**TRANSFORMER_CONFIG).eval()
     vae = AutoencoderKLQwenImage(**VAE_CONFIG).eval()
     return transformer, vae
+
+
+def weights_fingerprint() -> str:
+    """sha256 prefix of the shipped weight files, or the seed of the random ones."""
+    files = sorted(WEIGHTS_DIR.glob("*.safetensors")) if WEIGHTS_DIR.is_dir() else []
+    if not files:
+        return "random:seed0"
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.read_bytes())
+    return f"sha256:{digest.hexdigest()[:16]}"
 
 
 def embed_text(text: str) -> tuple[torch.Tensor, torch.Tensor]:
