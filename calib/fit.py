@@ -16,7 +16,7 @@ import scipy.linalg
 from scipy.optimize import least_squares
 
 from calib.errors import UserError
-from calib.record import load_run, load_trace
+from calib.record import check_finite, load_run, load_trace
 from calib.rundir import library_versions, now_iso
 from calib.simulate import threshold_for_speedup
 from teacache.preset import SIGNALS, Preset
@@ -147,11 +147,8 @@ def fit(request: FitRequest, echo=print) -> Preset:
     except ValueError as err:
         raise UserError(str(err).replace("preset <memory>: ", "")) from None
 
-    numeric = trace[[c for c in trace.columns if c.startswith(("x_", "y_"))]]
-    bad = trace[np.isinf(numeric.to_numpy(dtype=float)).any(axis=1) | (numeric.isna().any(axis=1) & (trace["step"] > 0))]
-    if len(bad):
-        row = bad.iloc[0]
-        raise UserError(f"{row['run']}: {len(bad)} trace row(s) hold NaN or inf (first: prompt {row['prompt_id'].split(':', 1)[1]}, seed {row['seed']}, step {row['step']}, branch {row['branch']}); re-record them")
+    for run, part in trace.groupby("run", sort=False):
+        check_finite(part.assign(prompt_id=part["prompt_id"].str.split(":", n=1).str[1]), run)
 
     candidates = SIGNALS if request.signal == "auto" else (request.signal,)
     results: list[tuple[CrossValidation, str, pd.DataFrame]] = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from calib.backends import check_backend, load_backend, resolve_device, resolve_dtype, weights_id
@@ -153,6 +154,16 @@ def load_trace(run: str | Path) -> pd.DataFrame:
             raise UserError(f"{run}: no trace found; run `teacal record --out {run}` first")
         frame = pd.read_parquet(run / "trace.parquet")
     return frame.sort_values(["prompt_id", "seed", "branch", "step"]).reset_index(drop=True)
+
+
+def check_finite(trace: pd.DataFrame, run: str | Path) -> None:
+    """Signals and targets are finite everywhere but a series' first step, which has no previous value."""
+    numeric = trace[[c for c in trace.columns if c.startswith(("x_", "y_"))]].to_numpy(dtype=float)
+    bad = trace[np.isinf(numeric).any(axis=1) | (np.isnan(numeric).any(axis=1) & (trace["step"] > 0).to_numpy())]
+    if len(bad):
+        row = bad.iloc[0]
+        raise UserError(f"{run}: {len(bad)} trace row(s) hold NaN or inf (first: prompt {row['prompt_id']}, seed {row['seed']}, "
+                        f"step {row['step']}, branch {row['branch']}); re-record them")
 
 
 def load_run(run: str | Path) -> dict:

@@ -23,7 +23,7 @@ from calib.errors import UserError
 from calib.metrics import METRICS, Metrics, lpips_unavailable_reason, parse_metrics
 from calib.models import get_model
 from calib.prompts import load_prompts
-from calib.record import load_run, load_trace, pair_name
+from calib.record import check_finite, load_run, load_trace, pair_name
 from calib.rundir import check_same_settings, now_iso, progress, write_json, write_table
 from calib.simulate import StaticSchedulePolicy, oracle_schedule, simulate
 from teacache.preset import Preset, PresetError
@@ -178,6 +178,7 @@ def sweep(request: SweepRequest, echo=print) -> pd.DataFrame:
         raise UserError(str(err)) from None
     baselines = [load_baseline(name, preset) for name in request.baselines]
     trace = load_trace(run)
+    check_finite(trace, run)
     device = resolve_device(request.device)
     dtype = resolve_dtype(request.dtype, device)
 

@@ -159,3 +159,17 @@ def test_report_writes_readable_figures(swept, monkeypatch):
         assert figures[name] and all(artists > 0 and xlabel for artists, xlabel, _ in figures[name] if xlabel)
     text = (folder / "report.md").read_text()
     assert "Best speedup at equal quality" in text and "teacache-t0.5" in text and "oracle-k" in text
+
+
+def test_nan_in_the_trace_is_refused_before_any_run(recorded_run, temb_preset, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(recorded_run, run)
+    part = sorted((run / "trace").glob("*.parquet"))[0]
+    frame = pd.read_parquet(part)
+    frame.loc[5, "x_temb"] = float("nan")
+    frame.to_parquet(part)
+    result = runner.invoke(app, ["sweep", "--preset", temb_preset, "--run", str(run), "--thresh", "0.1", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "hold NaN or inf" in result.output and result.output.count("\n") == 1
+    assert not (tmp_path / "o").exists()
