@@ -160,6 +160,8 @@ def sweep(request: SweepRequest, echo=print) -> pd.DataFrame:
     missing = [pair_name(i.id, s) for i, s in pairs if not (run / "refs" / f"{pair_name(i.id, s)}.png").exists()]
     if missing:
         raise UserError(f"{run}: no reference image for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; finish `teacal record` first")
+    trace = load_trace(run)
+    check_finite(trace, run)
     if request.target_lpips is not None and request.target_psnr is not None:
         raise UserError("give --target-lpips or --target-psnr, not both")
     metric_names = parse_metrics(request.metrics)
@@ -177,8 +179,6 @@ def sweep(request: SweepRequest, echo=print) -> pd.DataFrame:
     except PresetError as err:
         raise UserError(str(err)) from None
     baselines = [load_baseline(name, preset) for name in request.baselines]
-    trace = load_trace(run)
-    check_finite(trace, run)
     device = resolve_device(request.device)
     dtype = resolve_dtype(request.dtype, device)
 
