@@ -18,7 +18,8 @@ Qwen quirks handled here (REFERENCE §2):
   Qwen it needs a `raw_vision_callback` (`qwen_raw_vision` below: the target image's packed tokens, unpacked to
   `(C, T, H, W)`), and `cache_context(name, step_index=, sigma=, num_inference_steps=)`. Without either it
   silently runs every block ("fail-open"); here any fail-open warning is an error, so a measured SeaCache row is
-  never an uncached run in disguise.
+  never an uncached run in disguise. The tiny backend's loop passes the step fields; diffusers' stock Qwen
+  pipelines pass the branch name only, so SeaCache is refused up front on the diffusers backend (`check_backend`).
 """
 
 from __future__ import annotations
@@ -111,6 +112,16 @@ def check_installed(methods) -> None:
     """Fail before any expensive work when a chosen peer's package is missing."""
     if "dbcache" in methods:
         _cache_dit()
+
+
+def check_backend(methods, backend: str) -> None:
+    """SeaCache needs the step, sigma and step count in `cache_context`. The tiny backend's loop passes them; the
+    stock Qwen-Image pipelines of diffusers 0.42.1 (what the diffusers backend runs) pass the branch name only, and
+    `CacheContext` is frozen, so no hook can add them: SeaCache would run every block there."""
+    if "seacache" in methods and backend != "tiny":
+        raise UserError(f"--method seacache: the {backend} backend runs diffusers' stock Qwen-Image pipeline, whose cache_context "
+                        "passes only the branch name; SeaCache also needs step_index, sigma and num_inference_steps and would "
+                        "run every block (use the tiny backend, or a denoising loop that passes them)")
 
 
 def _cache_dit():

@@ -153,6 +153,7 @@ def sweep(request: SweepRequest, echo=print) -> pd.DataFrame:
     preset.require_model(settings["model"])
     spec = get_model(settings["model"])
     backend_name = check_backend(spec, settings["backend"], request.model_path)
+    peers.check_backend(methods, backend_name)
     prompts = load_prompts(info["prompt_file"], need_image=spec.edit)
     if prompts.sha256 != settings["prompts_sha256"]:
         raise UserError(f"{info['prompt_file']}: changed since it was recorded in {request.run}; record again")

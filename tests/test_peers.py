@@ -108,6 +108,11 @@ def test_seacache_without_step_info_is_an_error_not_an_uncached_row(tiny):
         with peers.applied(tiny.transformer, "seacache", {"threshold": 1.0}, STEPS, CFG), torch.no_grad(), tiny.transformer.cache_context("cond"):
             tiny.transformer(**call)
     assert not tiny.transformer.is_cache_enabled
+    # The diffusers backend runs the stock pipelines, which pass the name only: refused before any model loads.
+    with pytest.raises(UserError, match="--method seacache: the diffusers backend runs diffusers' stock Qwen-Image pipeline"):
+        peers.check_backend(("teacache", "seacache"), "diffusers")
+    peers.check_backend(("teacache", "seacache"), "tiny")
+    peers.check_backend(("fbcache", "magcache", "dbcache"), "diffusers")
 
 
 @pytest.fixture(scope="module")
