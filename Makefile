@@ -64,3 +64,24 @@ $(LX_VENV)/.installed: integrations/lightx2v/cpu_platform/pyproject.toml
 test-lightx2v: $(LX_VENV)/.installed
 	@test -n "$(LIGHTX2V_SRC)" || { echo "make test-lightx2v: set LIGHTX2V_SRC=/path/to/a/LightX2V/checkout" >&2; exit 2; }
 	LIGHTX2V_SRC=$(abspath $(LIGHTX2V_SRC)) PYTHONPATH=.:$(abspath $(LIGHTX2V_SRC)) $(LX_PY) -m pytest -q -m lightx2v tests/test_lightx2v.py
+
+# Peers on the same chart (issue 7): calibrated TeaCache against diffusers' FirstBlockCache, MagCache, SeaCache and
+# cache-dit's DBCache on the tiny model, measured in one sweep (same prompts, seeds, references, timing, metrics).
+#   make compare [RUN=results/compare] [COMPARE_PROMPTS=prompts/edit.jsonl]
+.PHONY: compare
+compare: RUN = results/compare
+COMPARE_PROMPTS ?= prompts/edit.jsonl
+COMPARE_THRESH  ?= 0.05,0.1,0.2,0.3,0.5,0.8,1.2
+COMPARE_METHODS ?= teacache,fbcache,magcache,seacache,dbcache
+
+$(VENV)/.peers: $(STAMP)
+	# cache-dit needs a torch >= 2.7.1 and accepts the one installed: pip keeps it.
+	$(PY) -m pip install -q -e '.[dev,peers]'
+	touch $@
+
+compare: $(VENV)/.peers
+	$(TEACAL) record --model tiny-qwen-image-edit --prompts $(COMPARE_PROMPTS) --out $(RUN)
+	$(TEACAL) fit $(RUN) --out $(RUN)/preset.json
+	$(TEACAL) sweep --preset $(RUN)/preset.json --run $(RUN) --method $(COMPARE_METHODS) --thresh $(COMPARE_THRESH)
+	$(TEACAL) report $(RUN)
+	@echo "report: $(RUN)/report/report.md"

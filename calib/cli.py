@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from calib.errors import UserError
+from calib.peers import GRIDS, METHODS
 
 app = typer.Typer(
     help=(
@@ -127,7 +128,7 @@ def fit(
 def sweep(
     preset: Annotated[str, typer.Option(help="Preset JSON written by `teacal fit`.")],
     run: Annotated[str, typer.Option(help="Run folder written by `teacal record` (its prompts, seeds and reference images).")],
-    thresh: Annotated[str, typer.Option(help="Thresholds: START:STOP[:STEP] (step 0.05 by default) or a comma list.")],
+    thresh: Annotated[str | None, typer.Option(help="TeaCache thresholds: START:STOP[:STEP] (step 0.05 by default) or a comma list. Needed with --method teacache.")] = None,
     out: Annotated[str | None, typer.Option(help="Where sweep.parquet and its parts go (default: the run folder).")] = None,
     metrics: Annotated[str | None, typer.Option(help="Comma-separated: lpips, psnr, ssim (default: all that can run here).")] = None,
     baseline: Annotated[list[str] | None, typer.Option(help="Uncalibrated coefficients to compare: constant, identity, flux, wan21, mlx-qwen, or a JSON file. Repeatable.")] = None,
@@ -138,15 +139,28 @@ def sweep(
     lightx2v_config: Annotated[str | None, typer.Option(help="LightX2V JSON config for a lightx2v run (default: the one it was recorded with).")] = None,
     device: Annotated[str, typer.Option(help="auto (cuda when present), cpu or cuda[:N].")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")] = "auto",
+    method: Annotated[list[str] | None, typer.Option(help=f"Caches to measure on the same prompts, seeds and references: {', '.join(METHODS)}. Repeatable or a comma list (default: teacache). dbcache needs `pip install 'teacal\\[peers]'`.")] = None,
+    fbcache_thresh: Annotated[str | None, typer.Option(help=f"FirstBlockCache thresholds, a comma list (default {GRIDS['fbcache'][0].default}).")] = None,
+    magcache_thresh: Annotated[str | None, typer.Option(help=f"MagCache thresholds (default {GRIDS['magcache'][0].default}); mag_ratios are calibrated on the run's prompts, once.")] = None,
+    magcache_max_skip: Annotated[str | None, typer.Option(help=f"MagCache max_skip_steps values (default {GRIDS['magcache'][1].default}).")] = None,
+    magcache_retention: Annotated[str | None, typer.Option(help=f"MagCache retention_ratio values (default {GRIDS['magcache'][2].default}).")] = None,
+    seacache_thresh: Annotated[str | None, typer.Option(help=f"SeaCache thresholds (default {GRIDS['seacache'][0].default}).")] = None,
+    dbcache_thresh: Annotated[str | None, typer.Option(help=f"cache-dit DBCache (F1B0) residual_diff_threshold values (default {GRIDS['dbcache'][0].default}).")] = None,
 ) -> None:
-    """Measure speed against LPIPS/PSNR/SSIM for each threshold, baseline and oracle schedule."""
+    """Measure speed against LPIPS/PSNR/SSIM for each threshold, baseline, oracle schedule and peer cache setting."""
+    from calib.peers import check_installed, parse_methods
+
+    check_installed(parse_methods(method))  # a missing optional peer fails before the heavy imports
     from calib.metrics import METRICS
     from calib.sweep import SweepRequest
     from calib.sweep import sweep as run_sweep
 
     run_sweep(SweepRequest(
         preset, run, thresh, out, metrics or ",".join(METRICS), metrics is not None, tuple(baseline or ()), oracle,
-        target_lpips, target_psnr, device, dtype, model_path, lightx2v_config,
+        target_lpips, target_psnr, device, dtype, model_path, lightx2v_config=lightx2v_config,
+        methods=tuple(method or ("teacache",)),
+        peer_grids={"--fbcache-thresh": fbcache_thresh, "--magcache-thresh": magcache_thresh, "--magcache-max-skip": magcache_max_skip,
+                    "--magcache-retention": magcache_retention, "--seacache-thresh": seacache_thresh, "--dbcache-thresh": dbcache_thresh},
     ), echo=typer.echo)
 
 

@@ -1,7 +1,8 @@
 """`teacal sweep`: what each threshold buys, measured against the uncached references from `record`.
 
 For every (prompt, seed) of the recorded run it times the uncached generation and every configuration
-(TeaCache thresholds, uncalibrated baselines, oracle schedules) through the runtime users get, and compares
+(TeaCache thresholds, uncalibrated baselines, oracle schedules, and the peer caches of `calib.peers`: diffusers'
+FirstBlockCache, MagCache, SeaCache and cache-dit's DBCache) through the runtime users get, and compares
 each image with the reference: LPIPS, PSNR, SSIM. One JSON part per (configuration, prompt, seed) is written
 atomically, so a killed sweep loses at most the generation in progress; `sweep.parquet` merges them.
 """
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from calib import peers
 from calib.backends import check_backend, load_backend, resolve_device, resolve_dtype, weights_id
 from calib.errors import UserError
 from calib.metrics import METRICS, Metrics, lpips_unavailable_reason, parse_metrics
@@ -68,12 +70,13 @@ def parse_thresholds(spec: str) -> list[float]:
 @dataclass(frozen=True)
 class Config:
     id: str  # names its part folder
-    method: str  # uncached | teacache | baseline | oracle
+    method: str  # uncached | teacache | baseline | oracle | a peer: fbcache | magcache | seacache | dbcache
     label: str  # what the chart's legend says
     threshold: float | None = None
     budget: int | None = None
     preset: Preset | None = None
     schedule: tuple[bool, ...] | None = None
+    params: tuple[tuple[str, float | int], ...] = ()  # a peer's own settings (calib.peers.GRIDS)
 
 
 def load_baseline(name: str, preset: Preset) -> tuple[str, Preset]:
@@ -103,7 +106,7 @@ def _slug(text: str) -> str:
 class SweepRequest:
     preset: str
     run: str
-    thresholds: str
+    thresholds: str | None  # TeaCache's (and the baselines'); needed when "teacache" is among the methods
     out: str | None = None
     metrics: str = ",".join(METRICS)
     metrics_explicit: bool = False
@@ -116,7 +119,8 @@ class SweepRequest:
     model_path: str | None = None
     lightx2v_config: str | None = None  # default: the one the run was recorded with
     lpips_random_backbone: bool = False  # wiring tests only: never a figure
-    extra: dict = field(default_factory=dict)
+    methods: tuple[str, ...] = ("teacache",)  # --method values; see calib.peers.METHODS
+    peer_grids: dict[str, str] = field(default_factory=dict)  # peer grid option (e.g. "--magcache-thresh") -> comma list
 
 
 def oracle_budgets(spec: str, teacache_counts: list[int], steps: int, forced: int) -> list[int]:
@@ -135,7 +139,14 @@ def oracle_budgets(spec: str, teacache_counts: list[int], steps: int, forced: in
 
 def sweep(request: SweepRequest, echo=print) -> pd.DataFrame:
     # -- everything checkable is checked before a model loads --------------------------------------------------
-    thresholds = parse_thresholds(request.thresholds)
+    methods = peers.parse_methods(request.methods)
+    peer_settings = peers.settings_grid(methods, request.peer_grids)
+    peers.check_installed(methods)
+    if "teacache" in methods and request.thresholds is None:
+        raise UserError("--thresh is required with --method teacache (the default)")
+    if request.baselines and request.thresholds is None:
+        raise UserError("--baseline needs --thresh: baselines run at TeaCache's thresholds")
+    thresholds = parse_thresholds(request.thresholds) if request.thresholds is not None else []
     preset = Preset.load(request.preset)
     info = load_run(request.run)
     settings = info["settings"]
@@ -150,6 +161,7 @@ def sweep(request: SweepRequest, echo=print) -> pd.DataFrame:
     recorded_weights = settings.get("weights")
     if recorded_weights is not None and weights_id(spec, backend_name, request.model_path) != recorded_weights:
         raise UserError(f"{request.run}: recorded with weights {recorded_weights}, but this sweep would run {weights_id(spec, backend_name, request.model_path)}; record again (or pass the same --model-path)")
+    peers.check_backend(methods, backend_name)
     prompts = load_prompts(info["prompt_file"], need_image=spec.edit)
     if prompts.sha256 != settings["prompts_sha256"]:
         raise UserError(f"{info['prompt_file']}: changed since it was recorded in {request.run}; record again")
@@ -184,7 +196,8 @@ def sweep(request: SweepRequest, echo=print) -> pd.DataFrame:
 
     # -- configurations and their predicted schedules ----------------------------------------------------------
     configs = [Config("uncached", "uncached", "uncached")]
-    configs += [Config(f"teacache-t{t:g}", "teacache", "teacache (calibrated)", threshold=t, preset=preset) for t in thresholds]
+    if "teacache" in methods:
+        configs += [Config(f"teacache-t{t:g}", "teacache", "teacache (calibrated)", threshold=t, preset=preset) for t in thresholds]
     for name, base in baselines:
         configs += [Config(_slug(f"baseline-{name}-t{t:g}"), "baseline", f"baseline: {name}", threshold=t, preset=base) for t in thresholds]
     predicted: dict[str, pd.DataFrame] = {c.id: simulate(trace, c.preset, c.threshold) for c in configs if c.method in ("teacache", "baseline")}
@@ -194,6 +207,7 @@ def sweep(request: SweepRequest, echo=print) -> pd.DataFrame:
     step_error = trace.groupby(["step", "prompt_id", "seed"])["y_output"].max().groupby("step").mean().reindex(range(steps)).fillna(0).to_numpy()
     for k in budgets:
         configs.append(Config(f"oracle-k{k}", "oracle", "oracle (best static schedule)", budget=k, preset=preset, schedule=tuple(bool(b) for b in oracle_schedule(step_error, k, forced_mask))))
+    configs += [Config(s.id, s.method, s.label, threshold=s.threshold, params=s.params) for s in peer_settings]
 
     # Thresholds that give the same schedule on every recorded series share one run when the signal is exact.
     runs_as: dict[str, str] = {}
@@ -232,10 +246,14 @@ def sweep(request: SweepRequest, echo=print) -> pd.DataFrame:
         try:
             item, seed = todo[0][1], todo[0][2]
             backend.run(item, seed, steps, cfg, size)  # warm-up: first-call costs stay out of every timing
+            peer_data = {}
+            if any(c.method == "magcache" for c, _, _ in todo):
+                key = {"record": settings, "device": device, "dtype": str(dtype), "diffusers": peers.diffusers_version()}
+                peer_data["mag_ratios"] = peers.mag_ratios(backend, run, key, pairs, steps, cfg, size, echo=echo)
             with progress("sweep", len(todo)) as advance:
                 for c, item, seed in todo:
                     name = pair_name(item.id, seed)
-                    row = run_config(backend, c, item, seed, steps, cfg, size)
+                    row = run_config(backend, c, item, seed, steps, cfg, size, peer_data)
                     with Image.open(run / "refs" / f"{name}.png") as ref:
                         row.update(metrics(row.pop("image"), ref.convert("RGB")))
                     write_json(parts / c.id / f"{name}.json", row)
@@ -253,9 +271,13 @@ def sweep(request: SweepRequest, echo=print) -> pd.DataFrame:
     return table
 
 
-def run_config(backend, config: Config, item, seed: int, steps: int, cfg: float, size) -> dict:
+def run_config(backend, config: Config, item, seed: int, steps: int, cfg: float, size, peer_data: dict | None = None) -> dict:
     row = {"config": config.id, "prompt_id": item.id, "seed": seed}
-    if config.method == "uncached":
+    if config.method in peers.PEERS:
+        with peers.applied(backend.transformer, config.method, dict(config.params), steps, cfg, **(peer_data or {})) as counter:
+            image, timing = backend.run(item, seed, steps, cfg, size)
+        row.update(counter.row())
+    elif config.method == "uncached":
         image, timing = backend.run(item, seed, steps, cfg, size)
         calls = steps * (2 if cfg > 1 else 1)
         row.update(computed=calls, skipped=0, block_forwards=calls * backend.num_blocks)
@@ -288,7 +310,10 @@ def merge(parts: Path, configs: list[Config], runs_as: dict[str, str], pairs, pr
     uncached = table[table["method"] == "uncached"].set_index(["prompt_id", "seed"])["seconds"]
     table["speedup"] = [uncached.get((p, s), np.nan) / sec for p, s, sec in zip(table["prompt_id"], table["seed"], table["seconds"], strict=True)]
     table["calls"] = table["computed"] + table["skipped"]
-    table["ideal_speedup"] = table["calls"] / table["computed"]
+    # Zero-overhead speedup from the blocks that ran: some peers skip per block (FirstBlockCache and DBCache always
+    # run block 0), so calls / computed would flatter them. For whole-call skips both ratios are the same.
+    blocks_per_call = (table["block_forwards"] / table["calls"])[table["method"] == "uncached"].max()
+    table["ideal_speedup"] = table["calls"] * blocks_per_call / table["block_forwards"]
     for metric in METRICS:
         if metric not in table:
             table[metric] = np.nan
