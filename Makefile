@@ -5,6 +5,9 @@ PY      := $(VENV)/bin/python
 TEACAL  := $(VENV)/bin/teacal
 RUN     ?= results/demo
 STAMP   := $(VENV)/.installed
+# The tiny model's tensors are small: one thread per process is as fast on 2 cores, and several processes
+# (sharded record, tests that spawn the CLI) no longer fight over them. Override with OMP_NUM_THREADS=N.
+export OMP_NUM_THREADS ?= 1
 
 DEMO_PROMPTS ?= prompts/demo.jsonl
 THRESH  ?= 0.05:0.3:0.05
@@ -18,7 +21,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch and torchvision first, as a matched pair from this machine's disk (REFERENCE §5); nothing later may replace them.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev]'
+	# [peers] brings cache-dit (DBCache); it accepts the installed torch, so pip keeps it.
+	$(PY) -m pip install -q -e '.[dev,peers]'
 	touch $(STAMP)
 
 test: install
@@ -74,12 +78,7 @@ COMPARE_PROMPTS ?= prompts/edit.jsonl
 COMPARE_THRESH  ?= 0.05,0.1,0.2,0.3,0.5,0.8,1.2
 COMPARE_METHODS ?= teacache,fbcache,magcache,seacache,dbcache
 
-$(VENV)/.peers: $(STAMP)
-	# cache-dit needs a torch >= 2.7.1 and accepts the one installed: pip keeps it.
-	$(PY) -m pip install -q -e '.[dev,peers]'
-	touch $@
-
-compare: $(VENV)/.peers
+compare: install
 	$(TEACAL) record --model tiny-qwen-image-edit --prompts $(COMPARE_PROMPTS) --out $(RUN)
 	$(TEACAL) fit $(RUN) --out $(RUN)/preset.json
 	$(TEACAL) sweep --preset $(RUN)/preset.json --run $(RUN) --method $(COMPARE_METHODS) --thresh $(COMPARE_THRESH)

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from skimage import data
 
@@ -50,3 +53,8 @@ def recorded_run(tmp_path_factory):
     out = base / "run"
     record(RecordRequest("tiny-qwen-image-edit", prompts, str(out), seeds=(0, 1), **SMALL), echo=lambda *_: None)
     return out
+
+
+# Tiny tensors: one thread per process avoids oversubscribing 2 cores when tests spawn CLI processes.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
