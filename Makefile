@@ -6,7 +6,7 @@ TEACAL  := $(VENV)/bin/teacal
 RUN     ?= results/demo
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test test-slow lint bench demo report
+.PHONY: install test test-slow lint bench demo report train-tiny
 
 install: $(STAMP)
 
@@ -29,3 +29,8 @@ lint: install
 
 bench: install
 	$(PY) -m calib.bench
+
+# Retrain the embedded tiny model (about 20 min on 2 CPU cores): calib/weights/, docs/tiny/ (loss, edit success, samples).
+train-tiny: install
+	$(PY) -m calib.train_tiny train
+	$(PY) -m calib.train_tiny evaluate
