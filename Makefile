@@ -30,7 +30,7 @@ lint: install
 bench: install
 	$(PY) -m calib.bench
 
-# Retrain the embedded tiny model (about 20 min on 2 CPU cores): calib/weights/, docs/tiny/ (loss, edit success, samples).
+# Retrain the embedded tiny model (about 20 min on one CPU thread): calib/weights/, docs/tiny/ (loss, edit success, samples).
 train-tiny: install
 	$(PY) -m calib.train_tiny train
 	$(PY) -m calib.train_tiny evaluate
