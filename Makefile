@@ -12,7 +12,7 @@ export OMP_NUM_THREADS ?= 1
 DEMO_PROMPTS ?= prompts/demo.jsonl
 THRESH  ?= 0.05:0.3:0.05
 
-.PHONY: install test test-slow lint bench demo report
+.PHONY: install test test-slow lint bench demo report train-tiny
 
 install: $(STAMP)
 
@@ -71,10 +71,10 @@ test-lightx2v: $(LX_VENV)/.installed
 
 # Peers on the same chart (issue 7): calibrated TeaCache against diffusers' FirstBlockCache, MagCache, SeaCache and
 # cache-dit's DBCache on the tiny model, measured in one sweep (same prompts, seeds, references, timing, metrics).
-#   make compare [RUN=results/compare] [COMPARE_PROMPTS=prompts/edit.jsonl]
+#   make compare [RUN=results/compare] [COMPARE_PROMPTS=prompts/shapes.jsonl]
 .PHONY: compare
 compare: RUN = results/compare
-COMPARE_PROMPTS ?= prompts/edit.jsonl
+COMPARE_PROMPTS ?= prompts/shapes.jsonl
 COMPARE_THRESH  ?= 0.05,0.1,0.2,0.3,0.5,0.8,1.2
 COMPARE_METHODS ?= teacache,fbcache,magcache,seacache,dbcache
 
@@ -84,3 +84,8 @@ compare: install
 	$(TEACAL) sweep --preset $(RUN)/preset.json --run $(RUN) --method $(COMPARE_METHODS) --thresh $(COMPARE_THRESH)
 	$(TEACAL) report $(RUN)
 	@echo "report: $(RUN)/report/report.md"
+
+# Retrain the embedded tiny model (about 20 min on one CPU thread): calib/weights/, docs/tiny/ (loss, edit success, samples).
+train-tiny: install
+	$(PY) -m calib.train_tiny train
+	$(PY) -m calib.train_tiny evaluate

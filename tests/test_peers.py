@@ -18,6 +18,7 @@ import torch
 from typer.testing import CliRunner
 
 from calib import peers
+from calib.backends.tiny import TRANSFORMER_CONFIG
 from calib.cli import app
 from tests.conftest import SMALL_PROMPTS, pixels, write_prompts
 
@@ -102,7 +103,8 @@ def test_seacache_without_step_info_is_an_error_not_an_uncached_row(tiny):
 
     # A loop that calls the transformer outside `cache_context(name, step_index=, sigma=, num_inference_steps=)`
     # (the stock Qwen pipelines pass the name only) would make SeaCache run every block: refuse to measure that.
-    call = dict(hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, 3, 16), encoder_hidden_states_mask=torch.ones(1, 3),
+    config = tiny.transformer.config
+    call = dict(hidden_states=torch.randn(1, 16, config.in_channels), encoder_hidden_states=torch.randn(1, 3, config.joint_attention_dim), encoder_hidden_states_mask=torch.ones(1, 3),
                 timestep=torch.tensor([0.5]), img_shapes=[[(1, 4, 4)]], return_dict=False)
     with pytest.raises(UserError, match="SeaCache fell back to running every block.*step_index"):
         with peers.applied(tiny.transformer, "seacache", {"threshold": 1.0}, STEPS, CFG), torch.no_grad(), tiny.transformer.cache_context("cond"):
@@ -152,7 +154,8 @@ def test_every_method_is_measured_the_same_way_in_one_sweep(peer_run):
     peers_only = table[table["method"].isin(peers.PEERS)]
     assert peers_only["threshold"].notna().all() and peers_only["predicted_computed"].isna().all()
     fb = table[table["method"] == "fbcache"].iloc[0]  # per-block: the ideal speedup counts block 0 on skipped calls
-    assert fb["ideal_speedup"] == pytest.approx(fb["calls"] * 2 / (fb["computed"] * 2 + fb["skipped"]))
+    blocks = TRANSFORMER_CONFIG["num_layers"]
+    assert fb["ideal_speedup"] == pytest.approx(fb["calls"] * blocks / (fb["computed"] * blocks + fb["skipped"]))
     calibration = json.loads((run / "magcache.json").read_text())
     assert len(calibration["mag_ratios"]) == STEPS and calibration["series"] == 2 * 2  # two generations, two CFG branches
 

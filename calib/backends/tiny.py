@@ -4,11 +4,17 @@ It goes through every code path the real model does: `QwenImageTransformer2DMode
 `zero_cond_t` reference modulation (as in 2511), target + reference tokens with two `img_shapes` entries,
 and norm-rescaled true CFG in two `cache_context` branches. There is no text encoder offline, so prompt
 embeddings are derived deterministically from the prompt's words.
+
+By default it loads the weights shipped in `calib/weights/`: trained by `make train-tiny`
+(`calib.train_tiny`) to edit the scenes of `calib.shapes` ("make the red circle blue", "remove the green
+star", ...) at 48x48. `TinyQwenImageEdit(weights=None, seed=s)` builds the same architecture with random
+weights instead.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 import zlib
@@ -18,6 +24,7 @@ import torch
 from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
+from safetensors.torch import load_file
 
 from calib.backends import HookedTransformerBackend
 from calib.backends.loop import Conditioning, denoise, pack, qwen_scheduler, unpack
@@ -26,16 +33,16 @@ TRANSFORMER_CONFIG = dict(
     patch_size=2,
     in_channels=16,
     out_channels=4,
-    num_layers=2,
-    attention_head_dim=16,
-    num_attention_heads=3,
-    joint_attention_dim=16,
+    num_layers=4,
+    attention_head_dim=24,
+    num_attention_heads=4,
+    joint_attention_dim=32,
     guidance_embeds=False,
-    axes_dims_rope=(8, 4, 4),
+    axes_dims_rope=(4, 10, 10),  # frame (target vs reference), height, width: enough frequencies to align positions
     zero_cond_t=True,
 )
 VAE_CONFIG = dict(
-    base_dim=24,
+    base_dim=8,
     z_dim=4,
     dim_mult=[1, 2, 4],
     num_res_blocks=1,
@@ -46,6 +53,8 @@ VAE_CONFIG = dict(
 TEXT_DIM = TRANSFORMER_CONFIG["joint_attention_dim"]
 MAX_TEXT_TOKENS = 32
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+DEFAULT_WEIGHTS = WEIGHTS_DIR / "tiny-qwen-image-edit.safetensors"
+DEFAULT_SIZE = (48, 48)
 
 
 def build_tiny(seed: int = 0) -> tuple[QwenImageTransformer2DModel, AutoencoderKLQwenImage]:
@@ -67,8 +76,20 @@ def weights_fingerprint() -> str:
     return f"sha256:{digest.hexdigest()[:16]}"
 
 
+def load_tiny(weights: str | Path = DEFAULT_WEIGHTS) -> tuple[QwenImageTransformer2DModel, AutoencoderKLQwenImage]:
+    """The tiny transformer and VAE from a weights file written by `calib.train_tiny` (configs in the .json beside it)."""
+    weights = Path(weights)
+    info = json.loads(weights.with_suffix(".json").read_text())
+    state = load_file(str(weights))
+    transformer = QwenImageTransformer2DModel.from_config(info["transformer"])
+    vae = AutoencoderKLQwenImage.from_config(info["vae"])
+    for prefix, module in (("transformer.", transformer), ("vae.", vae)):
+        module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+    return transformer.eval(), vae.eval()
+
+
 def embed_text(text: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt -> ([1, L, 16] embeddings, [1, L] mask). Each word has a fixed vector seeded by its CRC32."""
+    """Prompt -> ([1, L, TEXT_DIM] embeddings, [1, L] mask). Each word has a fixed vector seeded by its CRC32."""
     words = re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())[:MAX_TEXT_TOKENS] or ["<empty>"]
     vectors = [torch.randn(TEXT_DIM, generator=torch.Generator().manual_seed(zlib.crc32(w.encode()))) for w in words]
     embeds = torch.stack(vectors).unsqueeze(0)
@@ -80,8 +101,15 @@ class TinyQwenImageEdit(HookedTransformerBackend):
 
     vae_scale_factor = 2 ** len(VAE_CONFIG["temperal_downsample"])
 
-    def __init__(self, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
-        self.transformer, self.vae = build_tiny(seed)
+    def __init__(
+        self,
+        seed: int = 0,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        weights: str | Path | None = DEFAULT_WEIGHTS,
+    ) -> None:
+        """`weights`: a file written by `calib.train_tiny` (default: the shipped one), or None for random weights from `seed`."""
+        self.transformer, self.vae = build_tiny(seed) if weights is None else load_tiny(weights)
         for module in (self.transformer, self.vae):
             module.to(device)
             if dtype != torch.float32:  # .to(dtype) warns even when it changes nothing
@@ -94,12 +122,21 @@ class TinyQwenImageEdit(HookedTransformerBackend):
     def encode_image(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
         pixels = self.image_processor.preprocess(image.convert("RGB"), height, width).unsqueeze(2)
         latents = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist.mode()
-        return pack(latents)  # latents_mean 0, latents_std 1: normalisation is the identity
+        mean, std = self._latent_stats(latents)
+        return pack((latents - mean) / std)  # as the Qwen pipelines normalise with latents_mean/std
 
     def decode(self, tokens: torch.Tensor, width: int, height: int) -> Image.Image:
         latents = unpack(tokens, height, width, self.vae_scale_factor).to(self.dtype)
+        mean, std = self._latent_stats(latents)
+        latents = latents * std + mean
         pixels = self.vae.decode(latents, return_dict=False)[0][:, :, 0]
         return self.image_processor.postprocess(pixels.float(), output_type="pil")[0]
+
+    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, self.vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(self.vae.config.latents_mean).view(shape).to(like)
+        std = torch.tensor(self.vae.config.latents_std).view(shape).to(like)
+        return mean, std
 
     def conditioning(self, prompt: str, negative_prompt: str = "") -> Conditioning:
         embeds, mask = embed_text(prompt)
@@ -115,7 +152,7 @@ class TinyQwenImageEdit(HookedTransformerBackend):
         seed: int,
         steps: int = 20,
         cfg: float = 4.0,
-        size: tuple[int, int] = (128, 128),
+        size: tuple[int, int] = DEFAULT_SIZE,
         negative_prompt: str = "",
         on_step=None,
     ) -> tuple[Image.Image, dict[str, float]]:
