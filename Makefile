@@ -12,7 +12,7 @@ export OMP_NUM_THREADS ?= 1
 DEMO_PROMPTS ?= prompts/demo.jsonl
 THRESH  ?= 0.05:0.3:0.05
 
-.PHONY: install test test-slow lint bench demo report train-tiny
+.PHONY: install test lint bench demo report train-tiny
 
 install: $(STAMP)
 
@@ -27,9 +27,6 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(PY) -m pytest -q
-
-test-slow: install
-	$(PY) -m pytest -q -m slow
 
 lint: install
 	$(VENV)/bin/ruff check teacache calib tests

@@ -27,7 +27,7 @@ from calib.sweep import SWEEP_FILE, aggregate  # noqa: E402
 from teacache._files import atomic_write  # noqa: E402
 from teacache.preset import Preset  # noqa: E402
 
-QUALITY_LEVELS = (("psnr", 30.0), ("psnr", 35.0), ("psnr", 40.0), ("lpips", 0.05), ("lpips", 0.1))
+QUALITY_LEVELS = (("psnr", 30.0), ("psnr", 35.0), ("psnr", 40.0), ("psnr", 45.0), ("psnr", 50.0), ("lpips", 0.05), ("lpips", 0.1))
 METHOD_STYLE = {"teacache": dict(marker="o", lw=2.2), "baseline": dict(marker="s", lw=1.2, ls="--"), "oracle": dict(marker="*", lw=1.5, ls=":", color="black")}
 
 

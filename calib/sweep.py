@@ -206,7 +206,7 @@ def sweep(request: SweepRequest, echo=print) -> pd.DataFrame:
     budgets = oracle_budgets(request.oracle, counts, steps, int(forced_mask.sum()))
     step_error = trace.groupby(["step", "prompt_id", "seed"])["y_output"].max().groupby("step").mean().reindex(range(steps)).fillna(0).to_numpy()
     for k in budgets:
-        configs.append(Config(f"oracle-k{k}", "oracle", "oracle (best static schedule)", budget=k, preset=preset, schedule=tuple(bool(b) for b in oracle_schedule(step_error, k, forced_mask))))
+        configs.append(Config(f"oracle-k{k}", "oracle", "oracle (best static schedule, recorded error)", budget=k, preset=preset, schedule=tuple(bool(b) for b in oracle_schedule(step_error, k, forced_mask))))
     configs += [Config(s.id, s.method, s.label, threshold=s.threshold, params=s.params) for s in peer_settings]
 
     # Thresholds that give the same schedule on every recorded series share one run when the signal is exact.
