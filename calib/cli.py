@@ -130,6 +130,7 @@ def sweep(
     run: Annotated[str, typer.Option(help="Run folder written by `teacal record` (its prompts, seeds and reference images).")],
     thresh: Annotated[str | None, typer.Option(help="TeaCache thresholds: START:STOP[:STEP] (step 0.05 by default) or a comma list. Needed with --method teacache.")] = None,
     out: Annotated[str | None, typer.Option(help="Where sweep.parquet and its parts go (default: the run folder).")] = None,
+    prompts: Annotated[str | None, typer.Option(help="Sweep only these prompts (a subset of the recorded set; default: all).")] = None,
     metrics: Annotated[str | None, typer.Option(help="Comma-separated: lpips, psnr, ssim (default: all that can run here).")] = None,
     baseline: Annotated[list[str] | None, typer.Option(help="Uncalibrated coefficients to compare: constant, identity, flux, wan21, mlx-qwen, or a JSON file. Repeatable.")] = None,
     oracle: Annotated[str, typer.Option(help="Oracle static schedules: auto (budgets of the thresholds), none, or step budgets like 8,10,12.")] = "auto",
@@ -161,6 +162,7 @@ def sweep(
         methods=tuple(method or ("teacache",)),
         peer_grids={"--fbcache-thresh": fbcache_thresh, "--magcache-thresh": magcache_thresh, "--magcache-max-skip": magcache_max_skip,
                     "--magcache-retention": magcache_retention, "--seacache-thresh": seacache_thresh, "--dbcache-thresh": dbcache_thresh},
+        prompts=prompts,
     ), echo=typer.echo)
 
 

@@ -121,6 +121,19 @@ class SweepRequest:
     lpips_random_backbone: bool = False  # wiring tests only: never a figure
     methods: tuple[str, ...] = ("teacache",)  # --method values; see calib.peers.METHODS
     peer_grids: dict[str, str] = field(default_factory=dict)  # peer grid option (e.g. "--magcache-thresh") -> comma list
+    prompts: str | None = None  # a subset of the recorded prompt set (default: all of it)
+
+
+def subset_of_recorded(chosen, recorded, run: str):
+    """The items of `chosen`, each of which must be in the recorded set unchanged (its references exist)."""
+    by_id = {item.id: item for item in recorded.items}
+    for item in chosen.items:
+        same = by_id.get(item.id)
+        if same is None:
+            raise UserError(f"{chosen.path}: prompt {item.id!r} was not recorded in {run}")
+        if (same.prompt, same.negative_prompt, same.load_image().tobytes()) != (item.prompt, item.negative_prompt, item.load_image().tobytes()):
+            raise UserError(f"{chosen.path}: prompt {item.id!r} differs from the one recorded in {run}")
+    return chosen.items
 
 
 def oracle_budgets(spec: str, teacache_counts: list[int], steps: int, forced: int) -> list[int]:
@@ -165,9 +178,12 @@ def sweep(request: SweepRequest, echo=print) -> pd.DataFrame:
     prompts = load_prompts(info["prompt_file"], need_image=spec.edit)
     if prompts.sha256 != settings["prompts_sha256"]:
         raise UserError(f"{info['prompt_file']}: changed since it was recorded in {request.run}; record again")
+    items = prompts.items
+    if request.prompts is not None:
+        items = subset_of_recorded(load_prompts(request.prompts, need_image=spec.edit), prompts, request.run)
     seeds = settings["seeds"]
     steps, cfg, size = settings["steps"], settings["cfg"], tuple(settings["size"])
-    pairs = [(item, seed) for item in prompts.items for seed in seeds]
+    pairs = [(item, seed) for item in items for seed in seeds]
     run = Path(request.run)
     missing = [pair_name(i.id, s) for i, s in pairs if not (run / "refs" / f"{pair_name(i.id, s)}.png").exists()]
     if missing:
@@ -280,13 +296,17 @@ def run_config(backend, config: Config, item, seed: int, steps: int, cfg: float,
     elif config.method == "uncached":
         image, timing = backend.run(item, seed, steps, cfg, size)
         calls = steps * (2 if cfg > 1 else 1)
-        row.update(computed=calls, skipped=0, block_forwards=calls * backend.num_blocks)
+        row.update(computed=calls, skipped=0, block_forwards=calls * backend.num_blocks,
+                   computed_cond=steps, computed_uncond=steps if cfg > 1 else 0)
     else:
         policy = StaticSchedulePolicy(config.preset, np.array(config.schedule)) if config.schedule else None
         with backend.caching(config.preset, config.threshold, steps, policy) as cache:
             image, timing = backend.run(item, seed, steps, cfg, size)
             stats = cache.stats()
+            per_branch = stats.per_branch()
             row.update(computed=stats.computed, skipped=stats.skipped, block_forwards=cache.block_forwards(),
+                       computed_cond=per_branch.get("cond", {}).get("computed", 0),
+                       computed_uncond=per_branch.get("uncond", {}).get("computed", 0),
                        schedule="".join("x" if c else "." for c in stats.schedule("cond")))
     row.update(seconds=timing["denoise_seconds"], image=image)
     return row
@@ -317,7 +337,7 @@ def merge(parts: Path, configs: list[Config], runs_as: dict[str, str], pairs, pr
     for metric in METRICS:
         if metric not in table:
             table[metric] = np.nan
-    columns = ["method", "label", "config", "threshold", "budget", "prompt_id", "seed", "computed", "skipped", "calls", "predicted_computed",
+    columns = ["method", "label", "config", "threshold", "budget", "prompt_id", "seed", "computed", "skipped", "calls", "computed_cond", "computed_uncond", "predicted_computed",
                "block_forwards", "seconds", "speedup", "ideal_speedup", "lpips", "psnr", "ssim", "schedule", "measured_as"]
     return table.reindex(columns=columns)
 

@@ -173,3 +173,15 @@ def test_nan_in_the_trace_is_refused_before_any_run(recorded_run, temb_preset, t
     result = runner.invoke(app, ["sweep", "--preset", temb_preset, "--run", str(run), "--thresh", "0.1", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "hold NaN or inf" in result.output and result.output.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_sweep_a_subset_of_the_recorded_prompts(recorded_run, temb_preset, tmp_path):
+    from tests.conftest import SMALL_PROMPTS, write_prompts
+
+    subset = write_prompts(tmp_path / "one.jsonl", SMALL_PROMPTS[1:2])
+    table = sweep(SweepRequest(temb_preset, str(recorded_run), "0.5", out=str(tmp_path / "o"), oracle="none", prompts=subset, metrics="psnr"), echo=lambda *_: None)
+    assert set(table["prompt_id"]) == {SMALL_PROMPTS[1]["id"]}
+    assert (table["computed_cond"] + table["computed_uncond"] == table["computed"]).all()
+    stranger = write_prompts(tmp_path / "x.jsonl", [dict(SMALL_PROMPTS[0], id="never-recorded")])
+    result = runner.invoke(app, ["sweep", "--preset", temb_preset, "--run", str(recorded_run), "--thresh", "0.1", "--prompts", stranger, "--out", str(tmp_path / "p")])
+    assert result.exit_code == 2 and "'never-recorded' was not recorded" in result.output

@@ -63,6 +63,12 @@ class HookedTransformerBackend:
         return len(self.transformer.transformer_blocks)
 
 
+def synchronize(device) -> None:
+    """Wait for queued GPU work, so wall-clock timings measure it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

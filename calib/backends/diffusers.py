@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from calib.backends import HookedTransformerBackend
+from calib.backends import HookedTransformerBackend, synchronize
 from calib.errors import UserError
 from calib.models import ModelSpec
 
@@ -25,11 +25,6 @@ def check_model_folder(model_path: str) -> Path:
     if not (folder / "model_index.json").is_file():
         raise UserError(f"--model-path {model_path}: no model_index.json; download the weights with `huggingface-cli download <hub id> --local-dir {model_path}`")
     return folder
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 class DiffusersBackend(HookedTransformerBackend):

@@ -26,7 +26,7 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 from safetensors.torch import load_file
 
-from calib.backends import HookedTransformerBackend
+from calib.backends import HookedTransformerBackend, synchronize
 from calib.backends.loop import Conditioning, denoise, pack, qwen_scheduler, unpack
 
 TRANSFORMER_CONFIG = dict(
@@ -163,13 +163,16 @@ class TinyQwenImageEdit(HookedTransformerBackend):
         latents = pack(noise).to(self.device, self.dtype)
         image_latents = self.encode_image(image, width, height) if image is not None else None
         img_shapes = [[(1, h // 2, w // 2)] + ([(1, h // 2, w // 2)] if image is not None else [])]
+        synchronize(self.device)
         started = time.perf_counter()
         latents = denoise(
             self.transformer, self.scheduler, latents, self.conditioning(prompt, negative_prompt),
             img_shapes, steps, cfg, image_latents=image_latents, on_step=on_step,
         )
+        synchronize(self.device)
         denoise_seconds = time.perf_counter() - started
         result = self.decode(latents, width, height)
+        synchronize(self.device)
         return result, {"denoise_seconds": denoise_seconds, "seconds": time.perf_counter() - started}
 
     def run(self, item, seed: int, steps: int, cfg: float, size: tuple[int, int], on_step=None) -> tuple[Image.Image, dict[str, float]]:
