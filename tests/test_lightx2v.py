@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from calib.backends.tiny import TRANSFORMER_CONFIG
 from teacache.preset import Preset, PresetError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -191,7 +192,9 @@ def test_skipped_call_adds_its_own_branch_residual(tl, tiny_dir, tmp_path, reque
         schedule = stats.schedule(branch)
         assert schedule[0] and schedule[-1]
     assert not torch.equal(plain, cached)
-    assert ((cached.float() - plain.float()).abs().mean() / plain.float().abs().mean()).item() < 0.5
+    # Sanity only (the exact check is the residual reuse above): skipping on these random inputs moves the
+    # trained model's latents, but not beyond their own magnitude.
+    assert ((cached.float() - plain.float()).abs().mean() / plain.float().abs().mean()).item() < 1.0
 
 
 @pytest.mark.lightx2v
@@ -248,10 +251,10 @@ def _diffusers_calls(calls, latents_at, timesteps, request_inputs, dtype, fp32_t
 
     Returns, per call, the signals as `teacache.diffusers.compute_signal` defines them and every block's image output.
     """
-    from calib.backends.tiny import build_tiny
+    from calib.backends.tiny import TinyQwenImageEdit
     from teacache.diffusers import compute_signal
 
-    transformer, _ = build_tiny(0)
+    transformer = TinyQwenImageEdit(seed=0).transformer  # the weights write_tiny_model gave LightX2V
     if dtype != torch.float32:
         transformer.to(dtype)
     h, w = SIZE[1] // 8, SIZE[0] // 8
@@ -591,7 +594,8 @@ def test_lightx2v_trace_matches_the_diffusers_backend(tiny_backend, prompt_items
         for column, value in worst.items():
             record_property(f"{item.id}_{column}", value)
         print(item.id, "LightX2V vs diffusers (bf16), worst relative difference:", json.dumps({k: float(f"{v:.3g}") for k, v in worst.items()}))
-        assert max(worst.values()) < 1e-2
+        # bf16 keeps about 3 significant digits per op; the trained 4-block model accumulates them to ~1%.
+        assert max(worst.values()) < 2e-2
         assert np.abs(lx_image - df_image).mean() < 2.0  # 0..255
 
 
@@ -625,7 +629,7 @@ def test_caching_interface_as_sweep_uses_it(tiny_backend, prompt_items):
         cached, _ = tiny_backend.run(item, 0, STEPS, 4.0, SIZE)
         stats = cache.stats()
         assert 0 < stats.skipped and stats.computed + stats.skipped == 2 * STEPS
-        assert cache.block_forwards() == stats.computed * tiny_backend.num_blocks == stats.computed * 2
+        assert cache.block_forwards() == stats.computed * tiny_backend.num_blocks == stats.computed * TRANSFORMER_CONFIG["num_layers"]
         assert stats.schedule("cond")[0] and stats.schedule("cond")[-1]
     assert cached.tobytes() != uncached.tobytes()
     schedule = np.array([True, True, False, True, False, False, True, True])

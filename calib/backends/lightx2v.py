@@ -387,16 +387,19 @@ class LightX2VQwenImage(LightX2VModelBackend):
 
 # -- the tiny model on LightX2V ------------------------------------------------------------------------------------
 def write_tiny_model(directory: str | os.PathLike, seed: int = 0) -> Path:
-    """The tiny transformer's weights and configs in the layout LightX2V loads (``transformer/``, ``scheduler/``)."""
+    """The tiny transformer's weights and configs in the layout LightX2V loads (``transformer/``, ``scheduler/``).
+
+    The weights are the ones `TinyQwenImageEdit(seed)` runs (the shipped trained ones), so both backends agree.
+    """
     from safetensors.torch import save_file
 
     from calib.backends.loop import QWEN_SCHEDULER_CONFIG
-    from calib.backends.tiny import TRANSFORMER_CONFIG, build_tiny
+    from calib.backends.tiny import TRANSFORMER_CONFIG, TinyQwenImageEdit
 
     root = Path(directory)
     (root / "transformer").mkdir(parents=True, exist_ok=True)
     (root / "scheduler").mkdir(parents=True, exist_ok=True)
-    transformer, _ = build_tiny(seed)
+    transformer = TinyQwenImageEdit(seed=seed).transformer
     save_file({k: v.contiguous() for k, v in transformer.state_dict().items()}, root / "transformer" / "diffusion_pytorch_model.safetensors")
     config = dict(TRANSFORMER_CONFIG, axes_dims_rope=list(TRANSFORMER_CONFIG["axes_dims_rope"]), _class_name="QwenImageTransformer2DModel")
     (root / "transformer" / "config.json").write_text(json.dumps(config, indent=2))
