@@ -109,12 +109,17 @@ def test_two_process_sharded_record_merges_to_the_single_process_trace(tmp_path,
     assert (out / "trace.parquet").exists()
 
 
-def test_torchrun_environment_selects_the_shard(tmp_path):
+def test_record_under_torchrun_merges_to_the_single_process_trace(tmp_path, recorded_run):
+    """`torchrun --nproc-per-node 2 ... record`: each rank takes its slice from RANK/WORLD_SIZE; the merge is the whole."""
     prompts = write_prompts(tmp_path / "p.jsonl", SMALL_PROMPTS)
-    env = dict(os.environ, RANK="1", WORLD_SIZE="2")
-    done = subprocess.run(_record_cmd(prompts, tmp_path / "r"), env=env, capture_output=True, text=True, check=True)
-    assert "shard 1/2: 2 to run" in done.stdout
-    assert sorted(p.stem for p in (tmp_path / "r" / "trace").glob("*.parquet")) == ["coins-gold-0", "rocket-night-0"]
+    out = tmp_path / "torchrun"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--module", *TEACAL[2:]]
+    done = subprocess.run([*launch, "record", "--prompts", prompts, "--out", str(out), *SMALL_ARGS, "--seeds", "0,1"],
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "shard 0/2: 4 to run" in done.stdout and "shard 1/2: 4 to run" in done.stdout
+    columns = ["prompt_id", "seed", "step", "branch", "x_temb", "x_modin", "y_output", "y_residual"]
+    pd.testing.assert_frame_equal(load_trace(recorded_run)[columns], load_trace(out)[columns])
 
 
 def test_linear_fit_equals_polyfit_and_recovers_a_known_polynomial():
