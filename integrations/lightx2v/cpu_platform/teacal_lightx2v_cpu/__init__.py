@@ -7,9 +7,53 @@ LightX2V picks its device from ``PLATFORM`` (default ``cuda``) among the classes
 
     "attn_type": "torch_sdpa", "modulate_type": "torch", "rope_type": "torch_complex_rope",
     "layer_norm_type": "torch", "rms_norm_type": "torch"
+
+LightX2V also calls its device's torch module (``getattr(torch, AI_DEVICE)``) as it would ``torch.cuda``:
+``manual_seed`` (``seed_all``), ``mem_get_info`` / ``memory_allocated`` / ``memory_reserved`` / ``empty_cache``
+(``DefaultRunner.maybe_empty_cache``, after each encoder and generation), ``max_memory_allocated`` (its profiler).
+``torch.cpu`` has none of these; `init_device_env` adds the CPU's meaning of each where torch lacks it.
 """
 
 from __future__ import annotations
+
+import os
+
+
+def _host_memory() -> tuple[int, int]:
+    """(free, total) bytes of host memory, as ``torch.cuda.mem_get_info`` gives them for a GPU."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    return os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page
+
+
+def _complete_torch_cpu() -> None:
+    """Give ``torch.cpu`` the ``torch.cuda`` functions LightX2V calls on its device module, where torch lacks them.
+
+    The CPU has no caching allocator (nothing to empty, no reserved or peak counts) and its generator is torch's
+    default one, which ``torch.manual_seed`` seeds.
+    """
+    import torch
+
+    def seed(value: int) -> None:
+        torch.manual_seed(value)
+
+    def zero(device=None) -> int:
+        return 0
+
+    def nothing(device=None) -> None:
+        return None
+
+    for name, function in {
+        "manual_seed": seed,
+        "manual_seed_all": seed,
+        "empty_cache": nothing,
+        "mem_get_info": lambda device=None: _host_memory(),
+        "memory_allocated": zero,
+        "memory_reserved": zero,
+        "max_memory_allocated": zero,
+        "reset_peak_memory_stats": nothing,
+    }.items():
+        if not hasattr(torch.cpu, name):
+            setattr(torch.cpu, name, function)
 
 
 class CpuDevice:
@@ -17,7 +61,7 @@ class CpuDevice:
 
     @staticmethod
     def init_device_env() -> None:
-        pass
+        _complete_torch_cpu()
 
     @staticmethod
     def is_available() -> bool:
