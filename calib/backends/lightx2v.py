@@ -17,20 +17,27 @@ so they pay its per-call bookkeeping (one ``temb`` rel-L1 and one residual subtr
 LightX2V is an optional dependency: this module imports it only when a backend object is made. `check_lightx2v`
 checks the flags and the import before anything loads.
 
-The tiny model runs on LightX2V too (`write_tiny_model` + `TinyLightX2V`), on the CPU through the
-``teacal-lightx2v-cpu`` platform plugin. Two things in LightX2V stand in the way of its runner there, so
-`TinyLightX2V` drives LightX2V's real transformer model and scheduler directly, in the runner's own step loop
-(``QwenImageRunner.run``), with the tiny model's prompt embeddings and VAE instead of the Qwen2.5-VL text encoder
-and the Qwen-Image VAE; it implements the same backend interface:
+On a CPU (the ``teacal-lightx2v-cpu`` platform plugin, ``PLATFORM=cpu``) the whole runner runs:
+``tests/test_lightx2v.py`` writes a tiny random model folder with every part it loads (transformer, scheduler,
+Qwen-Image VAE, Qwen2.5-VL text encoder, tokenizer, processor) and runs `teacal record|sweep --backend lightx2v` on it.
+Two things LightX2V does on a CPU are handled here and in the plugin:
 
-* ``QwenImageScheduler.__init__`` builds ``QwenEmbedRope(theta=10000, axes_dim=[16, 56, 56])`` (hard-coded, for
-  head dim 128); the tiny model has ``axes_dims_rope=(8, 4, 4)``. We set ``scheduler.pos_embed`` to LightX2V's
-  own ``QwenEmbedRope`` with the tiny axes.
 * ``create_default_tensors`` (``lightx2v/common/ops/utils.py``) treats weights loaded on a CPU device as host
   copies for offloading and leaves ``.weight`` unset, so on a CPU platform the model must be moved with its own
-  ``to_cuda()`` (which moves to ``AI_DEVICE``, here ``cpu``) before it runs.
-* The runner's text encoder (``Qwen25_VLForConditionalGeneration_TextEncoder``) needs the Qwen2.5-VL weights,
-  which no tiny model ships.
+  ``to_cuda()`` (which moves to ``AI_DEVICE``, here ``cpu``) before it runs; `LightX2VQwenImage` does it.
+* LightX2V calls ``torch.<device>.manual_seed``, ``mem_get_info``, ``empty_cache``...; the plugin gives
+  ``torch.cpu`` the CPU's meaning of those it lacks.
+
+The runner clamps ``target_shape`` to ``min_custom_size..max_custom_size`` of its config (256..1664 by default);
+`LightX2VQwenImage.run` refuses a --size it would change, rather than record a reference of another size.
+
+`write_tiny_model` + `TinyLightX2V` run the embedded trained tiny model (the diffusers backend's weights) on
+LightX2V's real transformer model and scheduler, in the runner's own step loop (``QwenImageRunner.run``), with the
+tiny model's prompt embeddings and VAE instead of the runner's encoders; it implements the same backend interface.
+That model cannot go through the runner: ``QwenImageScheduler.__init__`` builds
+``QwenEmbedRope(theta=10000, axes_dim=[16, 56, 56])`` (hard-coded, for head dim 128) and the tiny model has
+its own ``axes_dims_rope`` (`TinyLightX2V` sets ``scheduler.pos_embed`` to LightX2V's own ``QwenEmbedRope`` with
+the tiny axes); nor has it a Qwen2.5-VL text encoder or a 16-channel Qwen-Image VAE.
 """
 
 from __future__ import annotations
@@ -187,6 +194,12 @@ def _device_module():
     return getattr(torch, AI_DEVICE, None)
 
 
+def _on_cpu() -> bool:
+    from lightx2v_platform.base.global_var import AI_DEVICE
+
+    return AI_DEVICE == "cpu"
+
+
 def _now() -> float:
     """perf_counter after LightX2V's device has finished its queued work."""
     synchronize = getattr(_device_module(), "synchronize", None)
@@ -312,7 +325,8 @@ class LightX2VModelBackend:
 
 
 class LightX2VQwenImage(LightX2VModelBackend):
-    """Qwen-Image(-Edit) through LightX2V's runner (needs the real weights: text encoder, transformer, VAE)."""
+    """Qwen-Image(-Edit) through LightX2V's runner: --model-path holds every part it loads (transformer/, scheduler/,
+    vae/, text_encoder/, tokenizer/, and processor/ for an edit model)."""
 
     def __init__(self, spec: ModelSpec, model_path: str | os.PathLike, lightx2v_config: str | os.PathLike) -> None:
         _lightx2v()
@@ -335,6 +349,11 @@ class LightX2VQwenImage(LightX2VModelBackend):
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(f"LightX2V cannot load {spec.name} from {model_path}: {first}") from None
         self.model = self.runner.model
+        if _on_cpu() and not config.get("cpu_offload", False):
+            # create_default_tensors keeps weights loaded on a CPU device as host copies only (.weight stays None),
+            # expecting an offload step to move them; on the CPU platform nothing else does. to_cuda() moves them
+            # to AI_DEVICE, here the CPU (see the module notes). With cpu_offload the runner moves them itself.
+            self.model.to_cuda()
 
     @torch.no_grad()
     def run(self, item, seed: int, steps: int, cfg: float, size: tuple[int, int], on_step=None) -> tuple[Image.Image, dict[str, float]]:
@@ -375,6 +394,15 @@ class LightX2VQwenImage(LightX2VModelBackend):
             seconds = _now() - started
             with Image.open(data["save_result_path"]) as result:
                 image = result.convert("RGB")
+        if image.size != (width, height):
+            # QwenImageRunner.get_custom_shape clamps the size to [min_custom_size, max_custom_size] (256 and 1664 by
+            # default) and the VAE rounds it down to a multiple of 2 * vae_scale_factor: the reference would not
+            # be the size the run records.
+            raise UserError(
+                f"--size {width}x{height}: LightX2V made a {image.size[0]}x{image.size[1]} image; use a size that is a multiple of "
+                f"{2 * runner.config['vae_scale_factor']} within min_custom_size..max_custom_size of the LightX2V config "
+                f"({runner.config.get('min_custom_size', 256)}..{runner.config.get('max_custom_size', 1664)})"
+            )
         return image, {"seconds": seconds, "denoise_seconds": denoise_seconds[0]}
 
     def close(self) -> None:
