@@ -33,6 +33,10 @@ def _import_lightx2v():
     src = os.environ.get("LIGHTX2V_SRC")
     if src and src not in sys.path:
         sys.path.insert(0, src)
+    # this checkout's CPU platform plugin, ahead of an installed copy (LightX2V loads it by its entry point's name)
+    plugin = str(REPO / "integrations/lightx2v/cpu_platform")
+    if plugin not in sys.path:
+        sys.path.insert(0, plugin)
     if not torch.cuda.is_available():
         os.environ.setdefault("PLATFORM", "cpu")
     try:
@@ -537,9 +541,10 @@ def test_sweep_reuses_the_recorded_lightx2v_config(tmp_path):
     assert result.exit_code == 2 and f"--lightx2v-config {config.resolve()}: no such file" in result.output
 
 
-# What runs for real on LightX2V: its transformer model and scheduler on the tiny weights, through the same backend
-# interface (run, observing, caching) that `record` and `sweep` use. What cannot: `LightX2VQwenImage`, LightX2V's full
-# runner, which loads the Qwen2.5-VL text encoder (and the Qwen-Image VAE) from --model-path; no tiny model ships them.
+# What runs for real on LightX2V: its transformer model and scheduler on the trained tiny weights (`TinyLightX2V`),
+# through the same backend interface (run, observing, caching) that `record` and `sweep` use, compared with the
+# diffusers backend; and, further down, `LightX2VQwenImage` on LightX2V's full runner (text encoder, VAE encoder,
+# denoising, VAE decoder) on a tiny random model written per session, through `teacal record` and `teacal sweep`.
 TINY = "tiny-qwen-image-edit"
 
 
@@ -647,20 +652,166 @@ def test_caching_interface_as_sweep_uses_it(tiny_backend, prompt_items):
     assert tiny_backend.transformer_infer.stats.skipped == 0
 
 
-@pytest.mark.lightx2v
-# LightX2V's DefaultRunner.__del__ calls torch.<device>.empty_cache, which torch.cpu lacks: a TypeError it prints on the CPU.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_lightx2v_runner_builds_up_to_the_text_encoder_on_tiny_weights(tl, tiny_dir, tmp_path):
-    """`LightX2VQwenImage` builds LightX2V's own QwenImageRunner (TeaCache selected, the tiny transformer loaded); it
-    then needs the Qwen2.5-VL text encoder from --model-path, which no tiny model has: one clear line, no traceback."""
-    from calib.backends.lightx2v import TINY_LIGHTX2V_CONFIG, LightX2VQwenImage
-    from calib.errors import UserError
-    from calib.models import get_model
+# The full runner's tiny model: every folder QwenImageRunner loads, random weights from diffusers' and transformers'
+# real classes (about 3 MB in bf16, written per session). Two things are fixed by LightX2V, not by the weights:
+# QwenImageScheduler's rope is QwenEmbedRope(axes_dim=[16, 56, 56]), so the transformer has one head of dim 128;
+# the Qwen-Image VAE has 16 latent channels (the transformer packs 2x2: in_channels 64) and the runner derives
+# vae_scale_factor 8 from its three temporal downsamples. The Qwen2.5-VL text encoder's hidden size is the
+# transformer's joint_attention_dim; its tokenizer is byte-level BPE (256 byte tokens, no merges) plus Qwen's special
+# tokens, whose ids the config names (image_token_id...). The i2i text encoder resizes the reference to 1024 x 1024
+# for the VAE (VAE_IMAGE_SIZE, fixed) whatever --size is, so the transformer sees 4096 reference tokens.
+RUNNER_TEXT_DIM = 32
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
-    src = os.environ.get("LIGHTX2V_SRC")
-    upstream = Path(src) / "configs/qwen_image/qwen_image_i2i_2511.json" if src else None
-    base = json.loads(upstream.read_text()) if upstream is not None and upstream.exists() else {"prompt_template_encode": "{}"}
-    config = tmp_path / "tiny.json"
-    config.write_text(json.dumps({**base, **TINY_LIGHTX2V_CONFIG}))
-    with pytest.raises(UserError, match=r"LightX2V cannot load qwen-image-edit-2511 from .*: .*text_encoder"):
-        LightX2VQwenImage(get_model("qwen-image-edit-2511"), tiny_dir, config)
+
+def write_tiny_runner_model(directory: Path, seed: int = 0) -> Path:
+    """transformer/, scheduler/, vae/, text_encoder/, tokenizer/, processor/: the same bytes for the same seed."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2Tokenizer,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from calib.backends.loop import QWEN_SCHEDULER_CONFIG
+
+    vocab = {char: i for i, char in enumerate(bytes_to_unicode().values())}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.add_special_tokens(QWEN_SPECIAL_TOKENS)
+    ids = {token: bpe.token_to_id(token) for token in QWEN_SPECIAL_TOKENS}
+    tokenizer = Qwen2Tokenizer(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, bos_token=None)
+    tokenizer.save_pretrained(directory / "tokenizer")
+    # the condition image the vision tower sees: at most 2 x 2 merged patches of 28 px
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=56 * 56), tokenizer=tokenizer,
+                                 video_processor=Qwen2VLVideoProcessor())
+    processor.save_pretrained(directory / "processor")
+    torch.manual_seed(seed)
+    text_encoder = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(vocab) + len(QWEN_SPECIAL_TOKENS), hidden_size=RUNNER_TEXT_DIM, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                         rope_parameters={"rope_theta": 1000000.0, "rope_type": "default", "mrope_section": [2, 3, 3]},
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=RUNNER_TEXT_DIM, fullatt_block_indexes=[0]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    Qwen2_5_VLForConditionalGeneration(text_encoder).to(torch.bfloat16).save_pretrained(directory / "text_encoder")
+    torch.manual_seed(seed)
+    QwenImageTransformer2DModel(in_channels=64, out_channels=16, num_layers=2, attention_head_dim=128, num_attention_heads=1, joint_attention_dim=RUNNER_TEXT_DIM,
+                                axes_dims_rope=(16, 56, 56), zero_cond_t=True).to(torch.bfloat16).save_pretrained(directory / "transformer")
+    torch.manual_seed(seed)
+    AutoencoderKLQwenImage(base_dim=4, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, temperal_downsample=[False, True, True]).to(torch.bfloat16).save_pretrained(
+        directory / "vae")
+    (directory / "scheduler").mkdir(parents=True, exist_ok=True)
+    (directory / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(QWEN_SCHEDULER_CONFIG, _class_name="FlowMatchEulerDiscreteScheduler")))
+    return directory
+
+
+def tiny_runner_config(model_dir: Path, path: Path, **changes) -> Path:
+    """LightX2V's own qwen_image_i2i_2511 settings (the repo's preset config without the TeaCache keys), torch kernels,
+    and the template's drop index for the tiny tokenizer: the tokens of the system turn, as 64 is for Qwen's."""
+    from transformers import Qwen2Tokenizer
+
+    from calib.backends.lightx2v import TINY_LIGHTX2V_CONFIG
+
+    config = {k: v for k, v in json.loads((REPO / "presets/lightx2v/qwen_image_i2i_2511_tea.json").read_text()).items() if not k.startswith(("feature_caching", "teacache"))}
+    template = config["prompt_template_encode"]
+    system = template[: template.index("<|im_start|>user")]
+    config["prompt_template_encode_start_idx"] = len(Qwen2Tokenizer.from_pretrained(model_dir / "tokenizer")(system)["input_ids"])
+    path.write_text(json.dumps({**config, **TINY_LIGHTX2V_CONFIG, **changes}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def runner_dir(tl, tmp_path_factory):
+    return write_tiny_runner_model(tmp_path_factory.mktemp("tiny-runner"))
+
+
+@pytest.fixture
+def teacal_deps():
+    """record writes parquet and sweep measures PSNR: teacal's own dependencies, which `make test-lightx2v` installs."""
+    for module in ("pyarrow", "torchmetrics"):
+        pytest.importorskip(module, reason=f"{module} (a teacal dependency) is missing here; `make test-lightx2v` installs it")
+
+
+RUNNER_STEPS = 4
+RUNNER_SIZE = (64, 48)
+
+
+@pytest.mark.lightx2v
+def test_tiny_runner_model_is_small_and_deterministic(runner_dir, tmp_path):
+    again = write_tiny_runner_model(tmp_path / "again")
+    files = sorted(p.relative_to(runner_dir) for p in runner_dir.rglob("*") if p.is_file())
+    assert {p.parts[0] for p in files} == {"transformer", "scheduler", "vae", "text_encoder", "tokenizer", "processor"}
+    assert sum((runner_dir / p).stat().st_size for p in files) < 3.5e6
+    for weights in [p for p in files if p.suffix == ".safetensors"]:
+        assert (runner_dir / weights).read_bytes() == (again / weights).read_bytes(), weights
+
+
+@pytest.mark.lightx2v
+def test_record_and_sweep_run_lightx2vs_full_runner_on_tiny_weights(runner_dir, teacal_deps, tmp_path):
+    """`teacal record|sweep --backend lightx2v` on LightX2V's own QwenImageRunner.run_pipeline: Qwen2.5-VL text
+    encoder, VAE encoder, denoising with TeaCache's infer class, VAE decoder, all on the tiny random weights."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from calib.record import TRACE_COLUMNS
+
+    config = tiny_runner_config(runner_dir, tmp_path / "tiny.json", min_custom_size=32)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(item) + "\n" for item in (
+        {"id": "cat-hat", "prompt": "put a hat on the cat", "image": "skimage:chelsea", "negative_prompt": "blurry"},
+        {"id": "rocket-night", "prompt": "make it night", "image": "skimage:rocket"})))
+    run = tmp_path / "run"
+    common = ["--model-path", str(runner_dir), "--lightx2v-config", str(config)]
+    result = _cli(["record", "--model", "qwen-image-edit-2511", "--backend", "lightx2v", *common, "--prompts", str(prompts), "--out", str(run),
+                   "--steps", str(RUNNER_STEPS), "--size", "x".join(map(str, RUNNER_SIZE)), "--seeds", "0"])
+    assert result.exit_code == 0, result.output
+    trace = pd.read_parquet(run / "trace.parquet")
+    assert list(trace.columns) == TRACE_COLUMNS
+    assert len(trace) == 2 * RUNNER_STEPS * 2 and not trace.duplicated(["prompt_id", "seed", "step", "branch"]).any()
+    assert set(trace["branch"]) == {"cond", "uncond"} and set(trace["step"]) == set(range(RUNNER_STEPS))
+    values = ["x_temb", "x_modin", "y_output", "y_residual"]
+    assert trace[trace["step"] == 0][values].isna().all().all()  # every branch of every prompt starts afresh
+    later = trace[trace["step"] > 0][values].to_numpy()
+    assert np.isfinite(later).all() and (later > 0).all()
+    for _, per_branch in trace.groupby(["prompt_id", "branch"]):
+        assert per_branch["timestep"].is_monotonic_decreasing and per_branch["timestep"].iloc[0] == 1000
+    for name in ("cat-hat-0", "rocket-night-0"):
+        with Image.open(run / "refs" / f"{name}.png") as ref:
+            assert ref.size == RUNNER_SIZE and np.asarray(ref).std() > 0
+
+    preset = Preset(model="qwen-image-edit-2511", signal="temb", coefficients=(1.0, 0.0), ret_steps=1, cutoff_steps=-1, threshold=0.1).save(tmp_path / "preset.json")
+    result = _cli(["sweep", "--preset", str(preset), "--run", str(run), "--thresh", "0,100", "--model-path", str(runner_dir), "--metrics", "psnr",
+                   "--oracle", "none", "--out", str(tmp_path / "sweep")])
+    assert result.exit_code == 0, result.output
+    table = pd.read_parquet(tmp_path / "sweep" / "sweep.parquet")
+    teacache = table[table["method"] == "teacache"]
+    zero, high = teacache[teacache["threshold"] == 0], teacache[teacache["threshold"] == 100]
+    assert len(zero) == len(high) == 2
+    # threshold 0 computes every call and gives the recorded reference bit for bit (PSNR inf)
+    assert (zero["computed"] == 2 * RUNNER_STEPS).all() and (zero["skipped"] == 0).all() and np.isinf(zero["psnr"]).all()
+    # a huge threshold skips every call between the first and the last step of each branch
+    assert (high["computed"] == 2 * 2).all() and (high["skipped"] == 2 * (RUNNER_STEPS - 2)).all()
+    assert (high["block_forwards"] == high["computed"] * 2).all() and np.isfinite(high["psnr"]).all()
+
+
+@pytest.mark.lightx2v
+def test_a_size_lightx2v_would_change_is_refused(runner_dir, teacal_deps, tmp_path):
+    """QwenImageRunner raises a size below min_custom_size (256 by default) to it; the reference would not have the
+    recorded size, so record stops with one line instead."""
+    config = tiny_runner_config(runner_dir, tmp_path / "tiny.json")
+    result = _cli(_record_args(tmp_path, "--model", "qwen-image-edit-2511", "--backend", "lightx2v", "--model-path", str(runner_dir),
+                               "--lightx2v-config", str(config), "--steps", "2", "--size", "64x64"))
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]  # after record's header: one line, no traceback
+    assert last.startswith("error: --size 64x64: LightX2V made a 256x256 image") and "Traceback" not in result.output
+    assert not list((tmp_path / "o").glob("refs/*.png"))
