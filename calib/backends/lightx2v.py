@@ -342,6 +342,8 @@ class LightX2VQwenImage(LightX2VModelBackend):
         config = set_config(args)
         with config.temporarily_unlocked():
             config.update(recording_config(spec.name))
+            if "infer_steps" not in config:  # the scheduler reads it once built (a KeyError without); run() sets each run's
+                config["infer_steps"] = spec.steps
         try:
             self.runner = QwenImageRunner(config)
             self.runner.init_modules()
