@@ -714,14 +714,17 @@ def write_tiny_runner_model(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-def tiny_runner_config(model_dir: Path, path: Path, **changes) -> Path:
-    """LightX2V's own qwen_image_i2i_2511 settings (the repo's preset config without the TeaCache keys), torch kernels,
-    and the template's drop index for the tiny tokenizer: the tokens of the system turn, as 64 is for Qwen's."""
+def tiny_runner_config(model_dir: Path, path: Path, base: dict | None = None, **changes) -> Path:
+    """LightX2V settings (default: qwen_image_i2i_2511's, from the repo's preset config without the TeaCache keys),
+    torch kernels, and the template's drop index for the tiny tokenizer: the tokens of the system turn, as Qwen's
+    tokenizer makes 64 of the edit template's (34 of the text-to-image one's)."""
     from transformers import Qwen2Tokenizer
 
     from calib.backends.lightx2v import TINY_LIGHTX2V_CONFIG
 
-    config = {k: v for k, v in json.loads((REPO / "presets/lightx2v/qwen_image_i2i_2511_tea.json").read_text()).items() if not k.startswith(("feature_caching", "teacache"))}
+    if base is None:
+        base = json.loads((REPO / "presets/lightx2v/qwen_image_i2i_2511_tea.json").read_text())
+    config = {k: v for k, v in base.items() if not k.startswith(("feature_caching", "teacache"))}
     template = config["prompt_template_encode"]
     system = template[: template.index("<|im_start|>user")]
     config["prompt_template_encode_start_idx"] = len(Qwen2Tokenizer.from_pretrained(model_dir / "tokenizer")(system)["input_ids"])
@@ -802,6 +805,31 @@ def test_record_and_sweep_run_lightx2vs_full_runner_on_tiny_weights(runner_dir, 
     # a huge threshold skips every call between the first and the last step of each branch
     assert (high["computed"] == 2 * 2).all() and (high["skipped"] == 2 * (RUNNER_STEPS - 2)).all()
     assert (high["block_forwards"] == high["computed"] * 2).all() and np.isfinite(high["psnr"]).all()
+
+
+@pytest.mark.lightx2v
+def test_record_runs_the_text_to_image_runner_on_tiny_weights(runner_dir, teacal_deps, tmp_path):
+    """Qwen-Image (t2i): the runner's text-only encoder path, no reference image, one row per (step, branch)."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    # LightX2V's configs/qwen_image/qwen_image_t2i_2512.json without infer_steps (the scheduler needs one when built;
+    # the backend gives it the model's, and --steps decides each run's)
+    base = {"aspect_ratio": "16:9", "prompt_template_encode": "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, "
+            "quantity, text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
+            "prompt_template_encode_start_idx": 34, "enable_cfg": True, "sample_guide_scale": 4.0}
+    config = tiny_runner_config(runner_dir, tmp_path / "t2i.json", base, min_custom_size=32)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "cat", "prompt": "a cat in a hat"}) + "\n")
+    result = _cli(["record", "--model", "qwen-image", "--backend", "lightx2v", "--model-path", str(runner_dir), "--lightx2v-config", str(config),
+                   "--prompts", str(prompts), "--out", str(tmp_path / "run"), "--steps", "3", "--size", "64x48"])
+    assert result.exit_code == 0, result.output
+    trace = pd.read_parquet(tmp_path / "run" / "trace.parquet")
+    assert len(trace) == 3 * 2 and set(trace["branch"]) == {"cond", "uncond"}
+    assert trace[trace["step"] == 0]["x_temb"].isna().all() and np.isfinite(trace[trace["step"] > 0]["y_output"]).all()
+    with Image.open(tmp_path / "run" / "refs" / "cat-0.png") as ref:
+        assert ref.size == (64, 48)
 
 
 @pytest.mark.lightx2v
