@@ -833,6 +833,27 @@ def test_record_runs_the_text_to_image_runner_on_tiny_weights(runner_dir, teacal
 
 
 @pytest.mark.lightx2v
+def test_runner_with_model_cpu_offload_gives_the_same_image(runner_dir, tmp_path):
+    """With cpu_offload the runner moves the transformer itself (the backend leaves it where LightX2V put it)."""
+    from calib.backends.lightx2v import LightX2VQwenImage
+    from calib.models import get_model
+    from calib.prompts import PromptItem
+
+    item = PromptItem("cat-hat", "put a hat on the cat", "skimage:chelsea", "", REPO)
+    images = []
+    for name, extra in (("plain", {}), ("offload", {"cpu_offload": True, "offload_granularity": "model"})):
+        backend = LightX2VQwenImage(get_model("qwen-image-edit-2511"), runner_dir, tiny_runner_config(runner_dir, tmp_path / f"{name}.json", min_custom_size=32, **extra))
+        try:
+            with backend.observing() as observer:
+                image, _ = backend.run(item, 0, 2, 4.0, RUNNER_SIZE)
+            assert len(observer.rows) == 2 * 2
+            images.append(image.tobytes())
+        finally:
+            backend.close()
+    assert images[0] == images[1]
+
+
+@pytest.mark.lightx2v
 def test_a_size_lightx2v_would_change_is_refused(runner_dir, teacal_deps, tmp_path):
     """QwenImageRunner raises a size below min_custom_size (256 by default) to it; the reference would not have the
     recorded size, so record stops with one line instead."""
