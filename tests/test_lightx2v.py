@@ -659,7 +659,7 @@ def test_caching_interface_as_sweep_uses_it(tiny_backend, prompt_items):
 # vae_scale_factor 8 from its three temporal downsamples. The Qwen2.5-VL text encoder's hidden size is the
 # transformer's joint_attention_dim; its tokenizer is byte-level BPE (256 byte tokens, no merges) plus Qwen's special
 # tokens, whose ids the config names (image_token_id...). The i2i text encoder resizes the reference to 1024 x 1024
-# for the VAE (VAE_IMAGE_SIZE, fixed) whatever --size is, so the transformer sees 4096 reference tokens.
+# for the VAE (VAE_IMAGE_SIZE, fixed area) whatever --size is, so the transformer sees about 4096 reference tokens.
 RUNNER_TEXT_DIM = 32
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
