@@ -22,6 +22,7 @@ import torch
 
 from calib.backends.tiny import TRANSFORMER_CONFIG
 from teacache.preset import Preset, PresetError
+from tests.tiny_qwen_folder import write_tiny_qwen_folder
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = (64, 64)  # 16 x 16 latents: 64 target + 64 reference tokens
@@ -652,66 +653,8 @@ def test_caching_interface_as_sweep_uses_it(tiny_backend, prompt_items):
     assert tiny_backend.transformer_infer.stats.skipped == 0
 
 
-# The full runner's tiny model: every folder QwenImageRunner loads, random weights from diffusers' and transformers'
-# real classes (about 3 MB in bf16, written per session). Two things are fixed by LightX2V, not by the weights:
-# QwenImageScheduler's rope is QwenEmbedRope(axes_dim=[16, 56, 56]), so the transformer has one head of dim 128;
-# the Qwen-Image VAE has 16 latent channels (the transformer packs 2x2: in_channels 64) and the runner derives
-# vae_scale_factor 8 from its three temporal downsamples. The Qwen2.5-VL text encoder's hidden size is the
-# transformer's joint_attention_dim; its tokenizer is byte-level BPE (256 byte tokens, no merges) plus Qwen's special
-# tokens, whose ids the config names (image_token_id...). The i2i text encoder resizes the reference to 1024 x 1024
-# for the VAE (VAE_IMAGE_SIZE, fixed area) whatever --size is, so the transformer sees about 4096 reference tokens.
-RUNNER_TEXT_DIM = 32
-QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-
-
-def write_tiny_runner_model(directory: Path, seed: int = 0) -> Path:
-    """transformer/, scheduler/, vae/, text_encoder/, tokenizer/, processor/: the same bytes for the same seed."""
-    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2Tokenizer,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    from calib.backends.loop import QWEN_SCHEDULER_CONFIG
-
-    vocab = {char: i for i, char in enumerate(bytes_to_unicode().values())}
-    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.add_special_tokens(QWEN_SPECIAL_TOKENS)
-    ids = {token: bpe.token_to_id(token) for token in QWEN_SPECIAL_TOKENS}
-    tokenizer = Qwen2Tokenizer(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, bos_token=None)
-    tokenizer.save_pretrained(directory / "tokenizer")
-    # the condition image the vision tower sees: at most 2 x 2 merged patches of 28 px
-    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=56 * 56), tokenizer=tokenizer,
-                                 video_processor=Qwen2VLVideoProcessor())
-    processor.save_pretrained(directory / "processor")
-    torch.manual_seed(seed)
-    text_encoder = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(vocab) + len(QWEN_SPECIAL_TOKENS), hidden_size=RUNNER_TEXT_DIM, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                         rope_parameters={"rope_theta": 1000000.0, "rope_type": "default", "mrope_section": [2, 3, 3]},
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=RUNNER_TEXT_DIM, fullatt_block_indexes=[0]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )
-    Qwen2_5_VLForConditionalGeneration(text_encoder).to(torch.bfloat16).save_pretrained(directory / "text_encoder")
-    torch.manual_seed(seed)
-    QwenImageTransformer2DModel(in_channels=64, out_channels=16, num_layers=2, attention_head_dim=128, num_attention_heads=1, joint_attention_dim=RUNNER_TEXT_DIM,
-                                axes_dims_rope=(16, 56, 56), zero_cond_t=True).to(torch.bfloat16).save_pretrained(directory / "transformer")
-    torch.manual_seed(seed)
-    AutoencoderKLQwenImage(base_dim=4, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, temperal_downsample=[False, True, True]).to(torch.bfloat16).save_pretrained(
-        directory / "vae")
-    (directory / "scheduler").mkdir(parents=True, exist_ok=True)
-    (directory / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(QWEN_SCHEDULER_CONFIG, _class_name="FlowMatchEulerDiscreteScheduler")))
-    return directory
+# The full runner's tiny model: every folder QwenImageRunner loads (`tests.tiny_qwen_folder`, which says what LightX2V
+# fixes about it).
 
 
 def tiny_runner_config(model_dir: Path, path: Path, base: dict | None = None, **changes) -> Path:
@@ -734,7 +677,7 @@ def tiny_runner_config(model_dir: Path, path: Path, base: dict | None = None, **
 
 @pytest.fixture(scope="session")
 def runner_dir(tl, tmp_path_factory):
-    return write_tiny_runner_model(tmp_path_factory.mktemp("tiny-runner"))
+    return write_tiny_qwen_folder(tmp_path_factory.mktemp("tiny-runner"))
 
 
 @pytest.fixture
@@ -746,16 +689,6 @@ def teacal_deps():
 
 RUNNER_STEPS = 4
 RUNNER_SIZE = (64, 48)
-
-
-@pytest.mark.lightx2v
-def test_tiny_runner_model_is_small_and_deterministic(runner_dir, tmp_path):
-    again = write_tiny_runner_model(tmp_path / "again")
-    files = sorted(p.relative_to(runner_dir) for p in runner_dir.rglob("*") if p.is_file())
-    assert {p.parts[0] for p in files} == {"transformer", "scheduler", "vae", "text_encoder", "tokenizer", "processor"}
-    assert sum((runner_dir / p).stat().st_size for p in files) < 3.5e6
-    for weights in [p for p in files if p.suffix == ".safetensors"]:
-        assert (runner_dir / weights).read_bytes() == (again / weights).read_bytes(), weights
 
 
 @pytest.mark.lightx2v
