@@ -16,13 +16,14 @@ THRESH  ?= 0.05:0.3:0.05
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch and torchvision first, as a matched pair from this machine's disk (REFERENCE §5); nothing later may replace them.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	# [peers] brings cache-dit (DBCache); it accepts the installed torch, so pip keeps it.
-	$(PY) -m pip install -q -e '.[dev,peers]'
+	# [peers] brings cache-dit (DBCache), [real] transformers and accelerate for the stock Qwen pipelines (the tests
+	# load a tiny local one); both accept the installed torch, so pip keeps it.
+	$(PY) -m pip install -q -e '.[dev,peers,real]'
 	touch $(STAMP)
 
 test: install

@@ -103,10 +103,12 @@ def check_backend(spec: ModelSpec, backend: str | None, model_path: str | None, 
         from calib.backends.lightx2v import check_lightx2v
 
         check_lightx2v(model_path, lightx2v_config)
-    if chosen == "diffusers" and model_path is not None:
-        from calib.backends.diffusers import check_model_folder
+    if chosen == "diffusers":
+        from calib.backends.diffusers import check_model_folder, check_real_dependencies
 
-        check_model_folder(model_path)
+        check_real_dependencies()
+        if model_path is not None:
+            check_model_folder(model_path)
     return chosen
 
 

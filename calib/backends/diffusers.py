@@ -27,6 +27,15 @@ def check_model_folder(model_path: str) -> Path:
     return folder
 
 
+def check_real_dependencies() -> None:
+    """The real pipelines load the Qwen2.5-VL text encoder with transformers (and big weights with accelerate)."""
+    import importlib.util
+
+    missing = [name for name in ("transformers", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"the real Qwen-Image pipelines need {' and '.join(missing)}: pip install 'teacal[real]'")
+
+
 class DiffusersBackend(HookedTransformerBackend):
     def __init__(self, spec: ModelSpec, model_path: str | None, device: str, dtype: torch.dtype) -> None:
         import diffusers
@@ -37,7 +46,7 @@ class DiffusersBackend(HookedTransformerBackend):
         source = str(check_model_folder(model_path)) if model_path else spec.hub_id
         try:
             # A local folder never triggers a download; a hub id uses the hub cache (and the network, if any).
-            self.pipe = pipeline_class.from_pretrained(source, torch_dtype=dtype, local_files_only=model_path is not None)
+            self.pipe = pipeline_class.from_pretrained(source, dtype=dtype, local_files_only=model_path is not None)
         except (OSError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(f"cannot load {spec.name} weights from {source}: {first}") from None
