@@ -766,24 +766,33 @@ def test_record_runs_the_text_to_image_runner_on_tiny_weights(runner_dir, teacal
 
 
 @pytest.mark.lightx2v
-def test_runner_with_model_cpu_offload_gives_the_same_image(runner_dir, tmp_path):
-    """With cpu_offload the runner moves the transformer itself (the backend leaves it where LightX2V put it)."""
+@pytest.mark.parametrize("granularity", ["model", "block"])
+def test_runner_with_cpu_offload_gives_the_same_image(runner_dir, tmp_path, granularity):
+    """With cpu_offload the runner moves the transformer itself (the backend leaves it where LightX2V put it); at
+    block granularity LightX2V's offloading block loop runs the computed calls. Uncached and cached (residuals kept on
+    the CPU), the images are those of the run without offload, bit for bit."""
     from calib.backends.lightx2v import LightX2VQwenImage
     from calib.models import get_model
     from calib.prompts import PromptItem
 
     item = PromptItem("cat-hat", "put a hat on the cat", "skimage:chelsea", "", REPO)
-    images = []
-    for name, extra in (("plain", {}), ("offload", {"cpu_offload": True, "offload_granularity": "model"})):
+    preset = Preset(model="qwen-image-edit-2511", signal="temb", coefficients=(1.0, 0.0), ret_steps=1, cutoff_steps=-1)
+    images = {}
+    for name, extra in (("plain", {}), ("offload", {"cpu_offload": True, "offload_granularity": granularity})):
         backend = LightX2VQwenImage(get_model("qwen-image-edit-2511"), runner_dir, tiny_runner_config(runner_dir, tmp_path / f"{name}.json", min_custom_size=32, **extra))
         try:
             with backend.observing() as observer:
-                image, _ = backend.run(item, 0, 2, 4.0, RUNNER_SIZE)
-            assert len(observer.rows) == 2 * 2
-            images.append(image.tobytes())
+                image, _ = backend.run(item, 0, RUNNER_STEPS, 4.0, RUNNER_SIZE)
+            assert len(observer.rows) == RUNNER_STEPS * 2
+            with backend.caching(preset, 100.0, RUNNER_STEPS) as cache:
+                cached, _ = backend.run(item, 0, RUNNER_STEPS, 4.0, RUNNER_SIZE)
+                stats = cache.stats()
+            assert (stats.computed, stats.skipped) == (2 * 2, 2 * (RUNNER_STEPS - 2))  # first and last step of each branch
+            images[name] = image.tobytes(), cached.tobytes()
         finally:
             backend.close()
-    assert images[0] == images[1]
+    assert images["offload"] == images["plain"]
+    assert images["plain"][0] != images["plain"][1]
 
 
 @pytest.mark.lightx2v

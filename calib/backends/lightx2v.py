@@ -28,8 +28,9 @@ Two things LightX2V does on a CPU are handled here and in the plugin:
 * LightX2V calls ``torch.<device>.manual_seed``, ``mem_get_info``, ``empty_cache``...; the plugin gives
   ``torch.cpu`` the CPU's meaning of those it lacks.
 
-``cpu_offload`` with ``offload_granularity: model`` runs there too (same image); ``block`` does not: LightX2V's
-offload manager synchronises device streams, and ``torch.cpu.Stream`` has no ``synchronize``.
+``cpu_offload`` runs there too, at ``model`` and ``block`` granularity, uncached and cached, with the same images
+as without (LightX2V's block offload manager waits on device streams: the plugin gives ``torch.cpu.Stream`` a
+``synchronize``, a no-op, as CPU work is synchronous).
 
 The runner clamps ``target_shape`` to ``min_custom_size..max_custom_size`` of its config (256..1664 by default);
 `LightX2VQwenImage.run` refuses a --size it would change, rather than record a reference of another size.

@@ -11,7 +11,8 @@ LightX2V picks its device from ``PLATFORM`` (default ``cuda``) among the classes
 LightX2V also calls its device's torch module (``getattr(torch, AI_DEVICE)``) as it would ``torch.cuda``:
 ``manual_seed`` (``seed_all``), ``mem_get_info`` / ``memory_allocated`` / ``memory_reserved`` / ``empty_cache``
 (``DefaultRunner.maybe_empty_cache``, after each encoder and generation), ``max_memory_allocated`` (its profiler).
-``torch.cpu`` has none of these; `init_device_env` adds the CPU's meaning of each where torch lacks it.
+``torch.cpu`` has none of these; `init_device_env` adds the CPU's meaning of each where torch lacks it, and a
+no-op ``torch.cpu.Stream.synchronize`` for the block offload manager.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ def _complete_torch_cpu() -> None:
     }.items():
         if not hasattr(torch.cpu, name):
             setattr(torch.cpu, name, function)
+    # LightX2V's block/phase offload manager waits on its load and compute streams; CPU work is synchronous, and
+    # torch.cpu.Stream is a placeholder without the wait.
+    if not hasattr(torch.cpu.Stream, "synchronize"):
+        torch.cpu.Stream.synchronize = lambda self: None
 
 
 class CpuDevice:
