@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from calib.cli import app
 from calib.record import TRACE_COLUMNS
 from teacache.preset import Preset
+from tests.conftest import write_prompts
 from tests.tiny_qwen_folder import write_tiny_qwen_folder
 
 STEPS = 4
@@ -43,11 +44,6 @@ def _cli(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def _prompts(path, items):
-    path.write_text("".join(json.dumps(item) + "\n" for item in items))
-    return path
-
-
 def test_tiny_folder_is_small_and_deterministic(folders, tmp_path):
     folder = folders["qwen-image-edit-2511"]
     again = write_tiny_qwen_folder(tmp_path / "again")
@@ -64,7 +60,7 @@ def test_record_and_sweep_through_the_stock_edit_plus_pipeline(folders, tmp_path
     """record: the documented trace and reference PNGs; sweep: threshold 0 is the reference bit for bit, a huge one
     computes only the forced steps and the blocks really do not run on the skipped calls."""
     folder, run = folders["qwen-image-edit-2511"], tmp_path / "run"
-    prompts = _prompts(tmp_path / "p.jsonl", EDITS)
+    prompts = write_prompts(tmp_path / "p.jsonl", EDITS)
     result = _cli("record", "--model", "qwen-image-edit-2511", "--model-path", folder, "--device", "cpu", "--prompts", prompts, "--out", run,
                   "--steps", STEPS, "--size", "x".join(map(str, SIZE)))
     assert result.exit_code == 0, result.output
@@ -105,7 +101,7 @@ def test_record_runs_the_other_stock_pipelines(folders, tmp_path, model):
     """QwenImageEditPipeline (2508) and the text-to-image QwenImagePipeline, from their local folders."""
     items = EDITS[:1] if model != "qwen-image" else [{"id": "cat", "prompt": "a cat in a hat"}]
     run = tmp_path / "run"
-    result = _cli("record", "--model", model, "--model-path", folders[model], "--device", "cpu", "--prompts", _prompts(tmp_path / "p.jsonl", items),
+    result = _cli("record", "--model", model, "--model-path", folders[model], "--device", "cpu", "--prompts", write_prompts(tmp_path / "p.jsonl", items),
                   "--out", run, "--steps", 3, "--size", "64x48")
     assert result.exit_code == 0, result.output
     trace = pd.read_parquet(run / "trace.parquet")
@@ -124,7 +120,7 @@ def test_a_folder_without_weights_is_one_line_and_writes_nothing(folders, tmp_pa
     for weights in (broken / "transformer").glob("*.safetensors"):
         weights.unlink()
     run = tmp_path / "run"
-    result = _cli("record", "--model", "qwen-image-edit-2511", "--model-path", broken, "--device", "cpu", "--prompts", _prompts(tmp_path / "p.jsonl", EDITS),
+    result = _cli("record", "--model", "qwen-image-edit-2511", "--model-path", broken, "--device", "cpu", "--prompts", write_prompts(tmp_path / "p.jsonl", EDITS),
                   "--out", run, "--steps", 3, "--size", "64x48")
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
