@@ -199,9 +199,7 @@ def _device_module():
 
 
 def _on_cpu() -> bool:
-    from lightx2v_platform.base.global_var import AI_DEVICE
-
-    return AI_DEVICE == "cpu"
+    return _device_module() is torch.cpu
 
 
 def _now() -> float:
