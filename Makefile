@@ -86,5 +86,5 @@ compare: install
 
 # Retrain the embedded tiny model (about 20 min on one CPU thread): calib/weights/, docs/tiny/ (loss, edit success, samples).
 train-tiny: install
-	$(PY) -m calib.train_tiny train
-	$(PY) -m calib.train_tiny evaluate
+	$(PY) -m calib.tiny.train train --out calib/tiny/weights/tiny-qwen-image-edit.safetensors --docs docs/tiny
+	$(PY) -m calib.tiny.train evaluate --docs docs/tiny

@@ -16,8 +16,7 @@ import scipy.linalg
 from scipy.optimize import least_squares
 
 from calib.errors import UserError
-from calib.record import check_finite, load_run, load_trace
-from calib.rundir import library_versions, now_iso
+from calib.runfiles import check_finite, library_versions, load_run, load_trace, now_iso
 from calib.simulate import threshold_for_speedup
 from teacache.preset import SIGNALS, Preset
 

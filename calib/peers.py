@@ -378,7 +378,7 @@ def calibrate_mag_ratios(backend, pairs, steps: int, cfg: float, size) -> dict:
 def mag_ratios(backend, run: Path, key: dict, pairs, steps: int, cfg: float, size, echo=print) -> list[float]:
     """The run's calibrated MagCache ratios: from `<run>/magcache.json` when calibrated with the same `key`
     (record settings, device, dtype, library version), else calibrated now and saved there."""
-    from calib.rundir import now_iso, read_json, write_json
+    from calib.runfiles import now_iso, read_json, write_json
 
     path = Path(run) / MAGCACHE_FILE
     if path.exists():

@@ -13,28 +13,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from calib.backends import check_backend, load_backend, resolve_device, resolve_dtype, weights_id
 from calib.errors import UserError
 from calib.models import get_model
+from calib.progress import progress
 from calib.prompts import load_prompts
-from calib.rundir import (
+from calib.runfiles import (
     RUN_FILE,
+    TRACE_COLUMNS,
     check_same_settings,
     library_versions,
+    load_trace,
     now_iso,
-    progress,
+    pair_name,
     read_json,
-    read_parts,
     resolve_shard,
     write_json,
     write_png,
     write_table,
 )
-
-TRACE_COLUMNS = ["prompt_id", "seed", "step", "branch", "timestep", "sigma", "x_temb", "x_modin", "y_output", "y_residual", "seconds"]
 
 
 @dataclass(frozen=True)
@@ -52,10 +51,6 @@ class RecordRequest:
     model_path: str | None = None
     shard: str | None = None
     lightx2v_config: str | None = None  # --backend lightx2v: the LightX2V JSON config
-
-
-def pair_name(prompt_id: str, seed: int) -> str:
-    return f"{prompt_id}-{seed}"
 
 
 def record(request: RecordRequest, echo=print) -> Path:
@@ -143,32 +138,3 @@ def merge_if_complete(out: Path, pairs: list) -> bool:
         return False
     write_table(out / "trace.parquet", load_trace(out))
     return True
-
-
-def load_trace(run: str | Path) -> pd.DataFrame:
-    """Every finished part of a run (all shards), in a stable order."""
-    run = Path(run)
-    frame = read_parts(run / "trace")
-    if frame is None:
-        if not (run / "trace.parquet").exists():
-            raise UserError(f"{run}: no trace found; run `teacal record --out {run}` first")
-        frame = pd.read_parquet(run / "trace.parquet")
-    return frame.sort_values(["prompt_id", "seed", "branch", "step"]).reset_index(drop=True)
-
-
-def check_finite(trace: pd.DataFrame, run: str | Path) -> None:
-    """Signals and targets are finite everywhere but a series' first step, which has no previous value."""
-    numeric = trace[[c for c in trace.columns if c.startswith(("x_", "y_"))]].to_numpy(dtype=float)
-    bad = trace[np.isinf(numeric).any(axis=1) | (np.isnan(numeric).any(axis=1) & (trace["step"] > 0).to_numpy())]
-    if len(bad):
-        row = bad.iloc[0]
-        raise UserError(f"{run}: {len(bad)} trace row(s) hold NaN or inf (first: prompt {row['prompt_id']}, seed {row['seed']}, "
-                        f"step {row['step']}, branch {row['branch']}); re-record them")
-
-
-def load_run(run: str | Path) -> dict:
-    path = Path(run) / RUN_FILE
-    if not path.exists():
-        raise UserError(f"{run}: no {RUN_FILE}; is this a `teacal record` output folder?")
-    return read_json(path)
-

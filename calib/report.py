@@ -21,9 +21,7 @@ import pandas as pd  # noqa: E402
 
 from calib.errors import UserError  # noqa: E402
 from calib.fit import fit_points  # noqa: E402
-from calib.record import load_run, load_trace  # noqa: E402
-from calib.rundir import read_json  # noqa: E402
-from calib.sweep import SWEEP_FILE, aggregate  # noqa: E402
+from calib.runfiles import SWEEP_FILE, aggregate, load_run, load_trace, read_json  # noqa: E402
 from teacache._files import atomic_write  # noqa: E402
 from teacache.preset import Preset  # noqa: E402
 

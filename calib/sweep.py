@@ -24,13 +24,23 @@ from calib.backends import check_backend, load_backend, resolve_device, resolve_
 from calib.errors import UserError
 from calib.metrics import METRICS, Metrics, lpips_unavailable_reason, parse_metrics
 from calib.models import get_model
+from calib.progress import progress
 from calib.prompts import load_prompts
-from calib.record import check_finite, load_run, load_trace, pair_name
-from calib.rundir import check_same_settings, now_iso, progress, write_json, write_table
+from calib.runfiles import (
+    SWEEP_FILE,
+    aggregate,
+    check_finite,
+    check_same_settings,
+    load_run,
+    load_trace,
+    now_iso,
+    pair_name,
+    write_json,
+    write_table,
+)
 from calib.simulate import StaticSchedulePolicy, oracle_schedule, simulate
 from teacache.preset import Preset, PresetError
 
-SWEEP_FILE = "sweep.json"
 EXACT_SIGNALS = ("temb",)  # signals whose recorded distances do not depend on skipped steps
 
 # Published coefficients, to show what calibration buys (REFERENCE §4). None keeps the preset's signal.
@@ -340,16 +350,6 @@ def merge(parts: Path, configs: list[Config], runs_as: dict[str, str], pairs, pr
     columns = ["method", "label", "config", "threshold", "budget", "prompt_id", "seed", "computed", "skipped", "calls", "computed_cond", "computed_uncond", "predicted_computed",
                "block_forwards", "seconds", "speedup", "ideal_speedup", "lpips", "psnr", "ssim", "schedule", "measured_as"]
     return table.reindex(columns=columns)
-
-
-def aggregate(table: pd.DataFrame) -> pd.DataFrame:
-    finite_psnr = table.assign(psnr=table["psnr"].replace(np.inf, 100.0))  # identical images: PSNR is infinite
-    return finite_psnr.groupby(["method", "label", "config"], sort=False).agg(
-        threshold=("threshold", "first"), budget=("budget", "first"), computed=("computed", "mean"),
-        predicted=("predicted_computed", "mean"), calls=("calls", "mean"), speedup=("speedup", "mean"),
-        ideal_speedup=("ideal_speedup", "mean"), lpips=("lpips", "mean"), lpips_worst=("lpips", "max"),
-        psnr=("psnr", "mean"), psnr_worst=("psnr", "min"), ssim=("ssim", "mean"),
-    ).reset_index()
 
 
 def summary(table: pd.DataFrame) -> str:

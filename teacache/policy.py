@@ -22,9 +22,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # the rule needs no torch: simulators (`teacal fit`, `teacal report`) run it on recorded numbers
+    import torch
 
 from teacache.preset import Preset, check_threshold
 

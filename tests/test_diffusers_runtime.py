@@ -12,7 +12,7 @@ import torch
 from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImagePipeline
 
 from calib.backends.loop import qwen_scheduler
-from calib.backends.tiny import embed_text
+from calib.tiny.model import embed_text
 from teacache.diffusers import apply_teacache, remove_teacache, teacache_block_forwards, teacache_stats
 from teacache.preset import Preset
 from tests.conftest import pixels

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from calib.backends.tiny import TRANSFORMER_CONFIG
+from calib.tiny.model import TRANSFORMER_CONFIG
 from teacache.preset import Preset, PresetError
 from tests.tiny_qwen_folder import write_tiny_qwen_folder
 
@@ -55,7 +55,7 @@ def tl():
 
 @pytest.fixture(scope="session")
 def tiny_dir(tl, tmp_path_factory):
-    from calib.backends.lightx2v import write_tiny_model
+    from tests.lightx2v_tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny-lightx2v"))
 
@@ -68,7 +68,7 @@ def make_preset(tmp_path: Path, model="tiny-qwen-image-edit", signal="temb", thr
 @pytest.fixture(scope="session")
 def request_inputs():
     """Prompt embeddings and reference latents, as the text and VAE encoders would hand them over."""
-    from calib.backends.tiny import embed_text
+    from calib.tiny.model import embed_text
 
     g = torch.Generator().manual_seed(7)
     prompt, prompt_mask = embed_text("make the sky purple")
@@ -78,7 +78,7 @@ def request_inputs():
 
 
 def build(tiny_dir, **config):
-    from calib.backends.lightx2v import TinyLightX2V
+    from tests.lightx2v_tiny import TinyLightX2V
 
     return TinyLightX2V(tiny_dir, **config)
 
@@ -423,7 +423,7 @@ def test_patch_applies_to_lightx2v_and_selects_tea_without_install(tl, tiny_dir,
     preset = make_preset(tmp_path)
     code = (
         "import sys, torch\n"
-        "from calib.backends.lightx2v import TinyLightX2V\n"
+        "from tests.lightx2v_tiny import TinyLightX2V\n"
         "import calib.backends.lightx2v as b\n"
         "b._lightx2v = lambda: None  # no install(): the patched LightX2V selects Tea by itself\n"
         f"lx = TinyLightX2V({str(tiny_dir)!r}, feature_caching='Tea', teacache_preset={str(preset)!r}, teacache_thresh=None)\n"
@@ -512,7 +512,7 @@ def test_lightx2v_backend_without_lightx2v_says_how_to_install(tmp_path):
 def _lightx2v_run(tmp_path: Path, config: Path) -> Path:
     """The run.json `teacal record --backend lightx2v` writes, made with the functions record uses (no model needed)."""
     from calib.backends.lightx2v import lightx2v_settings
-    from calib.rundir import write_json
+    from calib.runfiles import write_json
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"id": "cat", "prompt": "put a hat on the cat", "image": "skimage:chelsea"}) + "\n")
@@ -551,7 +551,8 @@ TINY = "tiny-qwen-image-edit"
 
 @pytest.fixture(scope="session")
 def tiny_backend(tl, tiny_dir):
-    from calib.backends.lightx2v import TinyLightX2V, recording_config
+    from calib.backends.lightx2v import recording_config
+    from tests.lightx2v_tiny import TinyLightX2V
 
     return TinyLightX2V(tiny_dir, **recording_config(TINY))
 
@@ -573,9 +574,10 @@ def test_lightx2v_trace_matches_the_diffusers_backend(tiny_backend, prompt_items
     """record's loop on both backends, same tiny weights: the same trace columns, rows and (to bf16) values."""
     import numpy as np
 
-    from calib.backends.lightx2v import TINY_NEGATIVE_PROMPT
     from calib.backends.tiny import TinyQwenImageEdit
-    from calib.record import TRACE_COLUMNS, trace_frame
+    from calib.record import trace_frame
+    from calib.runfiles import TRACE_COLUMNS
+    from tests.lightx2v_tiny import TINY_NEGATIVE_PROMPT
 
     diffusers_backend = TinyQwenImageEdit(dtype=torch.bfloat16)  # LightX2V runs Qwen-Image in bf16
     frames = {}
@@ -613,7 +615,7 @@ def test_lightx2v_trace_matches_the_diffusers_backend(tiny_backend, prompt_items
 @pytest.mark.lightx2v
 def test_recording_on_lightx2v_does_not_change_the_image(tiny_backend, tiny_dir, prompt_items):
     """The recording preset (threshold 0) computes every call: the image is stock LightX2V's, bit for bit."""
-    from calib.backends.lightx2v import TinyLightX2V
+    from tests.lightx2v_tiny import TinyLightX2V
 
     plain = TinyLightX2V(tiny_dir)  # "NoCaching": LightX2V's own infer class
     assert type(plain.transformer_infer).__name__ == "QwenImageTransformerInfer"
@@ -663,7 +665,7 @@ def tiny_runner_config(model_dir: Path, path: Path, base: dict | None = None, **
     tokenizer makes 64 of the edit template's (34 of the text-to-image one's)."""
     from transformers import Qwen2Tokenizer
 
-    from calib.backends.lightx2v import TINY_LIGHTX2V_CONFIG
+    from tests.lightx2v_tiny import TINY_LIGHTX2V_CONFIG
 
     if base is None:
         base = json.loads((REPO / "presets/lightx2v/qwen_image_i2i_2511_tea.json").read_text())
@@ -699,7 +701,7 @@ def test_record_and_sweep_run_lightx2vs_full_runner_on_tiny_weights(runner_dir, 
     import pandas as pd
     from PIL import Image
 
-    from calib.record import TRACE_COLUMNS
+    from calib.runfiles import TRACE_COLUMNS
 
     config = tiny_runner_config(runner_dir, tmp_path / "tiny.json", min_custom_size=32)
     prompts = tmp_path / "p.jsonl"

@@ -18,8 +18,8 @@ import torch
 from typer.testing import CliRunner
 
 from calib import peers
-from calib.backends.tiny import TRANSFORMER_CONFIG
 from calib.cli import app
+from calib.tiny.model import TRANSFORMER_CONFIG
 from tests.conftest import SMALL_PROMPTS, pixels, write_prompts
 
 runner = CliRunner()

@@ -19,7 +19,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from calib.cli import app
-from calib.record import TRACE_COLUMNS
+from calib.runfiles import TRACE_COLUMNS
 from teacache.preset import Preset
 from tests.conftest import write_prompts
 from tests.tiny_qwen_folder import write_tiny_qwen_folder

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from calib.cli import app
 from calib.fit import FitRequest, fit, fit_polynomial, group_folds
-from calib.record import load_trace
+from calib.runfiles import load_trace
 from teacache.diffusers import apply_teacache, remove_teacache, teacache_stats
 from teacache.preset import Preset
 from tests.conftest import SMALL_PROMPTS, pixels, write_prompts

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from calib import shapes as S
 from calib.backends import tiny
 from calib.models import get_model
-from calib.train_tiny import _single_frame_convs, _to_pixels, _vae_moments
+from calib.tiny import model as tiny_model
+from calib.tiny import shapes as S
+from calib.tiny.train import _single_frame_convs, _to_pixels, _vae_moments
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +21,9 @@ def model() -> tiny.TinyQwenImageEdit:
 
 
 def test_shipped_weights_are_small_and_described():
-    assert tiny.DEFAULT_WEIGHTS.exists(), "run `make train-tiny` to produce the weights"
-    assert tiny.DEFAULT_WEIGHTS.stat().st_size <= 10 * 2**20
-    info = json.loads(tiny.DEFAULT_WEIGHTS.with_suffix(".json").read_text())
+    assert tiny_model.DEFAULT_WEIGHTS.exists(), "run `make train-tiny` to produce the weights"
+    assert tiny_model.DEFAULT_WEIGHTS.stat().st_size <= 10 * 2**20
+    info = json.loads(tiny_model.DEFAULT_WEIGHTS.with_suffix(".json").read_text())
     assert info["transformer"]["zero_cond_t"] is True
     assert info["vae"]["z_dim"] * 4 == info["transformer"]["in_channels"]
     assert info["vae"]["latents_std"] != [1.0] * info["vae"]["z_dim"]  # measured on the training pool
@@ -62,7 +63,7 @@ def test_edit_metric_accepts_the_intended_targets_and_rejects_the_sources():
 
 
 def test_training_runs_the_vae_as_the_stock_forward_does():
-    _, vae = tiny.build_tiny(0)
+    _, vae = tiny_model.build_tiny(0)
     rng = np.random.default_rng(0)
     pixels = _to_pixels([S.render(S.sample_scene(rng)) for _ in range(2)])
     with torch.no_grad():

@@ -115,7 +115,7 @@ def check_backend(spec: ModelSpec, backend: str | None, model_path: str | None, 
 def weights_id(spec: ModelSpec, backend: str, model_path: str | None) -> str:
     """Names the weights a run uses, so a run folder never mixes outputs of different weights."""
     if backend == "tiny":
-        from calib.backends.tiny import weights_fingerprint
+        from calib.tiny.model import weights_fingerprint
 
         return weights_fingerprint()
     return str(Path(model_path).resolve()) if model_path else str(spec.hub_id)

@@ -1,4 +1,4 @@
-"""A run folder (`results/<run>/`): its settings file, atomic table and image writes, and progress display.
+"""The file contracts of a run folder: run.json, the trace, probes and sweep tables (load, validate, merge). No torch.
 
 Every stage writes one complete file per finished unit of work (a (prompt, seed) generation), so a killed
 run leaves only complete files and rerunning the same command resumes where it stopped.
@@ -6,17 +6,15 @@ run leaves only complete files and rerunning the same command resumes where it s
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import os
-import sys
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
@@ -24,6 +22,8 @@ from calib.errors import UserError
 from teacache._files import atomic_write
 
 RUN_FILE = "run.json"
+SWEEP_FILE = "sweep.json"
+TRACE_COLUMNS = ["prompt_id", "seed", "step", "branch", "timestep", "sigma", "x_temb", "x_modin", "y_output", "y_residual", "seconds"]
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -109,15 +109,46 @@ def resolve_shard(shard: str | None) -> tuple[int, int]:
     return index, count
 
 
-@contextlib.contextmanager
-def progress(description: str, total: int) -> Iterator[Any]:
-    """A rich progress bar on a terminal; silent otherwise (CI logs stay short)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+# -- record: run.json and the trace -------------------------------------------------------------------------
+def pair_name(prompt_id: str, seed: int) -> str:
+    return f"{prompt_id}-{seed}"
 
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        disable=not sys.stderr.isatty(), transient=False,
-    ) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda label=None: bar.update(task, advance=1, description=label or description)
 
+def load_run(run: str | Path) -> dict:
+    path = Path(run) / RUN_FILE
+    if not path.exists():
+        raise UserError(f"{run}: no {RUN_FILE}; is this a `teacal record` output folder?")
+    return read_json(path)
+
+
+def load_trace(run: str | Path) -> pd.DataFrame:
+    """Every finished part of a run (all shards), in a stable order."""
+    run = Path(run)
+    frame = read_parts(run / "trace")
+    if frame is None:
+        if not (run / "trace.parquet").exists():
+            raise UserError(f"{run}: no trace found; run `teacal record --out {run}` first")
+        frame = pd.read_parquet(run / "trace.parquet")
+    return frame.sort_values(["prompt_id", "seed", "branch", "step"]).reset_index(drop=True)
+
+
+def check_finite(trace: pd.DataFrame, run: str | Path) -> None:
+    """Signals and targets are finite everywhere but a series' first step, which has no previous value."""
+    numeric = trace[[c for c in trace.columns if c.startswith(("x_", "y_"))]].to_numpy(dtype=float)
+    bad = trace[np.isinf(numeric).any(axis=1) | (np.isnan(numeric).any(axis=1) & (trace["step"] > 0).to_numpy())]
+    if len(bad):
+        row = bad.iloc[0]
+        raise UserError(f"{run}: {len(bad)} trace row(s) hold NaN or inf (first: prompt {row['prompt_id']}, seed {row['seed']}, "
+                        f"step {row['step']}, branch {row['branch']}); re-record them")
+
+
+
+# -- sweep tables -------------------------------------------------------------------------------------------
+def aggregate(table: pd.DataFrame) -> pd.DataFrame:
+    finite_psnr = table.assign(psnr=table["psnr"].replace(np.inf, 100.0))  # identical images: PSNR is infinite
+    return finite_psnr.groupby(["method", "label", "config"], sort=False).agg(
+        threshold=("threshold", "first"), budget=("budget", "first"), computed=("computed", "mean"),
+        predicted=("predicted_computed", "mean"), calls=("calls", "mean"), speedup=("speedup", "mean"),
+        ideal_speedup=("ideal_speedup", "mean"), lpips=("lpips", "mean"), lpips_worst=("lpips", "max"),
+        psnr=("psnr", "mean"), psnr_worst=("psnr", "min"), ssim=("ssim", "mean"),
+    ).reset_index()

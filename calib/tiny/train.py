@@ -1,12 +1,14 @@
 """Train the tiny Qwen-Image-Edit on the shapes dataset, measure its edit success, write its prompt set.
 
-    python -m calib.train_tiny train       # VAE, then transformer; writes calib/weights/ and docs/tiny/loss.*
-    python -m calib.train_tiny evaluate    # 50 held-out edits at 20 steps, CFG 4: docs/tiny/eval.* and samples.png
-    python -m calib.train_tiny prompts     # prompts/shapes.jsonl and its reference PNGs
+    python -m calib.tiny.train train --out W.safetensors --docs DIR   # VAE, then transformer; the weights, DIR/loss.*
+    python -m calib.tiny.train evaluate --docs DIR                     # 50 held-out edits at 20 steps, CFG 4: DIR/eval.*, samples.png
+    python -m calib.tiny.train prompts --out P.jsonl [--seed S]        # a shapes prompt set and its reference PNGs
+
+Each command writes only where it is told (`make train-tiny` tells it calib/tiny/weights/ and docs/tiny/).
 
 `make train-tiny` runs `train` then `evaluate`. Both models are diffusers' own classes:
 
-1. VAE: `AutoencoderKLQwenImage` (config in `calib.backends.tiny.VAE_CONFIG`) trained as an autoencoder on
+1. VAE: `AutoencoderKLQwenImage` (config in `calib.tiny.model.VAE_CONFIG`) trained as an autoencoder on
    rendered scenes: the decoder reconstructs from the posterior mean (what the runtime's `latent_dist.mode()`
    gives) plus a little noise, with MSE + L1/2 weighted 5x on shape pixels (they are a tenth of the canvas, and
    without the weight training sits for long on "background only"), and a small L2 on the latents. Most steps
@@ -20,7 +22,7 @@
    layout: the noisy target's tokens followed by the reference image's tokens, two `img_shapes` entries and
    `zero_cond_t` (reference tokens modulated at t=0, as in 2511). The sigma of each sample is logit-normal, put
    through the scheduler's own exponential shift for this sequence length. Text is the deterministic word
-   embedding of `calib.backends.tiny.embed_text`; 10% of samples get the empty prompt instead, the embedding
+   embedding of `calib.tiny.model.embed_text`; 10% of samples get the empty prompt instead, the embedding
    the runtime's negative prompt has, so true CFG has an unconditional model to push away from. Tokens the
    edit changes (in pixels) weigh 3x in the loss, since most of a target is a copy of its reference. The modulation and
    output layers start at zero (adaLN-zero, as DiT), and the shipped weights are an EMA of the trained ones.
@@ -45,12 +47,11 @@ import torch
 import torch.nn.functional as F
 import typer
 
-from calib import shapes as S
-from calib.backends import tiny
 from calib.backends.loop import pack, qwen_scheduler
+from calib.backends.tiny import TinyQwenImageEdit
+from calib.tiny import model as tiny
+from calib.tiny import shapes as S
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "tiny"
-PROMPTS = Path(__file__).resolve().parent.parent / "prompts" / "shapes.jsonl"
 EVAL_SEED = S.HELD_OUT_SEED
 EVAL_SCENES = 50
 
@@ -177,7 +178,7 @@ def train_vae(cfg: TrainConfig, log: list[dict]) -> torch.nn.Module:
     pixels, weights = _render_pool(rng, cfg.vae_scenes)
     optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
     started = time.perf_counter()
-    factor = tiny.TinyQwenImageEdit.vae_scale_factor
+    factor = TinyQwenImageEdit.vae_scale_factor
     with _single_frame_convs():
         for step in range(cfg.vae_steps):
             for group in optimizer.param_groups:
@@ -254,7 +255,7 @@ def _edit_pool(cfg: TrainConfig) -> tuple[list[S.Scene], list[S.Edit]]:
 def _changed_tokens(edit: S.Edit) -> torch.Tensor:
     """1 for each target token (an 8x8-pixel block) whose pixels the edit changes, in the packed token order."""
     differs = np.abs(S.render(edit.target).astype(int) - S.render(edit.source).astype(int)).sum(-1) > 30
-    block = 2 * tiny.TinyQwenImageEdit.vae_scale_factor
+    block = 2 * TinyQwenImageEdit.vae_scale_factor
     n = S.SIZE // block
     return torch.from_numpy(differs.reshape(n, block, n, block).any(axis=(1, 3)).reshape(-1)).float()
 
@@ -423,13 +424,13 @@ app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0])
 
 @app.command()
 def train(
+    out: Annotated[Path, typer.Option(help="weights file to write (a .json with configs and provenance goes beside it)")],
+    docs: Annotated[Path, typer.Option(help="folder for loss.csv, loss.png and vae.png")],
     seed: Annotated[int, typer.Option(help="seed for the dataset, the initial weights and the noise")] = 0,
     steps: Annotated[int, typer.Option(help="transformer optimiser steps")] = TrainConfig.steps,
     vae_steps: Annotated[int, typer.Option(help="VAE optimiser steps")] = TrainConfig.vae_steps,
     scenes: Annotated[int, typer.Option(help="scenes in the training pool (each gets up to 3 edits)")] = TrainConfig.scenes,
     threads: Annotated[int, typer.Option(help="torch CPU threads (pinned, so the weights do not depend on the machine)")] = TrainConfig.threads,
-    out: Annotated[Path, typer.Option(help="weights file to write (a .json with configs and provenance goes beside it)")] = tiny.DEFAULT_WEIGHTS,
-    docs: Annotated[Path, typer.Option(help="folder for loss.csv and loss.png")] = DOCS,
 ) -> None:
     """Train the VAE, then the transformer; write the weights and the loss curve."""
     import diffusers
@@ -441,7 +442,7 @@ def train(
     vae = train_vae(cfg, log)
     vae_seconds = time.perf_counter() - started
     vae_error = vae_preview(vae, docs / "vae.png")
-    print(f"[vae] held-out reconstruction error {vae_error:.1f}/255 (docs/tiny/vae.png)", flush=True)
+    print(f"[vae] held-out reconstruction error {vae_error:.1f}/255 ({docs / 'vae.png'})", flush=True)
     pool, mean, std = build_pool(cfg, vae)
     vae.register_to_config(latents_mean=mean, latents_std=std)
     transformer = train_transformer(cfg, pool, log)
@@ -454,7 +455,7 @@ def train(
         "vae_reconstruction_error_255": round(vae_error, 2),
         "pool_edits": len(pool.kinds),
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version()},
-        "command": f"python -m calib.train_tiny train --seed {seed} --steps {steps} --vae-steps {vae_steps} --scenes {scenes} --threads {threads}",
+        "command": f"python -m calib.tiny.train train --seed {seed} --steps {steps} --vae-steps {vae_steps} --scenes {scenes} --threads {threads}",
     }
     save_weights(transformer, vae, meta, out)
     size = out.stat().st_size / 2**20
@@ -509,17 +510,17 @@ def _markdown(table) -> str:
 
 @app.command()
 def evaluate(
+    docs: Annotated[Path, typer.Option(help="folder for eval.csv, eval.md and samples.png")],
     weights: Annotated[Path, typer.Option(help="weights file to evaluate")] = tiny.DEFAULT_WEIGHTS,
     n: Annotated[int, typer.Option(help="held-out edits, balanced over the five kinds")] = EVAL_SCENES,
     steps: Annotated[int, typer.Option(help="denoising steps")] = 20,
     cfg: Annotated[float, typer.Option(help="true-CFG scale")] = 4.0,
-    docs: Annotated[Path, typer.Option(help="folder for eval.csv, eval.md and samples.png")] = DOCS,
 ) -> None:
     """Edit-success rate on held-out scenes, per edit kind, plus a sample grid."""
     import pandas as pd
 
     torch.set_num_threads(1)  # one 48x48 edit is a chain of tiny ops: one thread is fastest, and stable under load
-    model = tiny.TinyQwenImageEdit(weights=weights)
+    model = TinyQwenImageEdit(weights=weights)
     started = time.perf_counter()
     rows = evaluate_edits(model, n=n, steps=steps, cfg=cfg)
     seconds = time.perf_counter() - started
@@ -531,7 +532,7 @@ def evaluate(
     table["n"] = list(frame.groupby("kind", sort=False).size().reindex(S.EDIT_KINDS)) + [len(frame)]
     text = (
         f"# tiny-qwen-image-edit: edit success on {len(frame)} held-out scenes\n\n"
-        f"`python -m calib.train_tiny evaluate --n {n} --steps {steps} --cfg {cfg}` "
+        f"`python -m calib.tiny.train evaluate --n {n} --steps {steps} --cfg {cfg}` "
         f"({seconds:.0f} s, {seconds / len(frame):.2f} s per edit with decode)\n\n"
         "success = the edit shows (edit_ok) and every other shape survives (kept_ok); see `calib.shapes.edit_success`.\n\n"
         + _markdown(table) + "\n"
@@ -543,11 +544,13 @@ def evaluate(
 
 @app.command()
 def prompts(
-    path: Annotated[Path, typer.Option(help="prompt set to write; the reference PNGs go in a folder named after it")] = PROMPTS,
+    out: Annotated[Path, typer.Option(help="prompt set to write (JSONL); the reference PNGs go in a folder named after it")],
+    seed: Annotated[int, typer.Option(help="seed of the scenes and edits: a seed names a prompt set exactly")],
     n: Annotated[int, typer.Option(help="number of prompts")] = 30,
 ) -> None:
-    """Write the held-out shapes prompt set that `make demo` uses."""
-    rows = S.write_prompt_set(path, n=n)
+    """Write a shapes prompt set (balanced over the five edit kinds)."""
+    path = out
+    rows = S.write_prompt_set(path, n=n, seed=seed)
     print(f"wrote {path} ({len(rows)} prompts)")
 
 

@@ -326,7 +326,7 @@ def edit_success(edit: Edit, output: Image.Image | np.ndarray) -> dict:
 
 # -- prompt sets ------------------------------------------------------------------------------------------
 
-HELD_OUT_SEED = 20_260_806  # held-out scenes; training draws from its own seed (see calib.train_tiny)
+HELD_OUT_SEED = 20_260_806  # held-out scenes; training draws from its own seed (see calib.tiny.train)
 
 
 def write_prompt_set(path: Path, n: int = 30, seed: int = HELD_OUT_SEED) -> list[dict]:
