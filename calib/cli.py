@@ -3,19 +3,58 @@
 from __future__ import annotations
 
 import functools
-from typing import Annotated
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from calib.errors import UserError
+from calib.models import DEFAULT_MODEL, MODELS
 from calib.peers import GRIDS, METHODS
 
+# Choices, as `--help` shows them (kept in step with teacache.preset.SIGNALS/BRANCH_MODES and calib.fit.LOSSES by tests).
+Model = Literal[tuple(MODELS)]  # type: ignore[valid-type]
+Signal = Literal["auto", "temb", "modin"]
+Target = Literal["output", "residual"]
+BranchMode = Literal["auto", "per-branch", "shared"]
+Loss = Literal["linear", "soft_l1", "huber", "cauchy"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Backend = Literal["diffusers", "lightx2v"]
+Metric = Literal["lpips", "psnr", "ssim"]
+Method = Literal[METHODS]  # type: ignore[valid-type]
+
+
+class _OneLineErrors(TyperGroup):
+    """Every usage error (bad choice, missing option, unparsable number) is one `error:` line and exit code 2."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as err:
+            if not standalone_mode:
+                raise
+            click.echo(f"error: {err.format_message()}", err=True)
+            sys.exit(2)
+        except click.exceptions.Abort:
+            if not standalone_mode:
+                raise
+            sys.exit(130)
+        if standalone_mode:
+            sys.exit(result if isinstance(result, int) else 0)
+        return result
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     help=(
         "teacal: calibrate TeaCache for Qwen-Image(-Edit) and measure what each threshold buys.\n\n"
-        "The main job: `teacal record` (uncached runs, per-step signals) -> `teacal fit` (rescale polynomial -> "
-        "preset JSON) -> `teacal sweep` (speed against LPIPS/PSNR/SSIM) -> `teacal report` (Pareto curves). "
-        "`make demo` runs all four on the embedded tiny model."
+        "The main job: `teacal record RUN` (uncached runs, per-step signals) -> `teacal fit RUN --out P` (rescale "
+        "polynomial -> preset JSON) -> `teacal sweep RUN --preset P` (speed against LPIPS/PSNR/SSIM) -> "
+        "`teacal report RUN` (Pareto curves). Every command names its run folder first. `make demo` runs them all "
+        "on the embedded tiny model."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -46,9 +85,7 @@ def command(function):
     return app.command()(wrapper)
 
 
-def parse_size(size: str | None) -> tuple[int, int] | None:
-    if size is None:
-        return None
+def parse_size(size: str) -> tuple[int, int]:
     try:
         width, height = (int(v) for v in size.lower().split("x"))
     except ValueError:
@@ -58,21 +95,16 @@ def parse_size(size: str | None) -> tuple[int, int] | None:
     return width, height
 
 
-def parse_seeds(seeds: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(s) for s in seeds.split(",") if s.strip())
-    except ValueError:
-        raise UserError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1") from None
-    if not values or len(set(values)) != len(values) or min(values) < 0:
-        raise UserError(f"--seeds {seeds!r}: expected distinct non-negative integers")
-    return values
+RUN_FOLDER = "Run folder written by `teacal record` (trace/, refs/, run.json)."
+MODEL_PANEL, GENERATION_PANEL, DEVICE_PANEL = "Model", "Generation", "Device and scale"
+CONFIG_PANEL, MEASURE_PANEL, PEER_PANEL = "What to measure", "How to measure", "Peer caches: their grids"
+DEVICE_HELP = "auto (cuda when present; cuda:LOCAL_RANK under torchrun), cpu or cuda[:N]."
+DTYPE_HELP = "auto: bf16 on CUDA, fp32 on CPU."
 
 
 @command
 def models() -> None:
     """List the models teacal knows: name, backend, weights, pipeline and default settings."""
-    from calib.models import DEFAULT_MODEL, MODELS
-
     typer.echo(f"{'name':<24}{'backend':<11}{'weights':<28}{'pipeline':<28}{'steps':>6}{'cfg':>6}  size")
     for spec in MODELS.values():
         mark = " (default)" if spec.name == DEFAULT_MODEL else ""
@@ -81,41 +113,44 @@ def models() -> None:
 
 @command
 def record(
-    out: Annotated[str, typer.Option("--out", help="Run folder to write (trace/, refs/, run.json); rerun to resume.")],
-    model: Annotated[str, typer.Option(help="Model name from `teacal models`.")] = "tiny-qwen-image-edit",
-    prompts: Annotated[str, typer.Option(help="Prompt set (JSONL: id, prompt, image, negative_prompt).")] = "prompts/edit.jsonl",
-    model_path: Annotated[str | None, typer.Option(help="Local folder with the weights (diffusers layout); never downloads. Required with --backend lightx2v.")] = None,
-    backend: Annotated[str | None, typer.Option(help="diffusers or lightx2v (default: the model's own). lightx2v needs --model-path and --lightx2v-config.")] = None,
-    steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the model's).")] = None,
-    cfg: Annotated[float | None, typer.Option(help="True-CFG scale (default: the model's).")] = None,
-    size: Annotated[str | None, typer.Option(help="Output WIDTHxHEIGHT (default: the model's).")] = None,
-    seeds: Annotated[str, typer.Option(help="Comma-separated seeds, each run for every prompt.")] = "0",
-    device: Annotated[str, typer.Option(help="auto (cuda when present), cpu or cuda[:N].")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")] = "auto",
-    shard: Annotated[str | None, typer.Option(help="i/K: record every K-th prompt from i (torchrun sets RANK/WORLD_SIZE).")] = None,
-    lightx2v_config: Annotated[str | None, typer.Option(help="--backend lightx2v: LightX2V JSON config (e.g. its configs/qwen_image/qwen_image_i2i_2511.json); sweep reuses it.")] = None,
+    run: Annotated[Path, typer.Argument(help="Run folder to write (trace/, refs/, run.json); rerun the same command to resume.")],
+    model: Annotated[Model, typer.Option(help="Model from `teacal models`.", rich_help_panel=MODEL_PANEL)] = DEFAULT_MODEL,
+    backend: Annotated[Backend | None, typer.Option(help="Default: the model's own. lightx2v needs --model-path and --lightx2v-config.", rich_help_panel=MODEL_PANEL)] = None,
+    model_path: Annotated[Path | None, typer.Option(help="Local folder with the weights (diffusers layout); never downloads. Required with --backend lightx2v.", rich_help_panel=MODEL_PANEL)] = None,
+    lightx2v_config: Annotated[Path | None, typer.Option(help="--backend lightx2v: LightX2V JSON config (e.g. its configs/qwen_image/qwen_image_i2i_2511.json); sweep reuses it.", rich_help_panel=MODEL_PANEL)] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Prompt set (JSONL: id, prompt, image, negative_prompt). Default: the model's calibration set in the repository's prompts/.", rich_help_panel=GENERATION_PANEL)] = None,
+    steps: Annotated[list[int] | None, typer.Option(help="Denoising steps; repeat to record several step counts (default: the model's).", rich_help_panel=GENERATION_PANEL)] = None,
+    cfg: Annotated[float | None, typer.Option(help="True-CFG scale, >= 1 (default: the model's).", rich_help_panel=GENERATION_PANEL)] = None,
+    size: Annotated[str | None, typer.Option(help="Output WIDTHxHEIGHT (default: the model's).", rich_help_panel=GENERATION_PANEL)] = None,
+    seed: Annotated[list[int] | None, typer.Option(help="Seed, each run for every prompt; repeat for several (default: 0).", rich_help_panel=GENERATION_PANEL)] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP, rich_help_panel=DEVICE_PANEL)] = "auto",
+    dtype: Annotated[Dtype, typer.Option(help=DTYPE_HELP, rich_help_panel=DEVICE_PANEL)] = "auto",
+    shard: Annotated[str | None, typer.Option(help="i/K: record every K-th prompt from i (torchrun sets RANK/WORLD_SIZE).", rich_help_panel=DEVICE_PANEL)] = None,
 ) -> None:
     """Run prompts uncached and record, per step and CFG branch, the signals' and the output's rel-L1."""
     from calib.record import RecordRequest
     from calib.record import record as run_record
 
-    run_record(RecordRequest(model, prompts, out, steps, cfg, parse_size(size), parse_seeds(seeds), device, dtype, backend, model_path, shard, lightx2v_config),
-               echo=typer.echo)
+    run_record(RecordRequest(
+        model=model, prompts=prompts, out=run, steps=tuple(steps or ()), cfg=cfg, size=parse_size(size) if size else None,
+        seeds=tuple(seed or (0,)), device=device, dtype=dtype, backend=backend, model_path=model_path, shard=shard,
+        lightx2v_config=lightx2v_config,
+    ), echo=typer.echo)
 
 
 @command
 def fit(
-    runs: Annotated[list[str], typer.Argument(help="Run folders written by `teacal record`.")],
-    out: Annotated[str, typer.Option("--out", help="Preset JSON to write, e.g. presets/my-model.json.")],
-    signal: Annotated[str, typer.Option(help="auto (best held-out error), temb or modin.")] = "auto",
-    degree: Annotated[int, typer.Option(help="Polynomial degree (upstream TeaCache uses 4).")] = 4,
-    target: Annotated[str, typer.Option(help="What the polynomial predicts: output or residual rel-L1.")] = "output",
-    branch_mode: Annotated[str, typer.Option(help="auto, per-branch or shared (one decision per step for both CFG branches).")] = "auto",
-    loss: Annotated[str, typer.Option(help="linear (= np.polyfit) or a robust loss: soft_l1, huber, cauchy.")] = "linear",
-    folds: Annotated[int, typer.Option(help="Cross-validation folds, grouped by prompt.")] = 5,
-    ret_steps: Annotated[int, typer.Option(help="First steps always computed.")] = 1,
+    runs: Annotated[list[Path], typer.Argument(help="Run folders written by `teacal record` (one model and setting).")],
+    out: Annotated[Path, typer.Option("--out", help="Preset JSON to write, e.g. presets/my-model.json.")],
+    signal: Annotated[Signal, typer.Option(help="auto: the best held-out candidate.")] = "auto",
+    degree: Annotated[int, typer.Option(min=1, max=8, help="Polynomial degree (upstream TeaCache uses 4).")] = 4,
+    target: Annotated[Target, typer.Option(help="What the polynomial predicts: the output's or the block residual's rel-L1.")] = "output",
+    branch_mode: Annotated[BranchMode, typer.Option(help="shared: one decision per step for both CFG branches; auto picks it when the signal is the same in both.")] = "auto",
+    loss: Annotated[Loss, typer.Option(help="linear (= np.polyfit) or a robust loss.")] = "linear",
+    folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds, grouped by prompt.")] = 5,
+    ret_steps: Annotated[int, typer.Option(min=0, help="First steps always computed.")] = 1,
     cutoff_steps: Annotated[int, typer.Option(help="First step always computed again at the end; negative counts from the end.")] = -1,
-    speedup: Annotated[float, typer.Option(help="The default threshold is the one simulated to reach this speedup.")] = 1.6,
+    speedup: Annotated[float, typer.Option(min=1.0, help="The default threshold is the one simulated to reach this speedup.")] = 1.6,
 ) -> None:
     """Fit the rescale polynomial (np.poly1d order) with scipy and write a preset with its provenance and fit quality."""
     from calib.fit import FitRequest
@@ -126,40 +161,42 @@ def fit(
 
 @command
 def sweep(
-    preset: Annotated[str, typer.Option(help="Preset JSON written by `teacal fit`.")],
-    run: Annotated[str, typer.Option(help="Run folder written by `teacal record` (its prompts, seeds and reference images).")],
-    thresh: Annotated[str | None, typer.Option(help="TeaCache thresholds: START:STOP[:STEP] (step 0.05 by default) or a comma list. Needed with --method teacache.")] = None,
-    out: Annotated[str | None, typer.Option(help="Where sweep.parquet and its parts go (default: the run folder).")] = None,
-    prompts: Annotated[str | None, typer.Option(help="Sweep only these prompts (a subset of the recorded set; default: all).")] = None,
-    metrics: Annotated[str | None, typer.Option(help="Comma-separated: lpips, psnr, ssim (default: all that can run here).")] = None,
-    baseline: Annotated[list[str] | None, typer.Option(help="Uncalibrated coefficients to compare: constant, identity, flux, wan21, mlx-qwen, or a JSON file. Repeatable.")] = None,
-    oracle: Annotated[str, typer.Option(help="Oracle static schedules: auto (budgets of the thresholds), none, or step budgets like 8,10,12.")] = "auto",
-    target_lpips: Annotated[float | None, typer.Option(help="Recommend the fastest threshold with LPIPS <= this (mean and worst prompt); saved in the preset.")] = None,
-    target_psnr: Annotated[float | None, typer.Option(help="Recommend the fastest threshold with PSNR >= this (mean and worst prompt); saved in the preset.")] = None,
-    model_path: Annotated[str | None, typer.Option(help="Local folder with the weights (real models; required for a lightx2v run).")] = None,
-    lightx2v_config: Annotated[str | None, typer.Option(help="LightX2V JSON config for a lightx2v run (default: the one it was recorded with).")] = None,
-    device: Annotated[str, typer.Option(help="auto (cuda when present), cpu or cuda[:N].")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")] = "auto",
-    method: Annotated[list[str] | None, typer.Option(help=f"Caches to measure on the same prompts, seeds and references: {', '.join(METHODS)}. Repeatable or a comma list (default: teacache). dbcache needs `pip install 'teacal\\[peers]'`.")] = None,
-    fbcache_thresh: Annotated[str | None, typer.Option(help=f"FirstBlockCache thresholds, a comma list (default {GRIDS['fbcache'][0].default}).")] = None,
-    magcache_thresh: Annotated[str | None, typer.Option(help=f"MagCache thresholds (default {GRIDS['magcache'][0].default}); mag_ratios are calibrated on the run's prompts, once.")] = None,
-    magcache_max_skip: Annotated[str | None, typer.Option(help=f"MagCache max_skip_steps values (default {GRIDS['magcache'][1].default}).")] = None,
-    magcache_retention: Annotated[str | None, typer.Option(help=f"MagCache retention_ratio values (default {GRIDS['magcache'][2].default}).")] = None,
-    seacache_thresh: Annotated[str | None, typer.Option(help=f"SeaCache thresholds (default {GRIDS['seacache'][0].default}).")] = None,
-    dbcache_thresh: Annotated[str | None, typer.Option(help=f"cache-dit DBCache (F1B0) residual_diff_threshold values (default {GRIDS['dbcache'][0].default}).")] = None,
+    run: Annotated[Path, typer.Argument(help=RUN_FOLDER + " Its prompts, seeds and reference images are what is measured against.")],
+    preset: Annotated[Path, typer.Option(help="Preset JSON written by `teacal fit`.", rich_help_panel=CONFIG_PANEL)],
+    thresh: Annotated[str | None, typer.Option(help="TeaCache thresholds: START:STOP[:STEP] (step 0.05 by default) or a comma list. Needed with --method teacache.", rich_help_panel=CONFIG_PANEL)] = None,
+    baseline: Annotated[list[str] | None, typer.Option(help="Uncalibrated coefficients at the same thresholds: constant, identity, flux, wan21, mlx-qwen, or a JSON file. Repeatable.", rich_help_panel=CONFIG_PANEL)] = None,
+    oracle: Annotated[str, typer.Option(help="Oracle static schedules: auto (budgets of the thresholds), none, or step budgets like 8,10,12.", rich_help_panel=CONFIG_PANEL)] = "auto",
+    method: Annotated[list[Method] | None, typer.Option(help="Caches to measure on the same prompts, seeds and references; repeatable (default: teacache). dbcache needs `pip install 'teacal\\[peers]'`.", rich_help_panel=CONFIG_PANEL)] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for sweep.parquet, its parts and a recommended preset (default: the run folder).", rich_help_panel=MEASURE_PANEL)] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Sweep only these prompts (a subset of the recorded set; default: all).", rich_help_panel=MEASURE_PANEL)] = None,
+    metrics: Annotated[list[Metric] | None, typer.Option(help="Repeatable (default: all that can run here).", rich_help_panel=MEASURE_PANEL)] = None,
+    target_lpips: Annotated[float | None, typer.Option(min=0.0, help="Recommend the fastest threshold with LPIPS <= this (mean and worst prompt).", rich_help_panel=MEASURE_PANEL)] = None,
+    target_psnr: Annotated[float | None, typer.Option(min=0.0, help="Recommend the fastest threshold with PSNR >= this (mean and worst prompt).", rich_help_panel=MEASURE_PANEL)] = None,
+    save_preset: Annotated[Path | None, typer.Option(help="Where the recommended preset goes (default: OUT/recommended-preset.json); never the input preset.", rich_help_panel=MEASURE_PANEL)] = None,
+    model_path: Annotated[Path | None, typer.Option(help="Local folder with the weights (real models; required for a lightx2v run).", rich_help_panel=DEVICE_PANEL)] = None,
+    lightx2v_config: Annotated[Path | None, typer.Option(help="LightX2V JSON config for a lightx2v run (default: the one it was recorded with).", rich_help_panel=DEVICE_PANEL)] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP, rich_help_panel=DEVICE_PANEL)] = "auto",
+    dtype: Annotated[Dtype, typer.Option(help=DTYPE_HELP, rich_help_panel=DEVICE_PANEL)] = "auto",
+    fbcache_thresh: Annotated[str | None, typer.Option(help=f"FirstBlockCache thresholds, a comma list (default {GRIDS['fbcache'][0].default}).", rich_help_panel=PEER_PANEL)] = None,
+    magcache_thresh: Annotated[str | None, typer.Option(help=f"MagCache thresholds (default {GRIDS['magcache'][0].default}); mag_ratios are calibrated on the run's prompts, once.", rich_help_panel=PEER_PANEL)] = None,
+    magcache_max_skip: Annotated[str | None, typer.Option(help=f"MagCache max_skip_steps values (default {GRIDS['magcache'][1].default}).", rich_help_panel=PEER_PANEL)] = None,
+    magcache_retention: Annotated[str | None, typer.Option(help=f"MagCache retention_ratio values (default {GRIDS['magcache'][2].default}).", rich_help_panel=PEER_PANEL)] = None,
+    seacache_thresh: Annotated[str | None, typer.Option(help=f"SeaCache thresholds (default {GRIDS['seacache'][0].default}).", rich_help_panel=PEER_PANEL)] = None,
+    dbcache_thresh: Annotated[str | None, typer.Option(help=f"cache-dit DBCache (F1B0) residual_diff_threshold values (default {GRIDS['dbcache'][0].default}).", rich_help_panel=PEER_PANEL)] = None,
 ) -> None:
     """Measure speed against LPIPS/PSNR/SSIM for each threshold, baseline, oracle schedule and peer cache setting."""
-    from calib.peers import check_installed, parse_methods
+    from calib.peers import check_installed
 
-    check_installed(parse_methods(method))  # a missing optional peer fails before the heavy imports
+    methods = tuple(dict.fromkeys(method or ("teacache",)))
+    check_installed(methods)  # a missing optional peer fails before the heavy imports
     from calib.metrics import METRICS
     from calib.sweep import SweepRequest
     from calib.sweep import sweep as run_sweep
 
     run_sweep(SweepRequest(
-        preset, run, thresh, out, metrics or ",".join(METRICS), metrics is not None, tuple(baseline or ()), oracle,
-        target_lpips, target_psnr, device, dtype, model_path, lightx2v_config=lightx2v_config,
-        methods=tuple(method or ("teacache",)),
+        preset=preset, run=run, thresholds=thresh, out=out, metrics=tuple(dict.fromkeys(metrics or METRICS)), metrics_explicit=metrics is not None,
+        baselines=tuple(baseline or ()), oracle=oracle, target_lpips=target_lpips, target_psnr=target_psnr, save_preset=save_preset,
+        device=device, dtype=dtype, model_path=model_path, lightx2v_config=lightx2v_config, methods=methods,
         peer_grids={"--fbcache-thresh": fbcache_thresh, "--magcache-thresh": magcache_thresh, "--magcache-max-skip": magcache_max_skip,
                     "--magcache-retention": magcache_retention, "--seacache-thresh": seacache_thresh, "--dbcache-thresh": dbcache_thresh},
         prompts=prompts,
@@ -168,8 +205,8 @@ def sweep(
 
 @command
 def report(
-    run: Annotated[str, typer.Argument(help="Run folder (record, and optionally sweep, output).")],
-    preset: Annotated[str | None, typer.Option(help="Preset to draw the fit of (default: the one the sweep used).")] = None,
+    run: Annotated[Path, typer.Argument(help="Run folder (record output), or a sweep's --out folder.")],
+    preset: Annotated[Path | None, typer.Option(help="Preset to draw the fit of (default: the one the sweep used).")] = None,
 ) -> None:
     """Write Pareto curves, the fit, per-step curves, a skip map and report.md to RUN/report/."""
     from calib.report import report as run_report

@@ -20,6 +20,7 @@ class ModelSpec:
     size: tuple[int, int]  # (width, height)
     edit: bool  # takes a reference image
     description: str
+    prompts: str  # the default prompt set, in the repository's prompts/
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -28,22 +29,23 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             "tiny-qwen-image-edit", "tiny", None, "QwenImageEditPipeline", 20, 4.0, (48, 48), True,
             "embedded default: diffusers' Qwen-Image classes at 1.9M parameters, trained to edit shapes scenes, runs offline on a CPU",
+            "calib.jsonl",
         ),
         ModelSpec(
             "qwen-image-edit", "diffusers", "Qwen/Qwen-Image-Edit", "QwenImageEditPipeline", 50, 4.0, (1024, 1024), True,
-            "Qwen-Image-Edit (2508), 20B MMDiT",
+            "Qwen-Image-Edit (2508), 20B MMDiT", "edit.jsonl",
         ),
         ModelSpec(
             "qwen-image-edit-2509", "diffusers", "Qwen/Qwen-Image-Edit-2509", "QwenImageEditPlusPipeline", 40, 4.0, (1024, 1024), True,
-            "Qwen-Image-Edit-2509, multi-image edit",
+            "Qwen-Image-Edit-2509, multi-image edit", "edit.jsonl",
         ),
         ModelSpec(
             "qwen-image-edit-2511", "diffusers", "Qwen/Qwen-Image-Edit-2511", "QwenImageEditPlusPipeline", 40, 4.0, (1024, 1024), True,
-            "Qwen-Image-Edit-2511, zero_cond_t reference modulation",
+            "Qwen-Image-Edit-2511, zero_cond_t reference modulation", "edit.jsonl",
         ),
         ModelSpec(
             "qwen-image", "diffusers", "Qwen/Qwen-Image", "QwenImagePipeline", 50, 4.0, (1328, 1328), False,
-            "Qwen-Image text-to-image",
+            "Qwen-Image text-to-image", "t2i.jsonl",
         ),
     )
 }

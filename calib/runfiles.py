@@ -23,7 +23,22 @@ from teacache._files import atomic_write
 
 RUN_FILE = "run.json"
 SWEEP_FILE = "sweep.json"
-TRACE_COLUMNS = ["prompt_id", "seed", "step", "branch", "timestep", "sigma", "x_temb", "x_modin", "y_output", "y_residual", "seconds"]
+UNIT_COLUMNS = ["prompt_id", "seed", "steps", "width", "height"]  # one generation; its steps are a series per branch
+TRACE_COLUMNS = [*UNIT_COLUMNS, "step", "branch", "timestep", "sigma", "x_temb", "x_modin", "y_output", "y_residual", "seconds"]
+REUSE_TARGETS = ("output", "residual")
+
+
+def reuse_columns(max_gap: int) -> list[str]:
+    """`r_<target>_<k>`: rel-L1 of this step's output (residual) against the one k steps back, k = 2..max_gap.
+
+    k = 1 is `y_<target>`. These are what a skip really substitutes: a call skipped k steps after the last computed
+    one gets that step's residual. Null where the series has no step k back.
+    """
+    return [f"r_{target}_{k}" for target in REUSE_TARGETS for k in range(2, max_gap + 1)]
+
+
+def trace_columns(max_gap: int) -> list[str]:
+    return [*TRACE_COLUMNS[:-1], *reuse_columns(max_gap), "seconds"]
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -32,27 +47,54 @@ def settings_hash(settings: dict[str, Any]) -> str:
 
 def read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not a JSON file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def check_same_settings(path: Path, settings: dict[str, Any], what: str) -> dict[str, Any] | None:
+def _leaves(settings: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(settings, dict):
+        out: dict[str, Any] = {}
+        for key, value in settings.items():
+            out.update(_leaves(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): settings}
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def settings_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """The settings that differ, leaf by leaf, shortly: `steps: [20] -> [40], dtype: 'float32' -> 'bfloat16'`."""
+    before, after = _leaves(old), _leaves(new)
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    detail = ", ".join(f"{k}: {_short(before.get(k))} -> {_short(after.get(k))}" for k in changed[:4])
+    return detail + (f" (and {len(changed) - 4} more)" if len(changed) > 4 else "")
+
+
+def check_same_settings(path: Path, settings: dict[str, Any], what: str, flag: str = "another output folder") -> dict[str, Any] | None:
     """The settings already in `path`, or None; a mismatch is an error, so runs never mix."""
     if not path.exists():
         return None
     existing = read_json(path)
     old = existing.get("settings", {})
     if settings_hash(old) != settings_hash(settings):
-        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        detail = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed[:4])
-        raise UserError(f"{path.parent}: already holds a {what} with other settings ({detail}); choose another --out")
+        raise UserError(f"{path.parent}: already holds a {what} with other settings ({settings_difference(old, settings)}); choose {flag}")
     return existing
 
 
@@ -68,11 +110,35 @@ def write_png(path: Path, image: Image.Image) -> None:
     atomic_write(path, buffer.getvalue())
 
 
+def write_array(path: Path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    atomic_write(path, buffer.getvalue())
+
+
+def read_array(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: not a readable .npy array ({type(err).__name__}); delete it and rerun the stage that wrote it") from None
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A parquet table, or one line naming the file when it is empty, truncated or not parquet at all."""
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: not a readable parquet table ({first}); delete it and rerun the stage that wrote it") from None
+
+
 def read_parts(folder: Path) -> pd.DataFrame | None:
     parts = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
     if not parts:
         return None
-    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    return pd.concat([read_table(p) for p in parts], ignore_index=True)
 
 
 def now_iso() -> str:
@@ -110,15 +176,23 @@ def resolve_shard(shard: str | None) -> tuple[int, int]:
 
 
 # -- record: run.json and the trace -------------------------------------------------------------------------
-def pair_name(prompt_id: str, seed: int) -> str:
-    return f"{prompt_id}-{seed}"
+def unit_name(prompt_id: str, seed: int, steps: int, size: tuple[int, int] | list[int]) -> str:
+    """Names one generation's files: `<prompt>-<seed>-<steps>st-<W>x<H>`."""
+    return f"{prompt_id}-{seed}-{steps}st-{size[0]}x{size[1]}"
 
 
 def load_run(run: str | Path) -> dict:
     path = Path(run) / RUN_FILE
+    if not Path(run).is_dir():
+        raise UserError(f"{run}: no such run folder")
     if not path.exists():
         raise UserError(f"{run}: no {RUN_FILE}; is this a `teacal record` output folder?")
     return read_json(path)
+
+
+def missing_units(info: dict) -> list[str]:
+    """The generations a run's run.json lists as not yet recorded (an unfinished or partly sharded record)."""
+    return sorted(name for name, status in info.get("status", {}).items() if status != "done")
 
 
 def load_trace(run: str | Path) -> pd.DataFrame:
@@ -127,20 +201,31 @@ def load_trace(run: str | Path) -> pd.DataFrame:
     frame = read_parts(run / "trace")
     if frame is None:
         if not (run / "trace.parquet").exists():
-            raise UserError(f"{run}: no trace found; run `teacal record --out {run}` first")
-        frame = pd.read_parquet(run / "trace.parquet")
-    return frame.sort_values(["prompt_id", "seed", "branch", "step"]).reset_index(drop=True)
+            raise UserError(f"{run}: no trace found; run `teacal record {run}` first")
+        frame = read_table(run / "trace.parquet")
+    missing = [c for c in TRACE_COLUMNS if c not in frame.columns]
+    if missing:
+        raise UserError(f"{run}: the trace lacks column(s) {', '.join(missing)}; it was written by another teacal version, record again")
+    return frame.sort_values([*UNIT_COLUMNS, "branch", "step"]).reset_index(drop=True)
 
 
 def check_finite(trace: pd.DataFrame, run: str | Path) -> None:
-    """Signals and targets are finite everywhere but a series' first step, which has no previous value."""
-    numeric = trace[[c for c in trace.columns if c.startswith(("x_", "y_"))]].to_numpy(dtype=float)
-    bad = trace[np.isinf(numeric).any(axis=1) | (np.isnan(numeric).any(axis=1) & (trace["step"] > 0).to_numpy())]
-    if len(bad):
-        row = bad.iloc[0]
-        raise UserError(f"{run}: {len(bad)} trace row(s) hold NaN or inf (first: prompt {row['prompt_id']}, seed {row['seed']}, "
-                        f"step {row['step']}, branch {row['branch']}); re-record them")
+    """Signals and targets are finite where they exist; only a series' first steps (no step back) are null."""
+    signals = trace[[c for c in trace.columns if c.startswith(("x_", "y_"))]].to_numpy(dtype=float)
+    reuse = trace[[c for c in trace.columns if c.startswith("r_")]].to_numpy(dtype=float)
+    gaps = np.array([int(c.rsplit("_", 1)[1]) for c in trace.columns if c.startswith("r_")], dtype=int)
+    step = trace["step"].to_numpy()[:, None]
+    bad = (np.isinf(signals).any(axis=1) | (np.isnan(signals).any(axis=1) & (step[:, 0] > 0))
+           | np.isinf(reuse).any(axis=1) | (np.isnan(reuse) & (step >= gaps[None, :])).any(axis=1))
+    if bad.any():
+        row = trace[bad].iloc[0]
+        raise UserError(f"{run}: {int(bad.sum())} trace row(s) hold NaN or inf (first: prompt {row['prompt_id']}, seed {row['seed']}, "
+                        f"{row['steps']} steps, step {row['step']}, branch {row['branch']}); re-record them")
 
+
+def max_gap(trace: pd.DataFrame) -> int:
+    gaps = [int(c.rsplit("_", 1)[1]) for c in trace.columns if c.startswith("r_residual_")]
+    return max(gaps, default=1)
 
 
 # -- sweep tables -------------------------------------------------------------------------------------------

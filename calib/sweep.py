@@ -34,7 +34,7 @@ from calib.runfiles import (
     load_run,
     load_trace,
     now_iso,
-    pair_name,
+    unit_name,
     write_json,
     write_table,
 )
@@ -185,16 +185,17 @@ def sweep(request: SweepRequest, echo=print) -> pd.DataFrame:
     if recorded_weights is not None and weights_id(spec, backend_name, request.model_path) != recorded_weights:
         raise UserError(f"{request.run}: recorded with weights {recorded_weights}, but this sweep would run {weights_id(spec, backend_name, request.model_path)}; record again (or pass the same --model-path)")
     peers.check_backend(methods, backend_name)
-    prompts = load_prompts(info["prompt_file"], need_image=spec.edit)
-    if prompts.sha256 != settings["prompts_sha256"]:
-        raise UserError(f"{info['prompt_file']}: changed since it was recorded in {request.run}; record again")
+    run = Path(request.run)
+    prompts = load_prompts(run / info["prompt_file"], need_image=spec.edit)
+    if prompts.sha256 != settings["inputs_sha256"]:
+        raise UserError(f"{run / info['prompt_file']}: the prompt set or its images changed since they were recorded in {run}; record again")
     items = prompts.items
     if request.prompts is not None:
         items = subset_of_recorded(load_prompts(request.prompts, need_image=spec.edit), prompts, request.run)
     seeds = settings["seeds"]
-    steps, cfg, size = settings["steps"], settings["cfg"], tuple(settings["size"])
+    steps, cfg, size = settings["steps"][0], settings["cfg"], tuple(settings["sizes"][0])
     pairs = [(item, seed) for item in items for seed in seeds]
-    run = Path(request.run)
+    pair_name = lambda prompt_id, seed: unit_name(prompt_id, seed, steps, size)  # noqa: E731
     missing = [pair_name(i.id, s) for i, s in pairs if not (run / "refs" / f"{pair_name(i.id, s)}.png").exists()]
     if missing:
         raise UserError(f"{run}: no reference image for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; finish `teacal record` first")

@@ -51,14 +51,14 @@ import logging
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from teacache.policy import TeaCachePolicy, TeaCacheStats, rel_l1
+from teacache.forecast import ResidualCache
+from teacache.policy import TeaCacheCall, TeaCachePolicy, TeaCacheStats, rel_l1
 from teacache.preset import Preset, PresetError, check_threshold
 
 try:
@@ -141,17 +141,10 @@ def resolve_threshold(config: Any, preset: Preset) -> float:
 
 
 # -- the infer classes -----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TeaCacheCall:
-    """What observers (the record backend) see of one transformer call."""
-
-    step: int
-    branch: str
-    computed: bool
-    signals: dict[str, torch.Tensor]  # "temb" and "modin", over the target tokens (this rank's part of them)
-    hidden_states: torch.Tensor  # block-stack input
-    output: torch.Tensor  # block-stack output (input + residual on a skipped call)
-    n_target: int  # target tokens: the first n_target rows (of the full sequence) are the generated image
+def timestep_input(scheduler) -> float:
+    """The timestep the transformer gets at this step: ``QwenImageScheduler.step_pre`` feeds t in its dtype (bf16) / 1000."""
+    t = torch.tensor([float(scheduler.timesteps[scheduler.step_index])], dtype=scheduler.dtype) / 1000
+    return float(t[0])
 
 
 class QwenImageTeaCachingTransformerInfer(QwenImageTransformerInfer):
@@ -172,7 +165,7 @@ class QwenImageTeaCachingTransformerInfer(QwenImageTransformerInfer):
     def _reset(self) -> None:
         distance = self._seq_parallel_rel_l1 if self.seq_parallel and self.preset.signal == "modin" else rel_l1
         self.policy = self._policy or TeaCachePolicy(self.preset, self.threshold, distance)
-        self._residuals: dict[str, torch.Tensor] = {}
+        self._caches: dict[str, ResidualCache] = {}
         self._request: tuple[int, Any] | None = None
         self._last_step = -1
 
@@ -280,15 +273,19 @@ class QwenImageTeaCachingTransformerInfer(QwenImageTransformerInfer):
         signals = self.signals(block_weights, pre_infer_out, kinds)
         computed = self.policy.decide(step, branch, signals[self.preset.signal])
         hidden_states = pre_infer_out.hidden_states
+        sigma = timestep_input(self.scheduler)
+        cache = self._caches.setdefault(branch, ResidualCache(self.preset.forecast))
         if computed:
             # LightX2V's Qwen blocks update hidden_states out of place, so the input is still the stack's input here.
             output = super().infer(block_weights, pre_infer_out)
             residual = output - hidden_states
-            self._residuals[branch] = residual.to("cpu", non_blocking=True) if self.cpu_offload else residual
+            cache.store(step, sigma, residual.to("cpu", non_blocking=True) if self.cpu_offload else residual)
         else:
-            output = hidden_states + self._residuals[branch].to(hidden_states.device, non_blocking=True)
+            residual = cache.residual_for(step, sigma).to(hidden_states.device, non_blocking=True)
+            output = hidden_states + residual
         if self.observers:
-            call = TeaCacheCall(step, branch, computed, signals, hidden_states, output, self.n_target())
+            call = TeaCacheCall(step=step, branch=branch, sigma=sigma, computed=computed, signals=signals,
+                                residual=self._target_rows(output - hidden_states), prediction=None)
             for observer in self.observers:
                 observer(call)
         return output

@@ -12,6 +12,10 @@ Deliberate choices, each fixing a pitfall of the original sketch (REFERENCE §1)
 * forced steps still store the signal, so the first middle step compares against a real previous signal;
 * the rescaled estimate is clamped at 0: a fitted polynomial can dip below zero near x = 0, and a negative
   "output change" would let the accumulator run backwards; it also makes threshold 0 mean "never skip";
+* a preset that knows its calibrated signal range (`Preset.x_range`) gets each distance clamped into it: outside
+  it the polynomial is extrapolation, and a fitted one can fall to 0 there and skip for free (a 20-step preset at
+  40 steps sees smaller distances). Clamping errs towards computing. Generations outside the domain are flagged in
+  the stats (`outside_domain`), and the runtimes log them once;
 * `start()` resets everything for a new generation;
 * every branch has its own state (or, in shared mode, one decision per step that both branches follow),
   and a branch that has no residual yet is always computed.
@@ -57,6 +61,7 @@ class TeaCacheStats:
 
     num_steps: int
     decisions: list[Decision] = field(default_factory=list)
+    outside_domain: list[str] = field(default_factory=list)  # why this generation lies outside the preset's domain
 
     @property
     def computed(self) -> int:
@@ -82,7 +87,25 @@ class TeaCacheStats:
 
     def __str__(self) -> str:
         parts = ", ".join(f"{b}: {c['computed']} computed / {c['skipped']} skipped" for b, c in self.per_branch().items())
-        return f"TeaCache {self.computed}/{len(self.decisions)} calls computed ({parts})"
+        flag = f"; outside the calibrated domain: {'; '.join(self.outside_domain)}" if self.outside_domain else ""
+        return f"TeaCache {self.computed}/{len(self.decisions)} calls computed ({parts}){flag}"
+
+
+@dataclass(frozen=True)
+class TeaCacheCall:
+    """What a runtime reports of one transformer call to its observers (teacal's recorder): the same in both runtimes.
+
+    Tensors cover the target tokens only (the generated image; an edit's reference tokens are left out).
+    """
+
+    step: int
+    branch: str
+    sigma: float  # the timestep the transformer received, t / 1000
+    computed: bool
+    signals: dict[str, torch.Tensor]  # every candidate signal ("temb", "modin") when observed
+    residual: torch.Tensor  # block-stack output - input (on a skipped call: the residual that was added)
+    prediction: torch.Tensor | None  # the transformer's output for this branch (None where the runtime cannot see it)
+    seconds: float | None = None  # the call's wall time, device synchronised (measured only while observed)
 
 
 @dataclass
@@ -116,6 +139,7 @@ class TeaCachePolicy:
         self.threshold = check_threshold(preset.threshold if threshold is None else threshold)
         self.shared = preset.branch_mode == SHARED
         self._rescale = np.poly1d(preset.coefficients)
+        self._x_range = preset.x_range
         self._series: dict[str, _Series] = {}
         self._has_residual: set[str] = set()
         self._cutoff: int | None = None
@@ -130,11 +154,20 @@ class TeaCachePolicy:
         self._cutoff = self.preset.resolve_cutoff(num_steps)
         self._series = {}
         self._has_residual = set()
-        self.stats = TeaCacheStats(num_steps=num_steps)
+        self.stats = TeaCacheStats(num_steps=num_steps, outside_domain=self.preset.outside_domain(num_steps))
+
+    def flag_outside_domain(self, reason: str) -> None:
+        """Record, once per generation, why it lies outside the preset's domain (a runtime may add the image size)."""
+        if self.stats is not None and reason not in self.stats.outside_domain:
+            self.stats.outside_domain.append(reason)
 
     def rescale(self, distance: float) -> float:
         value = float(self._rescale(distance))
         return max(0.0, value) if math.isfinite(value) else math.inf
+
+    def estimate(self, distance: float) -> float:
+        """What one step adds to the accumulator, exactly as the rule applies it: clamped into the domain, rescaled."""
+        return self.rescale(self._clamped(distance)) if math.isfinite(distance) else math.inf
 
     def decide(self, step: int, branch: str, signal: torch.Tensor) -> bool:
         """True = run the transformer blocks for this call; False = reuse the branch's cached residual."""
@@ -178,10 +211,19 @@ class TeaCachePolicy:
         self.stats.decisions.append(Decision(step, branch, distance, accumulated, computed, reason))
         return computed
 
+    def _clamped(self, distance: float) -> float:
+        if self._x_range is None or not math.isfinite(distance):
+            return distance
+        low, high = self._x_range
+        if not low <= distance <= high:
+            side = "below" if distance < low else "above"
+            self.flag_outside_domain(f"signal rel-L1 {side} the calibrated {low:.4g}..{high:.4g}")
+        return min(max(distance, low), high)
+
     def _rule(self, series: _Series, step: int, distance: float | None) -> tuple[bool, str]:
         """TeaCache itself: accumulate the rescaled distance; compute when forced, over threshold or capped."""
         if distance is not None:
-            series.accumulated += self.rescale(distance) if math.isfinite(distance) else math.inf
+            series.accumulated += self.estimate(distance)
         if step < self.preset.ret_steps or step >= self._cutoff:
             return True, "forced"
         if series.accumulated >= self.threshold:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from teacache._files import atomic_write
+from teacache.forecast import NO_FORECAST, Forecast, ForecastError
 
 PRESET_FORMAT = "teacal-preset/1"
 SIGNALS = ("temb", "modin")
@@ -33,7 +34,10 @@ class Preset:
 
     `coefficients` are highest power first, as `np.poly1d` takes them; `[1.0, 0.0]` is the identity.
     `cutoff_steps` is the first step that is always computed again; a negative value counts from the end
-    (-1: the last step), so one preset serves any step count.
+    (-1: the last step). `forecast` is the reuse rule of a skipped call (`teacache.forecast`). `domain` is what the
+    preset was calibrated on: ``steps`` (the step counts recorded), ``sizes`` ([width, height] pairs), ``dtype`` and
+    ``x_range`` (per signal, the [low, high] of the recorded rel-L1); runtimes clamp the signal's rel-L1 into that
+    range and flag a generation outside it. A preset without a domain (hand-written coefficients) is used as is.
     """
 
     model: str
@@ -47,12 +51,19 @@ class Preset:
     calibration: dict[str, Any] = field(default_factory=dict)
     fit: dict[str, Any] = field(default_factory=dict)
     thresholds: tuple[dict[str, Any], ...] = ()
+    forecast: Forecast = NO_FORECAST
+    domain: dict[str, Any] = field(default_factory=dict)
     format: str = PRESET_FORMAT
     source: str = field(default="<memory>", compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "coefficients", tuple(float(c) for c in self.coefficients))
         object.__setattr__(self, "thresholds", tuple(dict(t) for t in self.thresholds))
+        if isinstance(self.forecast, dict):
+            try:
+                object.__setattr__(self, "forecast", Forecast.from_dict(self.forecast))
+            except ForecastError as err:
+                raise self._fail("forecast", str(err).removeprefix("field 'forecast': ")) from None
         self._check()
 
     def _fail(self, name: str, message: str) -> PresetError:
@@ -84,9 +95,40 @@ class Preset:
         check_threshold(self.threshold, lambda msg: self._fail("threshold", msg))
         if self.max_consecutive_skips is not None and (not _is_int(self.max_consecutive_skips) or self.max_consecutive_skips < 1):
             raise self._fail("max_consecutive_skips", f"must be null or an integer >= 1, got {self.max_consecutive_skips!r}")
-        for name in ("calibration", "fit"):
+        for name in ("calibration", "fit", "domain"):
             if not isinstance(getattr(self, name), dict):
                 raise self._fail(name, "must be an object")
+        if not isinstance(self.forecast, Forecast):
+            raise self._fail("forecast", f"must be an object like {{\"rule\": \"none\"}}, got {self.forecast!r}")
+        self._check_domain()
+
+    def _check_domain(self) -> None:
+        unknown = sorted(set(self.domain) - {"steps", "sizes", "dtype", "x_range"})
+        if unknown:
+            raise self._fail("domain", f"unknown key(s) {', '.join(repr(k) for k in unknown)}")
+        steps = self.domain.get("steps", [])
+        if not isinstance(steps, list) or not all(_is_int(s) and s >= 1 for s in steps):
+            raise self._fail("domain.steps", f"must be a list of step counts, got {steps!r}")
+        for signal, bounds in self.domain.get("x_range", {}).items():
+            if signal not in SIGNALS or not (isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, (int, float)) and math.isfinite(b) for b in bounds) and bounds[0] <= bounds[1]):
+                raise self._fail("domain.x_range", f"expected {{signal: [low, high]}} for signals {', '.join(SIGNALS)}, got {signal!r}: {bounds!r}")
+
+    @property
+    def x_range(self) -> tuple[float, float] | None:
+        """The calibrated [low, high] of this preset's signal, or None when the preset has no domain."""
+        bounds = self.domain.get("x_range", {}).get(self.signal)
+        return (float(bounds[0]), float(bounds[1])) if bounds else None
+
+    def outside_domain(self, num_steps: int | None = None, size: tuple[int, int] | None = None) -> list[str]:
+        """Why a generation of `num_steps` steps at `size` (width, height) lies outside the calibrated domain."""
+        reasons = []
+        steps = self.domain.get("steps")
+        if steps and num_steps is not None and not min(steps) <= num_steps <= max(steps):
+            reasons.append(f"{num_steps} steps outside the calibrated {min(steps)}..{max(steps)}")
+        sizes = self.domain.get("sizes")
+        if sizes and size is not None and list(size) not in [list(s) for s in sizes]:
+            reasons.append(f"size {size[0]}x{size[1]} not among the calibrated {', '.join(f'{w}x{h}' for w, h in sizes)}")
+        return reasons
 
     # -- schedule ---------------------------------------------------------------------------------------------
     @property
@@ -117,6 +159,7 @@ class Preset:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source"}
         data["coefficients"] = list(self.coefficients)
         data["thresholds"] = list(self.thresholds)
+        data["forecast"] = self.forecast.to_dict()
         return {"format": data.pop("format"), **data}
 
     @classmethod

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
-from calib.backends.lightx2v import LightX2VModelBackend, _lightx2v, _now, recording_preset
+from calib.backends import Generation, recording_preset
+from calib.backends.lightx2v import LightX2VModelBackend, _lightx2v, _now
 from calib.errors import UserError
 
 TINY_LIGHTX2V_CONFIG = dict(
@@ -90,6 +90,7 @@ class TinyLightX2V(LightX2VModelBackend):
         self.scheduler.pos_embed = QwenEmbedRope(theta=10000, axes_dim=list(transformer_config["axes_dims_rope"]), scale_rope=True)
         self.model.set_scheduler(self.scheduler)
         self.recording = recording_preset("tiny-qwen-image-edit")
+        self.model_name = "tiny-qwen-image-edit"
         self.seed = seed
         self._codec = None
 
@@ -142,7 +143,7 @@ class TinyLightX2V(LightX2VModelBackend):
         return latents
 
     @torch.no_grad()
-    def run(self, item, seed: int, steps: int, cfg: float, size: tuple[int, int], on_step=None) -> tuple[Image.Image, dict[str, float]]:
+    def run(self, item, seed: int, steps: int, cfg: float, size: tuple[int, int], on_step=None) -> Generation:
         """The backend interface: one prompt-set item, as `TinyQwenImageEdit.run` makes it, denoised by LightX2V."""
         width, height = size
         self.config["enable_cfg"] = cfg > 1
@@ -158,7 +159,7 @@ class TinyLightX2V(LightX2VModelBackend):
         latents = self.denoise(inputs, info, steps, on_step=on_step)
         denoise_seconds = _now() - denoise_started
         image = self.codec.decode(latents, width, height)
-        return image, {"seconds": _now() - started, "denoise_seconds": denoise_seconds}
+        return Generation(image, latents.float().cpu().numpy(), _now() - started, denoise_seconds)
 
     def close(self) -> None:
         del self.model, self.scheduler

@@ -1,34 +1,50 @@
-"""How a model is run: each backend generates one image per (prompt, seed) and exposes the transformer
-that TeaCache and the recorder hook into."""
+"""How a model is run and observed: each backend generates one image per (prompt, seed) and runs TeaCache's runtime.
+
+There is one observation mechanism for every backend: recording runs TeaCache at threshold 0 (every call computed,
+bit-identical to an uncached run) with an observer, which receives a `teacache.policy.TeaCacheCall` per transformer
+call: the same signal, residual and prediction code that caching uses.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 from PIL import Image
 
-from calib.backends.observe import Observer, observe
 from calib.errors import UserError
 from calib.models import ModelSpec
 from calib.prompts import PromptItem
 from teacache.diffusers import apply_teacache, remove_teacache, teacache_block_forwards, teacache_stats
-from teacache.policy import TeaCacheStats
+from teacache.policy import TeaCacheCall, TeaCacheStats
+from teacache.preset import Preset
+
+
+@dataclass
+class Generation:
+    """One generated image, its final (packed) latents and its timings, device synchronised."""
+
+    image: Image.Image
+    latents: np.ndarray  # float32, what the VAE decodes: probes compare them with the reference's
+    seconds: float  # the whole generation
+    denoise_seconds: float  # the denoising loop only: what caching shortens, and what sweep's speedups compare
 
 
 class Backend(Protocol):
-    def observing(self) -> contextlib.AbstractContextManager:
-        """Record every transformer call while active; yields an object whose `.rows` are trace rows."""
+    def observing(self, observer: Callable[[TeaCacheCall], None]) -> contextlib.AbstractContextManager:
+        """While active, every transformer call runs computed (TeaCache at threshold 0) and is reported to `observer`."""
 
-    def caching(self, preset, threshold: float | None, steps: int, policy=None) -> contextlib.AbstractContextManager:
+    def caching(self, preset, threshold: float | None, policy=None) -> contextlib.AbstractContextManager:
         """TeaCache on while active; yields a `CacheHandle` for the stats of the last generation."""
 
-    def run(self, item: PromptItem, seed: int, steps: int, cfg: float, size: tuple[int, int], on_step=None) -> tuple[Image.Image, dict[str, float]]:
-        """The image, and {"seconds", "denoise_seconds"} measured with the device synchronised."""
+    def run(self, item: PromptItem, seed: int, steps: int, cfg: float, size: tuple[int, int], on_step=None) -> Generation:
+        """One generation of a prompt-set item."""
 
     def close(self) -> None:
         """Free the model and its device memory."""
@@ -40,23 +56,41 @@ class CacheHandle:
     block_forwards: Callable[[], int]
 
 
+def recording_preset(model: str) -> Preset:
+    """A preset under which every call is computed (threshold 0): recording observes, it never skips."""
+    return Preset(model=model, signal="temb", coefficients=(1.0, 0.0), ret_steps=0, cutoff_steps=-1, threshold=0.0,
+                  calibration={"purpose": "recording: threshold 0 computes every call"})
+
+
 class HookedTransformerBackend:
-    """Shared by the backends whose denoiser is diffusers' `QwenImageTransformer2DModel` (`self.transformer`)."""
+    """Shared by the backends whose denoiser is diffusers' `QwenImageTransformer2DModel` (`self.transformer`).
+
+    `hook_target` is what `apply_teacache` gets: the pipeline (whose scheduler tells the steps), or the transformer
+    when the backend's own loop passes the step fields to `cache_context`.
+    """
 
     transformer: torch.nn.Module
+    model_name: str
+
+    @property
+    def hook_target(self) -> torch.nn.Module:
+        return self.transformer
 
     @contextlib.contextmanager
-    def observing(self) -> Iterator[Observer]:
-        with observe(self.transformer) as observer:
-            yield observer
-
-    @contextlib.contextmanager
-    def caching(self, preset, threshold: float | None, steps: int, policy=None) -> Iterator[CacheHandle]:
-        apply_teacache(self.transformer, preset, threshold=threshold, num_inference_steps=steps, policy=policy)
+    def observing(self, observer: Callable[[TeaCacheCall], None]) -> Iterator[None]:
+        apply_teacache(self.hook_target, recording_preset(self.model_name), threshold=0.0, observers=[observer])
         try:
-            yield CacheHandle(lambda: teacache_stats(self.transformer), lambda: teacache_block_forwards(self.transformer))
+            yield
         finally:
-            remove_teacache(self.transformer)
+            remove_teacache(self.hook_target)
+
+    @contextlib.contextmanager
+    def caching(self, preset, threshold: float | None, policy=None) -> Iterator[CacheHandle]:
+        apply_teacache(self.hook_target, preset, threshold=threshold, policy=policy)
+        try:
+            yield CacheHandle(lambda: teacache_stats(self.hook_target), lambda: teacache_block_forwards(self.hook_target))
+        finally:
+            remove_teacache(self.hook_target)
 
     @property
     def num_blocks(self) -> int:
@@ -66,17 +100,33 @@ class HookedTransformerBackend:
 def synchronize(device) -> None:
     """Wait for queued GPU work, so wall-clock timings measure it."""
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(torch.device(device))
 
 
-def resolve_device(device: str) -> str:
+def resolve_device(device: str, cuda_available: bool | None = None, cuda_count: int | None = None, local_rank: str | None = None) -> str:
+    """`--device` -> a torch device string. auto: ``cuda:LOCAL_RANK`` under torchrun (each rank its own GPU), else
+    ``cuda:0`` when CUDA is available, else ``cpu``. The three machine facts are arguments so that tests can state them;
+    by default they are read from torch and the environment."""
+    import os
+
+    cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
+    local_rank = os.environ.get("LOCAL_RANK") if local_rank is None else local_rank
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine (use --device auto or cpu)")
-    if device not in ("cpu",) and not device.startswith("cuda"):
+        if not cuda_available:
+            return "cpu"
+        index = int(local_rank) if local_rank not in (None, "") else 0
+        count = torch.cuda.device_count() if cuda_count is None else cuda_count
+        if index >= count:
+            raise UserError(f"LOCAL_RANK={index} but this machine has {count} CUDA device(s); launch at most {count} processes per node")
+        return f"cuda:{index}"
+    if device == "cpu":
+        return device
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if match is None:
         raise UserError(f"--device {device!r}: expected auto, cpu or cuda[:N]")
-    return device
+    if not cuda_available:
+        raise UserError(f"--device {device}: CUDA is not available on this machine (use --device auto or cpu)")
+    return device if match.group(1) is not None else "cuda:0"
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:

@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from calib.backends import HookedTransformerBackend, synchronize
+from calib.backends import Generation, HookedTransformerBackend, synchronize
 from calib.errors import UserError
 from calib.models import ModelSpec
 
@@ -41,7 +40,10 @@ class DiffusersBackend(HookedTransformerBackend):
         import diffusers
 
         self.spec = spec
+        self.model_name = spec.name
         self.device = device
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))  # libraries that allocate on "the current device" follow the rank
         pipeline_class = getattr(diffusers, spec.pipeline)
         source = str(check_model_folder(model_path)) if model_path else spec.hub_id
         try:
@@ -54,7 +56,11 @@ class DiffusersBackend(HookedTransformerBackend):
         self.pipe.set_progress_bar_config(disable=True)
         self.transformer = self.pipe.transformer
 
-    def run(self, item, seed: int, steps: int, cfg: float, size: tuple[int, int], on_step=None) -> tuple[Image.Image, dict[str, float]]:
+    @property
+    def hook_target(self) -> torch.nn.Module:
+        return self.pipe  # the stock pipelines name the CFG branches only; the scheduler tells TeaCache the step
+
+    def run(self, item, seed: int, steps: int, cfg: float, size: tuple[int, int], on_step=None) -> Generation:
         width, height = size
         kwargs = dict(
             prompt=item.prompt,
@@ -77,12 +83,15 @@ class DiffusersBackend(HookedTransformerBackend):
                 synchronize(self.device)
                 marks["loop"] = time.perf_counter()
 
+        final: dict[str, torch.Tensor] = {}
+
         def step_end(pipe, i, t, tensors):
             if on_step is not None:
                 on_step(i)
-            if i == steps - 1:
+            if i == pipe.num_timesteps - 1:
                 synchronize(self.device)
                 marks["loop_end"] = time.perf_counter()
+                final["latents"] = tensors["latents"]  # packed, before the VAE: what probes compare
             return tensors
 
         kwargs["callback_on_step_end"] = step_end
@@ -96,7 +105,7 @@ class DiffusersBackend(HookedTransformerBackend):
         finally:
             handle.remove()
         loop = marks["loop_end"] - marks["loop"] if "loop_end" in marks else seconds
-        return image, {"seconds": seconds, "denoise_seconds": loop}
+        return Generation(image, final["latents"].float().cpu().numpy(), seconds, loop)
 
     def close(self) -> None:
         del self.pipe, self.transformer

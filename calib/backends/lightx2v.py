@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import gc
 import hashlib
@@ -56,10 +57,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from calib.backends import CacheHandle
-from calib.backends.observe import trace_row
+from calib.backends import CacheHandle, Generation, recording_preset
 from calib.errors import UserError
 from calib.models import ModelSpec
+from teacache.policy import TeaCacheCall
 from teacache.preset import Preset
 
 INSTALL_HINT = (
@@ -153,12 +154,6 @@ def check_same_lightx2v_config(settings: dict[str, Any], run: str | os.PathLike)
 
 
 # -- recording and caching on LightX2V's Qwen-Image model --------------------------------------------------------------
-def recording_preset(model: str) -> Preset:
-    """A preset under which every call is computed (threshold 0): recording observes, it never skips."""
-    return Preset(model=model, signal="temb", coefficients=(1.0, 0.0), ret_steps=0, cutoff_steps=-1, threshold=0.0,
-                  calibration={"purpose": "recording: threshold 0 computes every call"})
-
-
 def recording_config(model: str) -> dict[str, Any]:
     """LightX2V config keys that select TeaCache with the recording preset, for the model named `model`."""
     return dict(feature_caching="Tea", teacache_model=model, teacache_preset=recording_preset(model), teacache_thresh=0.0)
@@ -189,36 +184,21 @@ def _now() -> float:
     return time.perf_counter()
 
 
-def timestep_input(scheduler) -> float:
-    """The timestep the transformer gets at this step: ``QwenImageScheduler.step_pre`` feeds t in its dtype (bf16) / 1000."""
-    t = torch.tensor([float(scheduler.timesteps[scheduler.step_index])], dtype=scheduler.dtype) / 1000
-    return float(t[0])
+class _CallCompleter:
+    """Completes the TeaCache infer class's `TeaCacheCall` with what only the model sees, then hands it on.
 
-
-class LightX2VObserver:
-    """Trace rows of LightX2V's transformer calls, with `calib.backends.observe.Observer`'s columns and definitions.
-
-    One call is one ``QwenImageTransformerModel._infer_cond_uncond`` (one CFG branch of one step). Within it the
-    TeaCache infer class hands over the signals and the block-stack input and output (`TeaCacheCall`); the call
-    returns the prediction. Each branch keeps its own previous values, and a new request (the scheduler's
-    ``rope_request_id``) starts every branch afresh, so a branch's first call gives None.
+    One call is one ``QwenImageTransformerModel._infer_cond_uncond`` (one CFG branch of one step): within it the infer
+    class reports the signals and the residual; the call returns the prediction, and is timed here.
     """
 
-    def __init__(self, model) -> None:
-        self.model = model
-        self.rows: list[dict] = []
-        self._previous: dict[str, dict[str, torch.Tensor]] = {}
-        self._request: tuple[int, Any] | None = None
-        self._call = None
+    def __init__(self, observer: Callable[[TeaCacheCall], None]) -> None:
+        self.observer = observer
+        self._call: TeaCacheCall | None = None
 
-    def on_tea_call(self, call) -> None:
+    def on_tea_call(self, call: TeaCacheCall) -> None:
         self._call = call
 
     def observe_call(self, infer_cond_uncond: Callable, *args, **kwargs) -> torch.Tensor:
-        scheduler = self.model.scheduler
-        request = (id(scheduler), getattr(scheduler, "rope_request_id", None))
-        if request != self._request:
-            self._previous, self._request = {}, request
         self._call = None
         started = _now()
         prediction = infer_cond_uncond(*args, **kwargs)
@@ -226,15 +206,8 @@ class LightX2VObserver:
         call, self._call = self._call, None
         if call is None:
             raise RuntimeError("LightX2V ran a transformer call without TeaCache's infer class; build it with recording_config()")
-        n = call.n_target
-        current = {
-            "x_temb": call.signals["temb"],
-            "x_modin": call.signals["modin"],
-            "y_residual": (call.output - call.hidden_states)[:n],
-            "y_output": prediction[:, :n],
-        }
-        previous = self._previous.setdefault(call.branch, {})
-        self.rows.append(trace_row(call.step, call.branch, timestep_input(scheduler), current, previous, seconds))
+        n = call.residual.shape[0]
+        self.observer(dataclasses.replace(call, prediction=prediction[:, :n], seconds=seconds))
         return prediction
 
 
@@ -260,24 +233,24 @@ class LightX2VModelBackend:
         return len(self.model.transformer_weights.blocks)
 
     @contextlib.contextmanager
-    def observing(self) -> Iterator[LightX2VObserver]:
+    def observing(self, observer: Callable[[TeaCacheCall], None]) -> Iterator[None]:
         infer, model = self._tea_infer(), self.model
-        observer = LightX2VObserver(model)
+        completer = _CallCompleter(observer)
         patched = "_infer_cond_uncond" in vars(model)
         original = model._infer_cond_uncond
-        model._infer_cond_uncond = functools.partial(observer.observe_call, original)
-        infer.observers.append(observer.on_tea_call)
+        model._infer_cond_uncond = functools.partial(completer.observe_call, original)
+        infer.observers.append(completer.on_tea_call)
         try:
-            yield observer
+            yield
         finally:
-            infer.observers.remove(observer.on_tea_call)
+            infer.observers.remove(completer.on_tea_call)
             if patched:
                 model._infer_cond_uncond = original
             else:
                 del model._infer_cond_uncond
 
     @contextlib.contextmanager
-    def caching(self, preset: Preset, threshold: float | None, steps: int, policy=None) -> Iterator[CacheHandle]:
+    def caching(self, preset: Preset, threshold: float | None, policy=None) -> Iterator[CacheHandle]:
         """TeaCache with `preset` at `threshold` (or `policy`'s decisions) while active; the steps come from the scheduler.
 
         ``block_forwards`` counts the block-stack passes that really ran (``infer_func``, which runs every block).
@@ -317,6 +290,7 @@ class LightX2VQwenImage(LightX2VModelBackend):
         from lightx2v.utils.set_config import set_config
 
         self.spec = spec
+        self.model_name = spec.name
         self.task = "i2i" if spec.edit else "t2i"
         self.recording = recording_preset(spec.name)
         args = argparse.Namespace(model_cls="qwen_image", task=self.task, model_path=str(model_path), config_json=str(lightx2v_config), support_tasks=[])
@@ -339,7 +313,7 @@ class LightX2VQwenImage(LightX2VModelBackend):
             self.model.to_cuda()
 
     @torch.no_grad()
-    def run(self, item, seed: int, steps: int, cfg: float, size: tuple[int, int], on_step=None) -> tuple[Image.Image, dict[str, float]]:
+    def run(self, item, seed: int, steps: int, cfg: float, size: tuple[int, int], on_step=None) -> Generation:
         from lightx2v.utils.input_info import init_empty_input_info, update_input_info_from_dict
         from lightx2v.utils.utils import seed_all
 
@@ -348,12 +322,14 @@ class LightX2VQwenImage(LightX2VModelBackend):
         runner.set_config({"infer_steps": steps, "enable_cfg": cfg > 1, "sample_guide_scale": cfg})
         scheduler.sample_guide_scale = cfg  # the scheduler reads it once, at construction
         denoise_seconds: list[float] = []
+        final_latents: list[torch.Tensor] = []
         run_dit = runner.run_dit
 
         def timed_run_dit(*args, **kwargs):
             started = _now()
             out = run_dit(*args, **kwargs)
             denoise_seconds.append(_now() - started)
+            final_latents.append(out[0])  # (latents, generator): what the VAE decodes
             return out
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -386,7 +362,7 @@ class LightX2VQwenImage(LightX2VModelBackend):
                 f"{2 * runner.config['vae_scale_factor']} within min_custom_size..max_custom_size of the LightX2V config "
                 f"({runner.config.get('min_custom_size', 256)}..{runner.config.get('max_custom_size', 1664)})"
             )
-        return image, {"seconds": seconds, "denoise_seconds": denoise_seconds[0]}
+        return Generation(image, final_latents[0].float().cpu().numpy(), seconds, denoise_seconds[0])
 
     def close(self) -> None:
         del self.runner, self.model

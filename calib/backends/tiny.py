@@ -20,7 +20,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
-from calib.backends import HookedTransformerBackend, synchronize
+from calib.backends import Generation, HookedTransformerBackend, synchronize
 from calib.backends.loop import Conditioning, denoise, pack, qwen_scheduler, unpack
 from calib.tiny.model import DEFAULT_SIZE, DEFAULT_WEIGHTS, VAE_CONFIG, build_tiny, embed_text, load_tiny
 
@@ -29,6 +29,7 @@ class TinyQwenImageEdit(HookedTransformerBackend):
     """Runs the tiny model; `transformer` is the module that caches and recorders hook into."""
 
     vae_scale_factor = 2 ** len(VAE_CONFIG["temperal_downsample"])
+    model_name = "tiny-qwen-image-edit"
 
     def __init__(
         self,
@@ -84,8 +85,8 @@ class TinyQwenImageEdit(HookedTransformerBackend):
         size: tuple[int, int] = DEFAULT_SIZE,
         negative_prompt: str = "",
         on_step=None,
-    ) -> tuple[Image.Image, dict[str, float]]:
-        """One edit (or text-to-image without `image`). Returns the image and its timings in seconds."""
+    ) -> Generation:
+        """One edit (or text-to-image without `image`): the image, its final latents and timings."""
         width, height = size
         h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
         noise = torch.randn(1, 4, 1, h, w, generator=torch.Generator().manual_seed(seed))
@@ -102,9 +103,9 @@ class TinyQwenImageEdit(HookedTransformerBackend):
         denoise_seconds = time.perf_counter() - started
         result = self.decode(latents, width, height)
         synchronize(self.device)
-        return result, {"denoise_seconds": denoise_seconds, "seconds": time.perf_counter() - started}
+        return Generation(result, latents.float().cpu().numpy(), time.perf_counter() - started, denoise_seconds)
 
-    def run(self, item, seed: int, steps: int, cfg: float, size: tuple[int, int], on_step=None) -> tuple[Image.Image, dict[str, float]]:
+    def run(self, item, seed: int, steps: int, cfg: float, size: tuple[int, int], on_step=None) -> Generation:
         """The backend interface: one prompt-set item."""
         return self.generate(item.prompt, item.load_image(), seed, steps, cfg, size, item.negative_prompt, on_step)
 

@@ -466,7 +466,7 @@ def evaluate_edits(model, n: int = EVAL_SCENES, seed: int = EVAL_SEED, steps: in
     """Run `n` held-out edits through `model` (a TinyQwenImageEdit) and judge each with `shapes.edit_success`."""
     rows = []
     for i, edit in enumerate(S.sample_edits(seed, n, balanced=True)):
-        output, _ = model.generate(edit.prompt, S.to_pil(edit.source), seed=i, steps=steps, cfg=cfg, size=(S.SIZE, S.SIZE))
+        output = model.generate(edit.prompt, S.to_pil(edit.source), seed=i, steps=steps, cfg=cfg, size=(S.SIZE, S.SIZE)).image
         rows.append({"index": i, "kind": edit.kind, "prompt": edit.prompt, **S.edit_success(edit, output), "edit": edit, "output": output})
     return rows
 
