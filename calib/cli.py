@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -18,13 +19,13 @@ from calib.peers import GRIDS, METHODS
 # Choices, as `--help` shows them (kept in step with teacache.preset.SIGNALS/BRANCH_MODES and calib.fit.LOSSES by tests).
 Model = Literal[tuple(MODELS)]  # type: ignore[valid-type]
 Signal = Literal["auto", "temb", "modin"]
-Target = Literal["output", "residual"]
+Target = Literal["auto", "residual", "output"]
 BranchMode = Literal["auto", "per-branch", "shared"]
 Loss = Literal["linear", "soft_l1", "huber", "cauchy"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Backend = Literal["diffusers", "lightx2v"]
-Metric = Literal["lpips", "psnr", "ssim"]
-Method = Literal[METHODS]  # type: ignore[valid-type]
+Metric = Enum("Metric", {name: name for name in ("lpips", "psnr", "ssim")}, type=str)  # Enums: typer lists take no Literal
+Method = Enum("Method", {name: name for name in METHODS}, type=str)
 
 
 class _OneLineErrors(TyperGroup):
@@ -33,18 +34,31 @@ class _OneLineErrors(TyperGroup):
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         try:
             result = super().main(*args, standalone_mode=False, **kwargs)
-        except click.ClickException as err:
-            if not standalone_mode:
-                raise
-            click.echo(f"error: {err.format_message()}", err=True)
-            sys.exit(2)
-        except click.exceptions.Abort:
+        except typer.Abort:
             if not standalone_mode:
                 raise
             sys.exit(130)
+        except typer.TyperException as err:  # typer's own click: its usage errors (bad choice, number, missing option)
+            if not standalone_mode or not hasattr(err, "format_message"):
+                raise
+            if type(err).__name__ == "NoArgsIsHelpError":
+                err.show()
+                sys.exit(0)
+            click.echo(f"error: {_one_line(err)}", err=True)
+            sys.exit(2)
         if standalone_mode:
             sys.exit(result if isinstance(result, int) else 0)
         return result
+
+
+def _one_line(err) -> str:
+    """`--flag VALUE: what is wrong`, on one line, whichever validator (click's or pydantic's) raised it."""
+    message = " ".join(err.format_message().split())
+    param = getattr(err, "param", None)
+    flag = max(getattr(param, "opts", None) or [""], key=len) or getattr(param, "name", "") or ""
+    if flag and flag not in message:
+        message = f"{flag}: {message}"
+    return message
 
 
 app = typer.Typer(
@@ -126,6 +140,7 @@ def record(
     device: Annotated[str, typer.Option(help=DEVICE_HELP, rich_help_panel=DEVICE_PANEL)] = "auto",
     dtype: Annotated[Dtype, typer.Option(help=DTYPE_HELP, rich_help_panel=DEVICE_PANEL)] = "auto",
     shard: Annotated[str | None, typer.Option(help="i/K: record every K-th prompt from i (torchrun sets RANK/WORLD_SIZE).", rich_help_panel=DEVICE_PANEL)] = None,
+    max_gap: Annotated[int, typer.Option(min=1, max=64, help="Reuse errors are recorded for skips of up to this many steps.", rich_help_panel=GENERATION_PANEL)] = 16,
 ) -> None:
     """Run prompts uncached and record, per step and CFG branch, the signals' and the output's rel-L1."""
     from calib.record import RecordRequest
@@ -134,8 +149,28 @@ def record(
     run_record(RecordRequest(
         model=model, prompts=prompts, out=run, steps=tuple(steps or ()), cfg=cfg, size=parse_size(size) if size else None,
         seeds=tuple(seed or (0,)), device=device, dtype=dtype, backend=backend, model_path=model_path, shard=shard,
-        lightx2v_config=lightx2v_config,
+        lightx2v_config=lightx2v_config, max_gap=max_gap,
     ), echo=typer.echo)
+
+
+@command
+def probe(
+    run: Annotated[Path, typer.Argument(help=RUN_FOLDER + " Probes go in its probes/ and probes.parquet.")],
+    prompts: Annotated[int, typer.Option(min=1, help="How many of the run's prompts to probe (the first ones; first seed, every step count).")] = 4,
+    window: Annotated[list[int] | None, typer.Option(help="Window lengths to skip; repeat for several (default: 1, 4 and 8). Single steps give the sensitivity, longer windows the compounding.")] = None,
+    forecast: Annotated[bool, typer.Option(help="Also measure the reuse rule (linear forecasts of several dampings on evenly spaced schedules), for a calibrated forecast.")] = False,
+    model_path: Annotated[Path | None, typer.Option(help="Local folder with the weights (real models).", rich_help_panel=DEVICE_PANEL)] = None,
+    lightx2v_config: Annotated[Path | None, typer.Option(help="LightX2V JSON config (default: the recorded one).", rich_help_panel=DEVICE_PANEL)] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP, rich_help_panel=DEVICE_PANEL)] = "auto",
+    dtype: Annotated[Dtype, typer.Option(help=DTYPE_HELP + " Must be the recording's.", rich_help_panel=DEVICE_PANEL)] = "auto",
+    shard: Annotated[str | None, typer.Option(help="i/K: run every K-th probe from i (torchrun sets RANK/WORLD_SIZE).", rich_help_panel=DEVICE_PANEL)] = None,
+) -> None:
+    """Measure what skipping a window of steps costs the final image, for the cost model `teacal fit` uses."""
+    from calib.probe import ProbeRequest
+    from calib.probe import probe as run_probe
+
+    run_probe(ProbeRequest(run=run, prompts=prompts, windows=tuple(window or (1, 4, 8)), device=device, dtype=dtype, model_path=model_path,
+                           lightx2v_config=lightx2v_config, shard=shard, forecast=forecast), echo=typer.echo)
 
 
 @command
@@ -144,27 +179,31 @@ def fit(
     out: Annotated[Path, typer.Option("--out", help="Preset JSON to write, e.g. presets/my-model.json.")],
     signal: Annotated[Signal, typer.Option(help="auto: the best held-out candidate.")] = "auto",
     degree: Annotated[int, typer.Option(min=1, max=8, help="Polynomial degree (upstream TeaCache uses 4).")] = 4,
-    target: Annotated[Target, typer.Option(help="What the polynomial predicts: the output's or the block residual's rel-L1.")] = "output",
+    target: Annotated[Target, typer.Option(help="Which reuse error the cost model weighs: the block residual's (what a skip substitutes) or the output's; auto tries both.")] = "auto",
     branch_mode: Annotated[BranchMode, typer.Option(help="shared: one decision per step for both CFG branches; auto picks it when the signal is the same in both.")] = "auto",
     loss: Annotated[Loss, typer.Option(help="linear (= np.polyfit) or a robust loss.")] = "linear",
     folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds, grouped by prompt.")] = 5,
     ret_steps: Annotated[int, typer.Option(min=0, help="First steps always computed.")] = 1,
     cutoff_steps: Annotated[int, typer.Option(help="First step always computed again at the end; negative counts from the end.")] = -1,
     speedup: Annotated[float, typer.Option(min=1.0, help="The default threshold is the one simulated to reach this speedup.")] = 1.6,
+    partial: Annotated[bool, typer.Option(help="Fit an unfinished recording anyway (it says how much is missing).")] = False,
 ) -> None:
-    """Fit the rescale polynomial (np.poly1d order) with scipy and write a preset with its provenance and fit quality."""
+    """Fit the rescale polynomial (np.poly1d order) to what skips cost, with scipy; write a preset with its provenance, domain and fit quality."""
     from calib.fit import FitRequest
     from calib.fit import fit as run_fit
 
-    run_fit(FitRequest(tuple(runs), out, signal, degree, target, branch_mode, loss, folds, ret_steps, cutoff_steps, speedup), echo=typer.echo)
+    run_fit(FitRequest(runs=tuple(runs), out=out, signal=signal, degree=degree, target=target, branch_mode=branch_mode, loss=loss, folds=folds,
+                       ret_steps=ret_steps, cutoff_steps=cutoff_steps, speedup=speedup, partial=partial), echo=typer.echo)
 
 
 @command
 def sweep(
     run: Annotated[Path, typer.Argument(help=RUN_FOLDER + " Its prompts, seeds and reference images are what is measured against.")],
     preset: Annotated[Path, typer.Option(help="Preset JSON written by `teacal fit`.", rich_help_panel=CONFIG_PANEL)],
-    thresh: Annotated[str | None, typer.Option(help="TeaCache thresholds: START:STOP[:STEP] (step 0.05 by default) or a comma list. Needed with --method teacache.", rich_help_panel=CONFIG_PANEL)] = None,
-    baseline: Annotated[list[str] | None, typer.Option(help="Uncalibrated coefficients at the same thresholds: constant, identity, flux, wan21, mlx-qwen, or a JSON file. Repeatable.", rich_help_panel=CONFIG_PANEL)] = None,
+    thresh: Annotated[str, typer.Option(help="Thresholds of TeaCache and the baselines: auto (for each method, one per computed-call count from 15% to 80% of the calls, from its own simulated schedules), START:STOP[:STEP] or a comma list.", rich_help_panel=CONFIG_PANEL)] = "auto",
+    baseline: Annotated[list[str] | None, typer.Option(help="Uncalibrated coefficients (constant, identity, flux, wan21, mlx-qwen, or a JSON file), or the static schedule uniform. Repeatable.", rich_help_panel=CONFIG_PANEL)] = None,
+    forecast: Annotated[list[str] | None, typer.Option(help="Reuse rules for calibrated TeaCache: preset (its own), none, calibrated, linear:ALPHA[:sigma]. Repeatable: one front each.", rich_help_panel=CONFIG_PANEL)] = None,
+    steps: Annotated[int | None, typer.Option(help="Which recorded step count to sweep (needed when the run holds several).", rich_help_panel=CONFIG_PANEL)] = None,
     oracle: Annotated[str, typer.Option(help="Oracle static schedules: auto (budgets of the thresholds), none, or step budgets like 8,10,12.", rich_help_panel=CONFIG_PANEL)] = "auto",
     method: Annotated[list[Method] | None, typer.Option(help="Caches to measure on the same prompts, seeds and references; repeatable (default: teacache). dbcache needs `pip install 'teacal\\[peers]'`.", rich_help_panel=CONFIG_PANEL)] = None,
     out: Annotated[Path | None, typer.Option(help="Folder for sweep.parquet, its parts and a recommended preset (default: the run folder).", rich_help_panel=MEASURE_PANEL)] = None,
@@ -173,10 +212,14 @@ def sweep(
     target_lpips: Annotated[float | None, typer.Option(min=0.0, help="Recommend the fastest threshold with LPIPS <= this (mean and worst prompt).", rich_help_panel=MEASURE_PANEL)] = None,
     target_psnr: Annotated[float | None, typer.Option(min=0.0, help="Recommend the fastest threshold with PSNR >= this (mean and worst prompt).", rich_help_panel=MEASURE_PANEL)] = None,
     save_preset: Annotated[Path | None, typer.Option(help="Where the recommended preset goes (default: OUT/recommended-preset.json); never the input preset.", rich_help_panel=MEASURE_PANEL)] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Time each generation this many times, in a rotated order; the fastest counts.", rich_help_panel=MEASURE_PANEL)] = 1,
+    remake_references: Annotated[bool, typer.Option(help="Measure against this sweep's own uncached images (another dtype or device than the recording's).", rich_help_panel=MEASURE_PANEL)] = False,
+    yes: Annotated[bool, typer.Option(help=f"Run more than {400} configurations.", rich_help_panel=MEASURE_PANEL)] = False,
     model_path: Annotated[Path | None, typer.Option(help="Local folder with the weights (real models; required for a lightx2v run).", rich_help_panel=DEVICE_PANEL)] = None,
     lightx2v_config: Annotated[Path | None, typer.Option(help="LightX2V JSON config for a lightx2v run (default: the one it was recorded with).", rich_help_panel=DEVICE_PANEL)] = None,
     device: Annotated[str, typer.Option(help=DEVICE_HELP, rich_help_panel=DEVICE_PANEL)] = "auto",
-    dtype: Annotated[Dtype, typer.Option(help=DTYPE_HELP, rich_help_panel=DEVICE_PANEL)] = "auto",
+    dtype: Annotated[Dtype, typer.Option(help=DTYPE_HELP + " Must be the recording's (or --remake-references).", rich_help_panel=DEVICE_PANEL)] = "auto",
+    shard: Annotated[str | None, typer.Option(help="i/K: every K-th (prompt, seed) with all its configurations (torchrun sets RANK/WORLD_SIZE).", rich_help_panel=DEVICE_PANEL)] = None,
     fbcache_thresh: Annotated[str | None, typer.Option(help=f"FirstBlockCache thresholds, a comma list (default {GRIDS['fbcache'][0].default}).", rich_help_panel=PEER_PANEL)] = None,
     magcache_thresh: Annotated[str | None, typer.Option(help=f"MagCache thresholds (default {GRIDS['magcache'][0].default}); mag_ratios are calibrated on the run's prompts, once.", rich_help_panel=PEER_PANEL)] = None,
     magcache_max_skip: Annotated[str | None, typer.Option(help=f"MagCache max_skip_steps values (default {GRIDS['magcache'][1].default}).", rich_help_panel=PEER_PANEL)] = None,
@@ -187,19 +230,20 @@ def sweep(
     """Measure speed against LPIPS/PSNR/SSIM for each threshold, baseline, oracle schedule and peer cache setting."""
     from calib.peers import check_installed
 
-    methods = tuple(dict.fromkeys(method or ("teacache",)))
+    methods = tuple(dict.fromkeys(m.value for m in method or ())) or ("teacache",)
     check_installed(methods)  # a missing optional peer fails before the heavy imports
     from calib.metrics import METRICS
     from calib.sweep import SweepRequest
     from calib.sweep import sweep as run_sweep
 
     run_sweep(SweepRequest(
-        preset=preset, run=run, thresholds=thresh, out=out, metrics=tuple(dict.fromkeys(metrics or METRICS)), metrics_explicit=metrics is not None,
+        preset=preset, run=run, thresholds=thresh, out=out, metrics=tuple(dict.fromkeys(m.value for m in metrics or ())) or METRICS, metrics_explicit=metrics is not None,
         baselines=tuple(baseline or ()), oracle=oracle, target_lpips=target_lpips, target_psnr=target_psnr, save_preset=save_preset,
         device=device, dtype=dtype, model_path=model_path, lightx2v_config=lightx2v_config, methods=methods,
         peer_grids={"--fbcache-thresh": fbcache_thresh, "--magcache-thresh": magcache_thresh, "--magcache-max-skip": magcache_max_skip,
                     "--magcache-retention": magcache_retention, "--seacache-thresh": seacache_thresh, "--dbcache-thresh": dbcache_thresh},
-        prompts=prompts,
+        prompts=prompts, forecasts=tuple(forecast or ("preset",)), steps=steps, remake_references=remake_references, repeats=repeats,
+        shard=shard, yes=yes,
     ), echo=typer.echo)
 
 

@@ -1,43 +1,99 @@
-"""`teacal fit`: the rescale polynomial from recorded traces, cross-validated by prompt, into a preset.
+"""`teacal fit`: the rescale polynomial, fitted to what a skip costs the final image, into a preset. No torch.
 
-x is a signal's rel-L1 between consecutive steps; y the rel-L1 of the transformer output (or of the block
-residual) over the same steps. The polynomial maps one to the other, so TeaCache's accumulator estimates how
-far the output has moved since the last computed step.
+TeaCache computes step ``i`` once its accumulator ``Σ_{m=j+1..i} poly(x_m)`` (``j`` the last computed step, ``x``
+the signal's rel-L1 between consecutive steps) reaches the threshold. So the accumulator should predict what skipping
+``j+1..i`` costs: the window cost ``W(j, i) = Σ_m cost(skip m after j)`` of `calib.simulate.CostModel` (recorded reuse
+errors, weighted by the probed sensitivity of the final image). A threshold then marks windows of equal cost, which
+is what spends a compute budget best when a window's cost grows with its length. For a fixed set of windows this is
+linear least squares in the `np.poly1d` coefficients: the features of a window are the sums of ``x_m^d``.
+
+Because the rule only compares the accumulator with a threshold, any increasing function of ``W`` gives the same
+family of schedules. ``sqrt(W)`` (`root`) grows about linearly with the window length, as a sum of per-step terms
+does, and usually fits far better than ``W`` itself (`cost`); both are candidates.
+
+Candidates (signal x reuse target x transform x degree) are cross-validated by prompt: fitted on some prompts, their
+TeaCache schedules are simulated on the others over a dense threshold grid, and the modelled quality at each compute
+budget (20%..75% of the calls) is compared with the best static schedule of the training prompts there (the
+oracle). The candidate closest to, or above, that oracle on the held-out prompts wins. The held-out error of the
+fitted quantity (R², MAE of the accumulator against the window cost, with the runtime's clamp) is reported too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import scipy.linalg
-from scipy.optimize import least_squares
+from scipy.optimize import least_squares, minimize, minimize_scalar
 
 from calib.errors import UserError
-from calib.runfiles import check_finite, library_versions, load_run, load_trace, now_iso
-from calib.simulate import threshold_for_speedup
+from calib.runfiles import (
+    check_finite,
+    library_versions,
+    load_probes,
+    load_run,
+    load_trace,
+    missing_units,
+    now_iso,
+    read_prompt_rows,
+)
+from calib.simulate import (
+    CostModel,
+    UnitSeries,
+    db_at_budgets,
+    decibels,
+    forced_steps,
+    oracle_schedules,
+    schedule_cost,
+    simulated_front,
+    threshold_for_speedup,
+    thresholds_for_budgets,
+    unit_series,
+)
+from teacache.forecast import NO_FORECAST, Forecast
+from teacache.policy import TeaCachePolicy
 from teacache.preset import SIGNALS, Preset
 
 LOSSES = ("linear", "soft_l1", "huber", "cauchy")
-SETTINGS_THAT_MUST_MATCH = ("model", "backend", "steps", "cfg", "size", "dtype", "weights")
+TARGETS = ("residual", "output")
+TRANSFORMS = ("root", "cost")
+SETTINGS_THAT_MUST_MATCH = ("model", "backend", "cfg", "dtype", "weights", "sizes")
+BUDGETS = (0.2, 0.75)  # the compute budgets candidates are compared at, as fractions of the calls
+WEAK_R2 = 0.5
 
 
-def fit_polynomial(x: np.ndarray, y: np.ndarray, degree: int, loss: str = "linear") -> np.ndarray:
-    """Coefficients, highest power first (np.poly1d order). `linear` is plain least squares = np.polyfit."""
+# -- the polynomial ---------------------------------------------------------------------------------------------------
+def fit_polynomial(features: np.ndarray, y: np.ndarray, loss: str = "linear", positive_on: tuple[float, float] | None = None,
+                   floor: float = 0.0) -> np.ndarray:
+    """Coefficients (highest power first, np.poly1d order) minimising ``features @ c - y``.
+
+    With one point per window of one step, `features` is the Vandermonde matrix and `linear` equals `np.polyfit`.
+    `positive_on`: the polynomial must stay at or above `floor` over that range (the calibrated signal range, into
+    which the runtime clamps): a fit that dips below it there is refitted under that constraint (SLSQP), since an
+    estimate of 0 would skip for free.
+    """
     if loss not in LOSSES:
         raise UserError(f"--loss {loss!r}: expected one of {', '.join(LOSSES)}")
-    vandermonde = np.vander(x, degree + 1)
-    scale = np.sqrt((vandermonde * vandermonde).sum(axis=0))  # column scaling, as np.polyfit does, for conditioning
+    scale = np.sqrt((features * features).sum(axis=0))  # column scaling, as np.polyfit does, for conditioning
     scale[scale == 0] = 1.0
-    start = scipy.linalg.lstsq(vandermonde / scale, y)[0] / scale
+    start = scipy.linalg.lstsq(features / scale, y)[0] / scale
     if loss == "linear":
-        return start
-    # Robust losses down-weight outlier steps; f_scale is the residual size where that starts.
-    f_scale = float(np.median(np.abs(np.polyval(start, x) - y))) or 1e-3
-    result = least_squares(lambda c: np.polyval(c, x) - y, start, loss=loss, f_scale=f_scale, x_scale=np.abs(start) + 1e-12, method="trf")
-    return result.x
+        result = start
+    else:
+        # Robust losses down-weight outlier windows; f_scale is the residual size where that starts.
+        f_scale = float(np.median(np.abs(features @ start - y))) or 1e-3
+        result = least_squares(lambda c: features @ c - y, start, loss=loss, f_scale=f_scale, x_scale=np.abs(start) + 1e-12, method="trf").x
+    if positive_on is None:
+        return result
+    grid = np.vander(np.linspace(*positive_on, 128), features.shape[1])
+    if (grid @ result).min() >= floor:
+        return result
+    scaled = minimize(lambda c: float(np.sum((features @ (c / scale) - y) ** 2)), result * scale, method="SLSQP",
+                      constraints=[{"type": "ineq", "fun": lambda c: grid @ (c / scale) - floor}], options={"maxiter": 500, "ftol": 1e-12})
+    return scaled.x / scale
 
 
 def r2(y: np.ndarray, predicted: np.ndarray) -> float:
@@ -46,157 +102,473 @@ def r2(y: np.ndarray, predicted: np.ndarray) -> float:
 
 
 def group_folds(groups: np.ndarray, k: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """k folds of row indices; all rows of one group (prompt) fall in the same fold."""
+    """k folds of indices; all entries of one group (prompt) fall in the same fold."""
     unique = np.unique(groups)
     order = np.random.default_rng(seed).permutation(unique)
     folds = []
     for i in range(k):
-        test_groups = order[i::k]
-        test = np.isin(groups, test_groups)
+        test = np.isin(groups, order[i::k])
         folds.append((np.flatnonzero(~test), np.flatnonzero(test)))
     return folds
 
 
+# -- windows --------------------------------------------------------------------------------------------------------
+@dataclass
+class Windows:
+    """Every skip window of some units: the accumulator's inputs (the signal's per-step x) and the window cost."""
+
+    unit: np.ndarray  # index into the unit list, per window
+    x: list[np.ndarray]  # the window's x_m, m = j+1..i
+    cost: np.ndarray  # W(j, i)
+
+    def features(self, degree: int, clamp: tuple[float, float] | None = None) -> np.ndarray:
+        rows = []
+        for x in self.x:
+            x = np.clip(x, *clamp) if clamp else x
+            rows.append(np.vander(x, degree + 1).sum(axis=0))
+        return np.array(rows).reshape(len(self.x), degree + 1)
+
+    def subset(self, index: np.ndarray) -> Windows:
+        return Windows(self.unit[index], [self.x[i] for i in index], self.cost[index])
+
+
+def skip_windows(units: list[UnitSeries], matrices: dict, signal: str, shared: bool, ret_steps: int, cutoff_steps: int) -> Windows:
+    """Windows (j computed; j+1..i skipped, none of them forced; i - j up to the recorded max gap) of every unit.
+
+    Shared decisions: one window per (j, i) with the branches' mean cost; per-branch: one per branch.
+    """
+    probe = Preset(model="-", signal=signal, coefficients=[1.0, 0.0], ret_steps=ret_steps, cutoff_steps=cutoff_steps)
+    unit_index, xs, costs = [], [], []
+    for u, unit in enumerate(units):
+        matrix = matrices[unit.key]  # [b, m, j, p]
+        forced = forced_steps(probe, unit.steps)
+        x = unit.x[signal]
+        branches = [None] if shared else range(len(unit.branches))
+        for b in branches:
+            for j in range(unit.steps):
+                running = 0.0
+                for i in range(j + 1, min(unit.steps, j + unit.max_gap + 1)):
+                    if forced[i]:
+                        break
+                    p = min(i - j, matrix.shape[3] - 1)  # the computed step before j: a gap like this one
+                    step_cost = matrix[:, i, j, p].mean() if b is None else matrix[b, i, j, p]
+                    if not math.isfinite(step_cost):
+                        break
+                    running += step_cost
+                    unit_index.append(u)
+                    xs.append(x[0 if b is None else b, j + 1 : i + 1])
+                    costs.append(running)
+    return Windows(np.array(unit_index, int), xs, np.array(costs))
+
+
+def step_floor(windows: Windows, y: np.ndarray) -> float:
+    """The least a step may add to the accumulator: 5% of the mean per-step share of the fitted quantity."""
+    return 0.05 * float(np.mean(y / np.array([len(x) for x in windows.x])))
+
+
+def transform(cost: np.ndarray, kind: str) -> np.ndarray:
+    return np.sqrt(cost) if kind == "root" else cost
+
+
+# -- candidates -----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class CrossValidation:
+class Candidate:
     signal: str
+    target: str
+    transform: str
     degree: int
-    r2: float
+    branch_mode: str
+
+
+@dataclass
+class Scored:
+    candidate: Candidate
+    r2: float  # held-out, of the accumulator against the transformed window cost
     mae: float
-    points: int
+    db_gap: float  # held-out simulated dB against the training prompts' oracle, mean over the budgets
+    db_by_budget: list[float] = field(default_factory=list)
 
 
-def cross_validate(x, y, groups, degree: int, loss: str, k: int, signal: str) -> CrossValidation:
-    predicted = np.empty_like(y)
-    for train, test in group_folds(groups, k):
-        predicted[test] = np.polyval(fit_polynomial(x[train], y[train], degree, loss), x[test])
-    return CrossValidation(signal, degree, r2(y, predicted), float(np.mean(np.abs(y - predicted))), len(y))
+def x_range(units: list[UnitSeries], signal: str) -> tuple[float, float]:
+    values = np.concatenate([u.x[signal][np.isfinite(u.x[signal])] for u in units])
+    return float(values.min()), float(values.max())
 
 
-def fit_points(trace: pd.DataFrame, signal: str, target: str, branch_mode: str, ret_steps: int, cutoff: int) -> pd.DataFrame:
-    """Rows the polynomial is fit on: no forced step, no series' first step (it has no previous value)."""
-    x_col, y_col = f"x_{signal}", f"y_{target}"
-    rows = trace[(trace["step"] >= max(ret_steps, 1)) & (trace["step"] < cutoff)]
-    if branch_mode == "shared":
-        # One decision serves both branches, so it must be safe for the branch whose output moves most.
-        rows = rows.groupby(["prompt_id", "seed", "step"], as_index=False).agg(x=(x_col, "first"), y=(y_col, "max"))
-    else:
-        rows = rows.rename(columns={x_col: "x", y_col: "y"})[["prompt_id", "seed", "step", "x", "y"]]
-    return rows
+def candidate_preset(model: str, candidate: Candidate, coefficients, units: list[UnitSeries], ret_steps: int, cutoff_steps: int) -> Preset:
+    lo, hi = x_range(units, candidate.signal)
+    return Preset(model=model, signal=candidate.signal, coefficients=[float(c) for c in coefficients], ret_steps=ret_steps,
+                  cutoff_steps=cutoff_steps, branch_mode=candidate.branch_mode, domain={"x_range": {candidate.signal: [lo, hi]}})
 
 
-def signal_is_branch_independent(trace: pd.DataFrame, signal: str) -> bool:
-    """Qwen's image-stream signals do not see the text, so cond and uncond carry the same x (REFERENCE §2)."""
-    if trace["branch"].nunique() < 2:
-        return True
-    wide = trace.pivot_table(index=["prompt_id", "seed", "step"], columns="branch", values=f"x_{signal}")
-    return bool(np.allclose(wide.min(axis=1), wide.max(axis=1), rtol=1e-4, atol=1e-7))
+def budget_grid(steps: int) -> np.ndarray:
+    low, high = math.ceil(BUDGETS[0] * steps), math.floor(BUDGETS[1] * steps)
+    return np.arange(low, high + 1) / steps
 
 
+def oracle_db(train: list[UnitSeries], test: list[UnitSeries], matrices: dict, forced: np.ndarray, budgets: np.ndarray) -> np.ndarray:
+    """Modelled dB on `test` of the best static schedules of `train` (one step count), at each budget."""
+    mean = np.mean([matrices[u.key].mean(axis=0) for u in train], axis=0)
+    schedules = oracle_schedules(mean, forced)
+    n = len(forced)
+    out = []
+    for budget in budgets:
+        k = round(budget * n)
+        schedule = schedules.get(k)
+        if schedule is None:
+            out.append(np.nan)
+            continue
+        out.append(np.mean([decibels(schedule_cost(matrices[u.key], np.tile(schedule, (len(u.branches), 1)))) for u in test]))
+    return np.array(out)
+
+
+def evaluate(candidate: Candidate, units: list[UnitSeries], matrices: dict, windows: Windows, groups: np.ndarray, k: int,
+             loss: str, model: str, ret_steps: int, cutoff_steps: int) -> Scored:
+    """Cross-validated by prompt: the fitted quantity's held-out error and the simulated held-out dB gap to the oracle."""
+    unit_groups = np.array([u.group for u in units])
+    y = transform(windows.cost, candidate.transform)
+    predicted = np.full(len(y), np.nan)
+    gaps = []
+    for train_units, test_units in group_folds(unit_groups, k):
+        train = [units[i] for i in train_units]
+        test = [units[i] for i in test_units]
+        train_rows = np.flatnonzero(np.isin(windows.unit, train_units))
+        test_rows = np.flatnonzero(np.isin(windows.unit, test_units))
+        if len(train_rows) <= candidate.degree or not len(test_rows):
+            continue
+        fitted = windows.subset(train_rows)
+        coefficients = fit_polynomial(fitted.features(candidate.degree), y[train_rows], loss, x_range(train, candidate.signal), step_floor(fitted, y[train_rows]))
+        preset = candidate_preset(model, candidate, coefficients, train, ret_steps, cutoff_steps)
+        policy = TeaCachePolicy(preset, 0.0)  # its clamp and rescale, exactly as the runtime applies them
+        predicted[test_rows] = [sum(policy.estimate(float(v)) for v in windows.x[r]) for r in test_rows]
+        for steps in sorted({u.steps for u in test}):
+            test_n = [u for u in test if u.steps == steps]
+            train_n = [u for u in train if u.steps == steps] or train
+            budgets = budget_grid(steps)
+            front = simulated_front(test_n, None, preset, thresholds_for_budgets(train_n, preset, budgets), matrices)
+            ours = db_at_budgets(front, budgets)
+            best = oracle_db(train_n, test_n, matrices, forced_steps(preset, steps), budgets)
+            gaps.append(ours - best)
+    done = np.isfinite(predicted)
+    gap = np.concatenate(gaps) if gaps else np.array([np.nan])
+    return Scored(candidate, r2(y[done], predicted[done]) if done.any() else float("nan"),
+                  float(np.mean(np.abs(y[done] - predicted[done]))) if done.any() else float("nan"),
+                  float(np.nanmean(gap)) if np.isfinite(gap).any() else float("-inf"), [float(v) for v in np.nanmean(np.atleast_2d(gap), axis=0)])
+
+
+# -- the cost model from probes ---------------------------------------------------------------------------------------
+def _unit_gains(units: list[UnitSeries], singles: pd.DataFrame, target: str) -> dict[tuple, dict[int, float]]:
+    """Per probed unit: g_m = (final latents' rel-L1 with only step m skipped) / (e(m, m-1) · Δσ_m)."""
+    by_key = {u.key: u for u in units}
+    out: dict[tuple, dict[int, float]] = {}
+    for r in singles.itertuples():
+        unit = by_key.get((r.prompt_id, r.seed, r.steps, r.width, r.height))
+        if unit is None:
+            continue
+        e = float(np.nanmean(unit.reuse[target][:, r.first, 1]))
+        step = abs(unit.sigma[r.first] - (unit.sigma[r.first + 1] if r.first + 1 < unit.steps else 0.0))
+        if e > 0 and step > 0 and r.latent_rel_l1 > 0:
+            out.setdefault(unit.key, {})[r.first] = r.latent_rel_l1 / e / step
+    return out
+
+
+def _gain_curve(per_step: dict[int, list[float]], steps: int) -> np.ndarray:
+    """Geometric mean over units at each probed step (mean PSNR averages log errors), interpolated to every step."""
+    firsts = sorted(per_step)
+    return np.interp(np.arange(steps), firsts, [float(np.exp(np.mean(np.log(per_step[m])))) for m in firsts])
+
+
+def cost_model(units: list[UnitSeries], probes: pd.DataFrame | None, target: str, forecast: Forecast = NO_FORECAST,
+               forecast_ratio: tuple = ()) -> CostModel:
+    """Sensitivity per step from single-step probes, compounding γ from longer ones (see `calib.simulate`)."""
+    if probes is None or probes.empty:
+        return CostModel(target=target, forecast=forecast, forecast_ratio=forecast_ratio)
+    probes = probes[probes["kind"] == "window"] if "kind" in probes else probes
+    unit_gains = _unit_gains(units, probes[probes["length"] == 1], target)
+    by_key = {u.key: u for u in units}
+    gain: dict[int, dict[str, list[float]]] = {}
+    for steps in sorted({key[2] for key in unit_gains}):
+        per_step: dict[int, list[float]] = {}
+        for key, gains in unit_gains.items():
+            if key[2] == steps:
+                for m, g in gains.items():
+                    per_step.setdefault(m, []).append(g)
+        sigma = next(by_key[key].sigma for key in unit_gains if key[2] == steps)
+        gain[int(steps)] = {"sigma": [float(v) for v in sigma], "gain": [float(g) for g in _gain_curve(per_step, int(steps))]}
+    model = CostModel(target=target, gain=gain, forecast=forecast, forecast_ratio=forecast_ratio)
+    # Compounding is measured against each probed unit's own sensitivity, so prompt-to-prompt differences in
+    # sensitivity do not pass for (or hide) it.
+    rows = []
+    for r in probes[probes["length"] > 1].itertuples():
+        key = (r.prompt_id, r.seed, r.steps, r.width, r.height)
+        unit = by_key.get(key)
+        if unit is None or key not in unit_gains or r.first + r.length > unit.steps:
+            continue
+        own = CostModel(target=target, gain={unit.steps: {"sigma": list(unit.sigma), "gain": list(_gain_curve({m: [g] for m, g in unit_gains[key].items()}, unit.steps))}})
+        base = own.matrix(unit)  # γ = 0
+        j = r.first - 1
+        terms = [(float(base[:, m, j, 0].mean()), m - j - 1) for m in range(r.first, r.first + r.length)]
+        if all(math.isfinite(t) and t > 0 for t, _ in terms):
+            rows.append((r.latent_rel_l1, terms))
+
+    def misfit(gamma: float) -> float:
+        return sum((math.log(measured) - math.log(sum(t * (1 + gamma * d) for t, d in terms))) ** 2 for measured, terms in rows)
+
+    if rows:
+        model.gamma = float(minimize_scalar(misfit, bounds=(0.0, 2.0), method="bounded").x)
+    return model
+
+
+# -- the reuse rule ---------------------------------------------------------------------------------------------------
+@dataclass
+class ForecastFit:
+    forecast: Forecast
+    ratio: tuple[tuple[float, float], ...]  # [sigma span, final error with the forecast / without], for the cost model
+    table: pd.DataFrame  # per probed budget: its sigma span, the measured error per damping, the best damping
+
+
+def _best_damping(errors: pd.Series) -> float:
+    """The damping of least measured error, refined by a parabola through it and its neighbours."""
+    alphas, values = errors.index.to_numpy(float), np.log(errors.to_numpy(float))
+    i = int(np.argmin(values))
+    if 0 < i < len(alphas) - 1:
+        a, b, c = np.polyfit(alphas[i - 1 : i + 2], values[i - 1 : i + 2], 2)
+        if a > 0:
+            return float(np.clip(-b / (2 * a), alphas[i - 1], alphas[i + 1]))
+    return float(alphas[i])
+
+
+def forecast_from_probes(units: list[UnitSeries], probes: pd.DataFrame | None) -> ForecastFit | None:
+    """The linear forecast's damping per sigma span, from forecast probes (`teacal probe --forecast`).
+
+    Each probe runs an evenly spaced static schedule with a constant damping; the slope of every window after the
+    first is measured over the window before it, so the schedule's mean span stands for the spans it used. For each
+    probed budget the damping of least final error (geometric mean over the probed prompts) becomes a knot. Where
+    no damping beats plain reuse the knot is 0, so the fitted rule never does worse on what was measured.
+    """
+    if probes is None or "kind" not in probes or not (probes["kind"] == "forecast").any():
+        return None
+    from calib.simulate import uniform_schedule
+
+    rows = []
+    for (steps, budget), group in probes[probes["kind"] == "forecast"].groupby(["steps", "budget"]):
+        sigma = next(u.sigma for u in units if u.steps == steps)
+        computed = np.flatnonzero(uniform_schedule(int(steps), int(budget)))
+        spans = sigma[computed[:-1]] - sigma[computed[1:]]
+        errors = group.groupby("alpha")["latent_rel_l1"].apply(lambda v: float(np.exp(np.mean(np.log(v)))))
+        if 0.0 not in errors.index:
+            continue
+        best = _best_damping(errors)
+        measured_best = float(errors.min())
+        rows.append({"steps": int(steps), "budget": int(budget), "span": float(np.mean(spans[:-1])) if len(spans) > 1 else float(spans[0]),
+                     "alpha": round(best if measured_best < errors[0.0] else 0.0, 4), "ratio": min(1.0, measured_best / errors[0.0]),
+                     **{f"error a={a:g}": v for a, v in errors.items()}})
+    if not rows:
+        return None
+    table = pd.DataFrame(rows).sort_values("span").reset_index(drop=True)
+    knots = table.groupby(table["span"].round(4)).agg(alpha=("alpha", "mean"), ratio=("ratio", "mean")).reset_index()
+    ratio = tuple((float(r.span), float(r.ratio)) for r in knots.itertuples())
+    if not (knots["alpha"] > 0).any():
+        return ForecastFit(NO_FORECAST, (), table)
+    forecast = Forecast("linear", "step", tuple((float(r.span), float(r.alpha)) for r in knots.itertuples()),
+                        fit={"probes": int((probes["kind"] == "forecast").sum()), "budgets": table[["steps", "budget", "span", "alpha", "ratio"]].round(5).to_dict("records")})
+    return ForecastFit(forecast, ratio, table)
+
+
+# -- the stage --------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FitRequest:
-    runs: tuple[str, ...]
-    out: str
+    runs: tuple[Path, ...]
+    out: Path
     signal: str = "auto"
     degree: int = 4
-    target: str = "output"
+    target: str = "auto"
     branch_mode: str = "auto"
     loss: str = "linear"
     folds: int = 5
     ret_steps: int = 1
     cutoff_steps: int = -1
     speedup: float = 1.6
+    partial: bool = False  # fit an unfinished recording anyway
 
 
-def load_traces(runs: tuple[str, ...]) -> tuple[pd.DataFrame, dict]:
-    if not runs:
+def prompt_identities(run: Path, info: dict) -> dict[str, str]:
+    """prompt_id -> what the prompt is (its text, negative prompt and image), so one prompt in two runs is one group."""
+    return {row["id"]: f"{row['prompt']}\0{row.get('negative_prompt', '')}\0{row.get('image_sha256', row.get('image'))}"
+            for row in read_prompt_rows(run / info["prompt_file"])}
+
+
+def load_traces(request: FitRequest, echo=print) -> tuple[pd.DataFrame, dict, dict[str, str], list[Path]]:
+    if not request.runs:
         raise UserError("give at least one run folder written by `teacal record`")
-    frames, settings = [], None
-    for run in runs:
+    frames, settings, groups, runs = [], None, {}, []
+    for run in map(Path, request.runs):
         info = load_run(run)
         current = {k: info["settings"].get(k) for k in SETTINGS_THAT_MUST_MATCH}
         if settings is not None and current != settings:
             diff = ", ".join(f"{k}: {settings[k]!r} vs {current[k]!r}" for k in current if current[k] != settings[k])
-            raise UserError(f"{run}: recorded with other settings than {runs[0]} ({diff}); fit one model and setting at a time")
+            raise UserError(f"{run}: recorded with other settings than {request.runs[0]} ({diff}); fit one model and setting at a time")
         settings = current
+        missing = missing_units(info)
+        if missing and not request.partial:
+            raise UserError(f"{run}: the recording is unfinished ({len(missing)} of {len(info['status'])} generations missing, "
+                            f"e.g. {missing[0]}); finish `teacal record {run}`, or pass --partial to fit on what is there")
+        if missing:
+            echo(f"warning: {run}: fitting on a partial recording, {len(missing)} of {len(info['status'])} generations missing")
         frame = load_trace(run)
-        frame.insert(0, "run", str(run))
+        check_finite(frame, run)
+        identities = prompt_identities(run, info)
+        groups.update({f"{run}:{pid}": identities.get(pid, pid) for pid in frame["prompt_id"].unique()})
+        frame["prompt_id"] = str(run) + ":" + frame["prompt_id"]
         frames.append(frame)
+        runs.append(run)
     trace = pd.concat(frames, ignore_index=True)
-    trace["prompt_id"] = trace["run"] + ":" + trace["prompt_id"]
-    return trace, dict(settings, prompts_sha256=sorted({load_run(r)["settings"]["prompts_sha256"] for r in runs}))
+    steps = sorted({int(s) for s in trace["steps"].unique()})
+    return trace, dict(settings, steps=steps), groups, runs
+
+
+def signal_is_branch_independent(units: list[UnitSeries], signal: str) -> bool:
+    """Qwen's image-stream signals do not see the text, so cond and uncond carry the same x."""
+    for unit in units:
+        x = unit.x[signal]
+        if len(x) > 1 and not np.allclose(x[0][1:], x[1][1:], rtol=1e-4, atol=1e-7):
+            return False
+    return True
 
 
 def fit(request: FitRequest, echo=print) -> Preset:
+    out = Path(request.out)
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a folder; give the preset's file name, e.g. {out / 'preset.json'}")
     if request.signal not in ("auto", *SIGNALS):
         raise UserError(f"--signal {request.signal!r}: expected auto, {', '.join(SIGNALS)}")
-    if request.target not in ("output", "residual"):
-        raise UserError(f"--target {request.target!r}: expected output or residual")
+    if request.target not in ("auto", *TARGETS):
+        raise UserError(f"--target {request.target!r}: expected auto, {', '.join(TARGETS)}")
     if request.branch_mode not in ("auto", "per-branch", "shared"):
         raise UserError(f"--branch-mode {request.branch_mode!r}: expected auto, per-branch or shared")
     if not 1 <= request.degree <= 8:
         raise UserError(f"--degree {request.degree}: expected 1 to 8")
     if request.folds < 2:
         raise UserError(f"--folds {request.folds}: need at least 2")
-    trace, settings = load_traces(request.runs)
-    steps = int(settings["steps"])
-    probe = Preset(model=settings["model"], signal="temb", coefficients=[1.0, 0.0], ret_steps=request.ret_steps, cutoff_steps=request.cutoff_steps)
-    try:
-        cutoff = probe.resolve_cutoff(steps)
-    except ValueError as err:
-        raise UserError(str(err).replace("preset <memory>: ", "")) from None
+    if not math.isfinite(request.speedup) or request.speedup < 1:
+        raise UserError(f"--speedup {request.speedup}: expected a finite number >= 1")
+    trace, settings, groups, runs = load_traces(request, echo)
+    model_name = settings["model"]
+    for steps in settings["steps"]:
+        try:
+            Preset(model=model_name, signal="temb", coefficients=[1.0, 0.0], ret_steps=request.ret_steps, cutoff_steps=request.cutoff_steps).resolve_cutoff(steps)
+        except ValueError as err:
+            raise UserError(str(err).replace("preset <memory>: ", "")) from None
+    units = unit_series(trace, groups)
+    n_groups = len({u.group for u in units})
+    if n_groups < 2:
+        raise UserError(f"cross-validation by prompt needs at least 2 prompts; the recording has {n_groups}")
+    probes = _probes_of(runs)
+    if probes is None:
+        echo("note: no probes (`teacal probe RUN`): the cost model weighs every step's reuse error alike, without the final image's sensitivity")
+    forecast_fit = forecast_from_probes(units, probes)
+    if forecast_fit is not None:
+        echo("reuse rule, from forecast probes (final latents' rel-L1 against the reference, geometric mean over the probed prompts):")
+        echo(forecast_fit.table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        echo(f"chose forecast {forecast_fit.forecast.rule}" + (f", damping per sigma span {[list(k) for k in forecast_fit.forecast.alpha]}" if forecast_fit.forecast.extrapolates else ""))
+    forecast = forecast_fit.forecast if forecast_fit is not None else NO_FORECAST
+    # One cost model with the reuse rule as a parameter: the polynomial is fitted for the rule the preset will run.
+    models = {target: cost_model(units, probes, target, forecast, forecast_fit.ratio if forecast_fit else ()) for target in TARGETS}
+    matrices = {target: {u.key: models[target].matrix(u) for u in units} for target in TARGETS}
+    plain = {target: {u.key: cost_model(units, probes, target).matrix(u) for u in units} for target in TARGETS}
+    k = min(request.folds, n_groups)
 
-    for run, part in trace.groupby("run", sort=False):
-        check_finite(part.assign(prompt_id=part["prompt_id"].str.split(":", n=1).str[1]), run)
-
-    candidates = SIGNALS if request.signal == "auto" else (request.signal,)
-    results: list[tuple[CrossValidation, str, pd.DataFrame]] = []
-    for signal in candidates:
+    candidates = []
+    for signal in SIGNALS if request.signal == "auto" else (request.signal,):
         mode = request.branch_mode
         if mode == "auto":
-            mode = "shared" if signal_is_branch_independent(trace, signal) else "per-branch"
-        points = fit_points(trace, signal, request.target, mode, request.ret_steps, cutoff)
-        groups = points["prompt_id"].to_numpy()
-        n_groups = len(np.unique(groups))
-        if len(points) < 2 * (request.degree + 1):
-            raise UserError(f"only {len(points)} fit points for degree {request.degree}: record more prompts or steps, or lower --degree")
-        if n_groups < 2:
-            raise UserError(f"cross-validation by prompt needs at least 2 prompts; the trace has {n_groups}")
-        k = min(request.folds, n_groups)
-        x, y = points["x"].to_numpy(float), points["y"].to_numpy(float)
-        for degree in sorted({1, 2, 3, request.degree}):
-            results.append((cross_validate(x, y, groups, degree, request.loss, k, signal), mode, points))
+            mode = "shared" if signal_is_branch_independent(units, signal) else "per-branch"
+        for target in TARGETS if request.target == "auto" else (request.target,):
+            for kind in TRANSFORMS:
+                for degree in sorted({1, 2, 3, request.degree}):
+                    if degree <= request.degree:
+                        candidates.append(Candidate(signal, target, kind, degree, mode))
+    window_cache: dict = {}
+    scored = []
+    for candidate in candidates:
+        key = (candidate.signal, candidate.target, candidate.branch_mode)
+        if key not in window_cache:
+            window_cache[key] = skip_windows(units, matrices[candidate.target], candidate.signal, candidate.branch_mode == "shared", request.ret_steps, request.cutoff_steps)
+        windows = window_cache[key]
+        if len(windows.cost) < 2 * (candidate.degree + 1):
+            raise UserError(f"only {len(windows.cost)} skip windows for degree {candidate.degree}: record more prompts or steps, or lower --degree")
+        groups_of_windows = np.array([units[i].group for i in windows.unit])
+        scored.append(evaluate(candidate, units, matrices[candidate.target], windows, groups_of_windows, k, request.loss, model_name,
+                               request.ret_steps, request.cutoff_steps))
 
-    echo(f"{'signal':<7}{'degree':>7}{'held-out R2':>13}{'held-out MAE':>14}{'points':>8}")
-    for cv, mode, _ in results:
-        echo(f"{cv.signal:<7}{cv.degree:>7}{cv.r2:>13.4f}{cv.mae:>14.5f}{cv.points:>8}   ({mode})")
-    at_degree = [r for r in results if r[0].degree == request.degree]
-    best, mode, points = min(at_degree, key=lambda r: r[0].mae)
-    coefficients = fit_polynomial(points["x"].to_numpy(float), points["y"].to_numpy(float), request.degree, request.loss)
+    echo(f"{'signal':<7}{'target':<9}{'fit':<6}{'degree':>6}{'held-out R2':>13}{'MAE':>10}{'dB vs oracle':>14}   (held-out prompts; budgets "
+         f"{BUDGETS[0]:.0%}..{BUDGETS[1]:.0%} of calls)")
+    for s in scored:
+        c = s.candidate
+        echo(f"{c.signal:<7}{c.target:<9}{c.transform:<6}{c.degree:>6}{s.r2:>13.4f}{s.mae:>10.5f}{s.db_gap:>+14.2f}   ({c.branch_mode})")
+    at_degree = [s for s in scored if s.candidate.degree == request.degree] or scored
+    best = max(at_degree, key=lambda s: s.db_gap) if request.signal == "auto" or request.target == "auto" else max(at_degree, key=lambda s: s.db_gap)
+    chosen = best.candidate
+    windows = window_cache[(chosen.signal, chosen.target, chosen.branch_mode)]
+    target = transform(windows.cost, chosen.transform)
+    coefficients = fit_polynomial(windows.features(chosen.degree), target, request.loss, x_range(units, chosen.signal), step_floor(windows, target))
+    model = models[chosen.target]
+    steps_list = settings["steps"]
+    domain = {"steps": steps_list, "sizes": settings["sizes"], "dtype": settings["dtype"],
+              "x_range": {s: list(x_range(units, s)) for s in SIGNALS}}
+    oracle = {}
+    for steps in steps_list:  # the static ceiling of plain reuse: what sweep runs as the oracle
+        same = [u for u in units if u.steps == steps]
+        mean = np.mean([plain[chosen.target][u.key].mean(axis=0) for u in same], axis=0)
+        forced = forced_steps(Preset(model=model_name, signal="temb", coefficients=[1.0, 0.0], ret_steps=request.ret_steps, cutoff_steps=request.cutoff_steps), steps)
+        oracle[str(steps)] = {str(b): "".join("x" if v else "." for v in s) for b, s in oracle_schedules(mean, forced).items()}
     preset = Preset(
-        model=settings["model"],
-        signal=best.signal,
+        model=model_name,
+        signal=chosen.signal,
         coefficients=[float(c) for c in coefficients],
         ret_steps=request.ret_steps,
         cutoff_steps=request.cutoff_steps,
-        branch_mode=mode,
+        branch_mode=chosen.branch_mode,
         threshold=0.2,
+        forecast=forecast,
+        domain=domain,
         calibration={
-            "runs": [str(r) for r in request.runs], "backend": settings["backend"], "steps": steps, "size": settings["size"],
-            "cfg": settings["cfg"], "dtype": settings["dtype"], "prompts_sha256": settings["prompts_sha256"],
-            "prompts": int(points["prompt_id"].nunique()), "points": int(len(points)), "target": request.target,
-            "loss": request.loss, "versions": library_versions(), "date": now_iso(),
+            "runs": [str(r) for r in request.runs], "backend": settings["backend"], "steps": steps_list, "sizes": settings["sizes"],
+            "cfg": settings["cfg"], "dtype": settings["dtype"], "prompts": n_groups, "units": len(units), "windows": int(len(windows.cost)),
+            "target": chosen.target, "transform": chosen.transform, "loss": request.loss,
+            "cost_model": {"probed": model.probed, "gamma": round(model.gamma, 6), "gain": model.gain,
+                           "forecast_ratio": [list(k) for k in model.forecast_ratio]},
+            "oracle": oracle, "versions": library_versions(), "date": now_iso(),
         },
         fit={
-            "r2_heldout": round(best.r2, 6), "mae_heldout": round(best.mae, 6), "folds": min(request.folds, points["prompt_id"].nunique()),
-            "candidates": [{"signal": cv.signal, "degree": cv.degree, "r2_heldout": round(cv.r2, 6), "mae_heldout": round(cv.mae, 6)} for cv, _, _ in results],
+            "r2_heldout": _rounded(best.r2), "mae_heldout": _rounded(best.mae), "db_vs_oracle_heldout": _rounded(best.db_gap), "folds": k,
+            "candidates": [{"signal": s.candidate.signal, "target": s.candidate.target, "transform": s.candidate.transform,
+                            "degree": s.candidate.degree, "r2_heldout": _rounded(s.r2), "mae_heldout": _rounded(s.mae),
+                            "db_vs_oracle_heldout": _rounded(s.db_gap)} for s in scored],
         },
-        source=request.out,
+        source=str(out),
     )
-    # Default threshold: the one whose simulated schedule on this trace reaches the requested speedup.
-    preset = preset.replace(threshold=threshold_for_speedup(trace, preset, request.speedup))
-    preset.save(request.out)
-    echo(f"chose signal {best.signal} (degree {request.degree}, {mode}): held-out R2 {best.r2:.4f}, MAE {best.mae:.5f}; "
-         f"default threshold {preset.threshold:.4g} (simulated {request.speedup}x)")
-    echo(f"wrote {Path(request.out)}")
+    threshold, reached = threshold_for_speedup(units, preset, request.speedup)
+    if reached + 1e-9 < request.speedup:
+        echo(f"note: --speedup {request.speedup:g} is out of reach on this recording; the fastest threshold ({threshold:g}) gives {reached:.2f}x")
+    preset = preset.replace(threshold=threshold, fit=dict(preset.fit, default_threshold_speedup=round(reached, 4), requested_speedup=request.speedup))
+    preset.save(out)
+    echo(f"chose signal {chosen.signal}, target {chosen.target} ({chosen.transform}), degree {chosen.degree}, {chosen.branch_mode}: "
+         f"held-out R2 {best.r2:.4f}, {best.db_gap:+.2f} dB against the oracle; default threshold {preset.threshold:.4g} (simulated {reached:.2f}x)")
+    if not best.r2 >= WEAK_R2:
+        echo(f"warning: the fit is weak (held-out R2 {best.r2:.2f} < {WEAK_R2}): record more prompts or seeds, probe (`teacal probe`), "
+             "or try --signal modin / a lower --degree")
+    echo(f"wrote {out}")
     return preset
+
+
+def _rounded(value: float) -> float | None:
+    return round(value, 6) if math.isfinite(value) else None  # JSON has no NaN: a constant target has no R²
+
+
+def _probes_of(runs: list[Path]) -> pd.DataFrame | None:
+    frames = []
+    for run in runs:
+        probes = load_probes(run)
+        if probes is not None:
+            frames.append(probes.assign(prompt_id=str(run) + ":" + probes["prompt_id"]))
+    return pd.concat(frames, ignore_index=True) if frames else None

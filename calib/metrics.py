@@ -66,12 +66,17 @@ class Metrics:
             raise UserError(f"image size {tuple(x.shape[-2:])} differs from its reference {tuple(ref.shape[-2:])}")
         values = {}
         if "psnr" in self.names:
-            values["psnr"] = float("inf") if torch.equal(x, ref) else float(peak_signal_noise_ratio(x, ref, data_range=1.0))
+            values["psnr"] = psnr(x, ref)
         if "ssim" in self.names:
             values["ssim"] = float(structural_similarity_index_measure(x, ref, data_range=1.0))
         if self._lpips is not None:
             values["lpips"] = float(self._lpips(x * 2 - 1, ref * 2 - 1).flatten()[0])
         return values
+
+
+def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """PSNR in dB of images in [0, 1]; infinite for identical images."""
+    return float("inf") if torch.equal(x, ref) else float(peak_signal_noise_ratio(x, ref, data_range=1.0))
 
 
 def parse_metrics(spec: str) -> tuple[str, ...]:

@@ -104,14 +104,15 @@ class TraceRecorder:
         for kind in SIGNALS:
             signal = call.signals[kind]
             row[f"x_{kind}"] = rel_l1(signal, previous[kind]) if kind in previous else None
-            previous[kind] = signal.detach()
+            previous[kind] = signal.detach().clone()
         history = self._history.setdefault(call.branch, deque(maxlen=self.max_gap))
         for k in range(1, self.max_gap + 1):
             back = history[-k] if k <= len(history) else None
             for target, now in (("output", prediction), ("residual", residual)):
                 column = f"y_{target}" if k == 1 else f"r_{target}_{k}"
                 row[column] = None if back is None else rel_l1(now, back[target])
-        history.append({"output": prediction.detach(), "residual": residual.detach()})
+        # clones: the call's tensors are slices of the whole sequence (reference tokens too), which a view would keep alive
+        history.append({"output": prediction.detach().clone(), "residual": residual.detach().clone()})
         row["seconds"] = call.seconds
         self.rows.append(row)
         if self.residual_tokens:

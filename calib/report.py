@@ -1,14 +1,18 @@
-"""`teacal report RUN`: figures and report.md from what record, fit and sweep wrote.
+"""`teacal report RUN`: figures and report.md from what record, probe, fit and sweep wrote. No torch.
 
-Figures (PNG, matplotlib Agg) in `RUN/report/`:
-  pareto_lpips.png, pareto_psnr.png  speedup against quality, every method's front, thresholds labelled, oracle ceiling
-  fit.png                            recorded signal change x against output change y, the preset's polynomial
-  steps.png                          per-step rel-L1 of the signals and the output, per CFG branch
+Figures (PNG, matplotlib Agg, written atomically) in `RUN/report/`:
+  pareto_psnr.png, pareto_lpips.png  speedup against quality: each method's front (its non-dominated configurations)
+  calls_psnr.png                     computed calls against PSNR: the equal-compute view of the same fronts
+  fit.png                            the preset's polynomial over the recorded signal range; accumulator against window cost
+  steps.png                          per-step rel-L1 of the signals, the output and the residual per CFG branch; the probed
+                                     sensitivity of the final image
   skipmap.png                        step x threshold: the fraction of calls computed at each step
+report.md holds the tables: every configuration, each method at equal computed calls, best speedup at equal quality.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -20,105 +24,178 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from calib.errors import UserError  # noqa: E402
-from calib.fit import fit_points  # noqa: E402
-from calib.runfiles import SWEEP_FILE, aggregate, load_run, load_trace, read_json  # noqa: E402
+from calib.runfiles import SWEEP_FILE, aggregate, load_run, load_trace, read_json, read_table  # noqa: E402
 from teacache._files import atomic_write  # noqa: E402
 from teacache.preset import Preset  # noqa: E402
 
 QUALITY_LEVELS = (("psnr", 30.0), ("psnr", 35.0), ("psnr", 40.0), ("psnr", 45.0), ("psnr", 50.0), ("lpips", 0.05), ("lpips", 0.1))
-METHOD_STYLE = {"teacache": dict(marker="o", lw=2.2), "baseline": dict(marker="s", lw=1.2, ls="--"), "oracle": dict(marker="*", lw=1.5, ls=":", color="black")}
+METHOD_STYLE = {
+    "teacache": dict(marker="o", lw=2.2),
+    "baseline": dict(marker="s", lw=1.2, ls="--"),
+    "oracle": dict(marker="*", lw=1.5, ls=":", color="black"),
+    "static": dict(marker="d", lw=1.0, ls=":", color="grey"),
+}
+WEAK_R2 = 0.5
+EQUAL_CALLS_SHARE = (0.2, 0.75)  # the equal-calls table covers these shares of the calls
 
 
-def _title(settings: dict, what: str) -> str:
-    w, h = settings["size"]
-    return f"{what}\n{settings['model']} ({settings['backend']}), {settings['steps']} steps, {w}x{h}, CFG {settings['cfg']:g}"
+def _title(settings: dict, steps: int | None, what: str) -> str:
+    w, h = settings["sizes"][0]
+    return f"{what}\n{settings['model']} ({settings['backend']}), {steps or settings['steps']} steps, {w}x{h}, CFG {settings['cfg']:g}"
 
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
+    atomic_write(path, buffer.getvalue())  # a killed report leaves no half-written figure
     return path
 
 
-def pareto(view: pd.DataFrame, metric: str, settings: dict, path: Path) -> Path | None:
-    """Speedup (x) against quality (y) for every method; lower LPIPS / higher PSNR is better."""
+def front(group: pd.DataFrame, x: str, metric: str, more_x_is_better: bool) -> pd.DataFrame:
+    """The configurations no other one beats on both `x` and quality (higher PSNR, lower LPIPS)."""
+    better = (lambda a, b: a >= b) if metric != "lpips" else (lambda a, b: a <= b)
+    rows = group.dropna(subset=[metric, x])
+    keep = []
+    for r in rows.itertuples():
+        rx, rq = getattr(r, x), getattr(r, metric)
+        dominated = any(
+            ((getattr(o, x) >= rx) if more_x_is_better else (getattr(o, x) <= rx)) and better(getattr(o, metric), rq)
+            and (getattr(o, x) != rx or getattr(o, metric) != rq)
+            for o in rows.itertuples()
+        )
+        if not dominated:
+            keep.append(r.Index)
+    return rows.loc[keep].sort_values(x)
+
+
+def _label_points(ax, points: list[tuple[float, float, str]], min_gap: float) -> None:
+    """Labels that do not collide: a point closer than `min_gap` (axes fraction) to an already labelled one is left out."""
+    placed: list[tuple[float, float]] = []
+    to_axes = ax.transData + ax.transAxes.inverted()
+    for x, y, text in points:
+        ax_x, ax_y = to_axes.transform((x, y))
+        if all(math.hypot(ax_x - px, ax_y - py) >= min_gap for px, py in placed):
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            placed.append((ax_x, ax_y))
+
+
+def pareto(view: pd.DataFrame, metric: str, x: str, settings: dict, steps: int, path: Path) -> Path | None:
+    """Each method's front of `metric` against `x` (speedup, or computed calls); identical images are marked, not plotted."""
     if view[metric].isna().all():
         return None
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for label, group in view[view["method"] != "uncached"].groupby("label", sort=False):
+    more_x_is_better = x == "speedup"
+    fig, ax = plt.subplots(figsize=(8.5, 5.8))
+    labels = []
+    finite = view[np.isfinite(view[metric])]
+    for label, group in finite[finite["method"] != "uncached"].groupby("label", sort=False):
         method = group["method"].iloc[0]
-        group = group.sort_values("speedup")
-        ax.plot(group["speedup"], group[metric], label=label, **METHOD_STYLE.get(method, dict(marker="^", lw=1.2)))
-        if method in ("teacache",):
-            for r in group.itertuples():
-                ax.annotate(f"{r.threshold:g}", (r.speedup, getattr(r, metric)), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        if method == "oracle":
-            for r in group.itertuples():
-                ax.annotate(f"k={int(r.budget)}", (r.speedup, getattr(r, metric)), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        edge = front(group, x, metric, more_x_is_better)
+        ax.plot(edge[x], edge[metric], label=label, **METHOD_STYLE.get(method, dict(marker="^", lw=1.2)))
+        for r in edge.itertuples():
+            text = f"{r.threshold:.3g}" if method in ("teacache", "baseline") else f"k={int(r.budget)}" if method in ("oracle", "static") else ""
+            if text and method in ("teacache", "oracle"):
+                labels.append((getattr(r, x), getattr(r, metric), text))
+    identical = view[~np.isfinite(view[metric]) & (view["method"] != "uncached")] if metric == "psnr" else view.iloc[:0]
     base = view[view["method"] == "uncached"]
-    if len(base):
-        ax.scatter(base["speedup"], base[metric], color="grey", zorder=5, label="uncached")
-    ax.set_xlabel("speedup against uncached (wall time, x)")
-    ax.set_ylabel("LPIPS against uncached (lower is better)" if metric == "lpips" else "PSNR against uncached (dB, higher is better; 100 = identical)")
+    if len(base) and x == "speedup":
+        ax.axvline(float(base["speedup"].iloc[0]), color="grey", lw=0.8, ls="--", label="uncached (identical images, PSNR infinite)")
+    if len(identical):
+        ax.text(0.01, 0.01, f"{len(identical)} configuration(s) give images identical to uncached (not plotted)", transform=ax.transAxes, fontsize=7)
+    ax.set_xlabel("speedup against uncached (total time, same process per prompt)" if x == "speedup" else "computed transformer calls per generation")
+    ax.set_ylabel("LPIPS against uncached (lower is better)" if metric == "lpips" else "PSNR against uncached (dB, mean over prompts)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(_title(settings, f"Speed against {metric.upper()}; labels are thresholds"), fontsize=10)
+    ax.legend(fontsize=7)
+    _label_points(ax, labels, 0.04)
+    ax.set_title(_title(settings, steps, f"{metric.upper()} against {'speed' if x == 'speedup' else 'compute'}: each method's front"
+                        + ("; labels: thresholds" if labels else "")), fontsize=10)
     return _save(fig, path)
+
+
+def equal_calls(view: pd.DataFrame, metric: str, calls_per_generation: int) -> pd.DataFrame:
+    """For each budget of computed calls, each method's best mean `metric` among its configurations that compute no
+    more (its measured front; a step function), with the worst prompt of that configuration."""
+    budgets = [b for b in range(2, calls_per_generation + 1, 2) if EQUAL_CALLS_SHARE[0] <= b / calls_per_generation <= EQUAL_CALLS_SHARE[1]]
+    better = (lambda v: v.idxmax()) if metric != "lpips" else (lambda v: v.idxmin())
+    worst = f"{metric}_worst"
+    rows = []
+    for budget in budgets:
+        row = {"computed calls": f"{budget} of {calls_per_generation}"}
+        for label, group in view[view["method"] != "uncached"].groupby("label", sort=False):
+            ok = group[(group["computed"] <= budget + 1e-9) & group[metric].notna()]
+            if ok.empty:
+                row[label] = "-"
+                continue
+            best = ok.loc[better(ok[metric])]
+            row[label] = f"{best[metric]:.2f} ({best[worst]:.1f})" if metric == "psnr" else f"{best[metric]:.4f} ({best[worst]:.4f})"
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def fit_figure(trace: pd.DataFrame, preset: Preset, settings: dict, path: Path) -> Path:
-    cutoff = preset.resolve_cutoff(settings["steps"])
-    target = preset.calibration.get("target", "output")
-    points = fit_points(trace, preset.signal, target, preset.branch_mode, preset.ret_steps, cutoff)
+    """The polynomial over the recorded range of its signal, with the recorded x values beneath it."""
+    x = trace.loc[trace["step"] > 0, f"x_{preset.signal}"].dropna().to_numpy(float)
+    low, high = preset.x_range or (float(x.min()), float(x.max()))
     fig, ax = plt.subplots(figsize=(7, 5))
-    ax.scatter(points["x"], points["y"], s=10, alpha=0.5, label=f"recorded steps ({len(points)})")
-    # Drawn over the recorded range only: outside it the polynomial is extrapolation.
-    grid = np.linspace(float(points["x"].min()), float(points["x"].max()), 200)
-    ax.plot(grid, np.clip(np.polyval(preset.coefficients, grid), 0, None), color="C3", lw=2, label=f"preset polynomial (degree {len(preset.coefficients) - 1})")
+    grid = np.linspace(low, high, 200)  # over the calibrated range only: outside it the runtime clamps
+    ax.plot(grid, np.clip(np.polyval(preset.coefficients, grid), 0, None), color="C3", lw=2, label=f"preset polynomial (degree {len(preset.coefficients) - 1}), clamped at 0")
+    ax.hist(x, bins=40, weights=np.full(len(x), 1.0 / len(x)) * max(1e-12, float(np.polyval(preset.coefficients, grid).max())) * 3,
+            color="C0", alpha=0.35, label=f"recorded x ({len(x)} calls), distribution")
     fit = preset.fit
-    quality = f"held-out R² {fit.get('r2_heldout', float('nan')):.3f}, MAE {fit.get('mae_heldout', float('nan')):.4f}" if fit else "no fit quality recorded"
-    ax.set_xlabel(f"x: rel-L1 of signal '{preset.signal}' between steps")
-    ax.set_ylabel(f"y: rel-L1 of the {target} between steps" + (" (worst branch)" if preset.branch_mode == "shared" else ""))
+    quality = f"held-out R² {_num(fit.get('r2_heldout'))}, {_num(fit.get('db_vs_oracle_heldout'), '+.2f')} dB against the oracle" if fit else "no fit quality recorded"
+    target = preset.calibration.get("target", "?")
+    ax.set_xlabel(f"x: rel-L1 of signal '{preset.signal}' between steps (calibrated range {low:.3g}..{high:.3g})")
+    ax.set_ylabel(f"accumulated per step ({preset.calibration.get('transform', '?')} of the {target} window cost)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(_title(settings, f"Rescale fit: {quality}"), fontsize=10)
+    ax.set_title(_title(settings, None, f"Rescale fit: {quality}"), fontsize=10)
     return _save(fig, path)
 
 
-def steps_figure(trace: pd.DataFrame, settings: dict, path: Path) -> Path:
+def steps_figure(trace: pd.DataFrame, settings: dict, preset: Preset | None, path: Path) -> Path:
     columns = [("y_output", "output"), ("y_residual", "block residual"), ("x_temb", "signal temb"), ("x_modin", "signal modin")]
-    fig, axes = plt.subplots(1, len(columns), figsize=(15, 4), sharex=True)
-    for ax, (column, name) in zip(axes, columns, strict=True):
-        for branch, group in trace.groupby("branch"):
+    gain = (preset.calibration.get("cost_model", {}).get("gain") or {}) if preset is not None else {}
+    fig, axes = plt.subplots(1, len(columns) + bool(gain), figsize=(4 * (len(columns) + bool(gain)), 4))
+    for ax, (column, name) in zip(axes, columns, strict=False):
+        for (branch, steps), group in trace.groupby(["branch", "steps"]):
             stats = group.groupby("step")[column].agg(["mean", "min", "max"])
-            ax.plot(stats.index, stats["mean"], label=branch)
+            ax.plot(stats.index, stats["mean"], label=f"{branch}, {steps} steps")
             ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.15)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("rel-L1 against previous step")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(_title(settings, "Per-step change per CFG branch (mean, band = min..max over prompts)"), fontsize=10)
+    axes[0].legend(fontsize=7)
+    if gain:
+        ax = axes[-1]
+        for steps, curve in sorted(gain.items(), key=lambda kv: int(kv[0])):
+            sigma = np.array(curve["sigma"])
+            ax.plot(sigma, curve["gain"], marker=".", label=f"{steps} steps")
+        ax.invert_xaxis()
+        ax.set_title("probed sensitivity of the final image", fontsize=10)
+        ax.set_xlabel("sigma (noise level; the run goes left to right)")
+        ax.set_ylabel("final rel-L1 per unit of reuse error and of sigma step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(_title(settings, None, "Per-step change per CFG branch (mean, band = min..max over prompts)"), fontsize=10)
     return _save(fig, path)
 
 
-def skipmap_figure(table: pd.DataFrame, settings: dict, path: Path) -> Path | None:
+def skipmap_figure(table: pd.DataFrame, settings: dict, steps: int, path: Path) -> Path | None:
     rows = table[(table["method"] == "teacache") & table["schedule"].notna()]
     if rows.empty:
         return None
     thresholds = sorted(rows["threshold"].unique())
-    grid = np.array([
-        np.mean([[c == "x" for c in s] for s in rows[rows["threshold"] == t]["schedule"]], axis=0) for t in thresholds
-    ])
-    fig, ax = plt.subplots(figsize=(9, 0.4 * len(thresholds) + 2))
+    grid = np.array([np.mean([[c == "x" for c in s] for s in rows[rows["threshold"] == t]["schedule"]], axis=0) for t in thresholds])
+    fig, ax = plt.subplots(figsize=(9, 0.3 * len(thresholds) + 2))
     image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_yticks(range(len(thresholds)), [f"{t:g}" for t in thresholds])
+    ax.set_yticks(range(len(thresholds)), [f"{t:.3g}" for t in thresholds], fontsize=7)
     ax.set_xticks(range(grid.shape[1]))
     ax.set_xlabel("step")
     ax.set_ylabel("threshold")
     fig.colorbar(image, ax=ax, label="fraction computed (cond)")
-    ax.set_title(_title(settings, "Which steps TeaCache computes"), fontsize=10)
+    ax.set_title(_title(settings, steps, "Which steps calibrated TeaCache computes"), fontsize=10)
     return _save(fig, path)
 
 
@@ -135,10 +212,14 @@ def best_at_quality(view: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _num(value, fmt: str = ".3f") -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, fmt)
+
+
 def _markdown(frame: pd.DataFrame, floatfmt: str = ".3f") -> str:
     def cell(v):
         if isinstance(v, float):
-            return "-" if math.isnan(v) else format(v, floatfmt)
+            return "same" if math.isinf(v) else "-" if math.isnan(v) else format(v, floatfmt)
         return str(v)
 
     head = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns) + "\n"
@@ -148,49 +229,69 @@ def _markdown(frame: pd.DataFrame, floatfmt: str = ".3f") -> str:
 def report(run: str | Path, preset_path: str | None = None, echo=print) -> Path:
     run = Path(run)
     sweep_info = read_json(run / SWEEP_FILE) if (run / SWEEP_FILE).exists() else None
-    # A sweep written to its own --out folder points back at the recording it measured.
-    recording = run if (run / "run.json").exists() or sweep_info is None else Path(sweep_info["settings"]["run"])
+    # A sweep written to its own --out folder points back (relative to itself) at the recording it measured.
+    recording = run if (run / "run.json").exists() or sweep_info is None else (run / sweep_info["run"]).resolve()
     settings = load_run(recording)["settings"]
     trace = load_trace(recording)
     folder = run / "report"
-    folder.mkdir(parents=True, exist_ok=True)
-    sweep_table = pd.read_parquet(run / "sweep.parquet") if (run / "sweep.parquet").exists() else None
-    if preset_path is None and sweep_info is not None:
-        preset_path = sweep_info.get("preset")
+    sweep_table = read_table(run / "sweep.parquet") if (run / "sweep.parquet").exists() else None
+    if preset_path is None and sweep_info is not None and (run / sweep_info["preset"]).exists():
+        preset_path = run / sweep_info["preset"]
     preset = Preset.load(preset_path) if preset_path else None
+    steps = sweep_info["settings"]["steps"] if sweep_info else None
 
-    figures: list[tuple[str, Path | None]] = [("Per-step changes", steps_figure(trace, settings, folder / "steps.png"))]
+    figures: list[tuple[str, Path | None]] = [("Per-step changes", steps_figure(trace, settings, preset, folder / "steps.png"))]
     if preset is not None:
         figures.append(("Rescale fit", fit_figure(trace, preset, settings, folder / "fit.png")))
-    lines = [f"# teacal report: {run}\n", f"Model **{settings['model']}** ({settings['backend']}), {settings['steps']} steps, "
-             f"{settings['size'][0]}x{settings['size'][1]}, CFG {settings['cfg']:g}, dtype {settings['dtype']}, "
+    lines = [f"# teacal report: {run}\n", f"Model **{settings['model']}** ({settings['backend']}), {', '.join(map(str, settings['steps']))} steps, "
+             f"{settings['sizes'][0][0]}x{settings['sizes'][0][1]}, CFG {settings['cfg']:g}, dtype {settings['dtype']}, "
              f"{trace['prompt_id'].nunique()} prompts x {len(settings['seeds'])} seeds.\n"]
     if preset is not None:
+        fit = preset.fit
         lines.append(f"Preset `{preset_path}`: signal `{preset.signal}`, coefficients {[round(c, 6) for c in preset.coefficients]}, "
-                     f"branch mode {preset.branch_mode}, ret_steps {preset.ret_steps}, cutoff_steps {preset.cutoff_steps}, "
-                     f"default threshold {preset.threshold:g}; held-out R² {preset.fit.get('r2_heldout', float('nan')):.4f}.\n")
+                     f"branch mode {preset.branch_mode}, ret_steps {preset.ret_steps}, cutoff_steps {preset.cutoff_steps}, forecast "
+                     f"{preset.forecast.rule}, default threshold {preset.threshold:g}; held-out R² {_num(fit.get('r2_heldout'), '.4f')}, "
+                     f"simulated {_num(fit.get('db_vs_oracle_heldout'), '+.2f')} dB against the oracle on held-out prompts.\n")
+        r2 = fit.get("r2_heldout")
+        if r2 is not None and r2 < WEAK_R2:
+            lines.append(f"**Weak fit**: held-out R² {r2:.2f} is below {WEAK_R2}. Record more prompts or seeds, probe the run "
+                         "(`teacal probe`), or try `--signal modin` or a lower `--degree`.\n")
+        if preset.domain.get("steps") and steps is not None and preset.outside_domain(steps):
+            lines.append(f"**Outside the calibrated domain**: {'; '.join(preset.outside_domain(steps))}.\n")
     if sweep_table is not None:
         view = aggregate(sweep_table)
-        figures.append(("Pareto: speed against LPIPS", pareto(view, "lpips", settings, folder / "pareto_lpips.png")))
-        figures.append(("Pareto: speed against PSNR", pareto(view, "psnr", settings, folder / "pareto_psnr.png")))
-        figures.append(("Skip map", skipmap_figure(sweep_table, settings, folder / "skipmap.png")))
+        calls = int(sweep_table.loc[sweep_table["method"] == "uncached", "calls"].max())
+        figures.append(("Pareto: speed against PSNR", pareto(view, "psnr", "speedup", settings, steps, folder / "pareto_psnr.png")))
+        figures.append(("Equal compute: computed calls against PSNR", pareto(view, "psnr", "computed", settings, steps, folder / "calls_psnr.png")))
+        figures.append(("Pareto: speed against LPIPS", pareto(view, "lpips", "speedup", settings, steps, folder / "pareto_lpips.png")))
+        figures.append(("Skip map", skipmap_figure(sweep_table, settings, steps, folder / "skipmap.png")))
         if view["lpips"].isna().all():
             lines.append("LPIPS was not measured (AlexNet weights unavailable); the LPIPS chart is omitted.\n")
+        lines.append("## Each method at equal computed calls\n")
+        lines.append("Mean PSNR over the prompts (worst prompt in brackets), dB: each method's best configuration that computes no more "
+                     "calls than the budget (its measured front).\n")
+        lines.append(_markdown(equal_calls(view, "psnr", calls)))
+        for metric, name in (("ssim", "SSIM"), ("lpips", "LPIPS")):
+            if view[metric].notna().any():
+                lines.append(f"\n{name} at the same budgets (worst prompt in brackets):\n")
+                lines.append(_markdown(equal_calls(view, metric, calls)))
         table = view[["label", "config", "threshold", "budget", "computed", "predicted", "calls", "speedup", "ideal_speedup", "lpips", "lpips_worst", "psnr", "psnr_worst", "ssim"]]
-        lines.append("## Measured configurations (means over prompts; PSNR 100 = identical)\n")
+        lines.append("\n## Measured configurations\n")
+        lines.append("Means over the prompts; speedup = total uncached time / total time (each prompt's uncached run timed in the same "
+                     "process as its configurations); `same` = every image identical to the uncached one.\n")
         lines.append(_markdown(table))
         lines.append("\n## Best speedup at equal quality\n")
         lines.append(_markdown(best_at_quality(view), ".2f"))
     else:
-        lines.append("No sweep yet: run `teacal sweep --run " + str(run) + " ...` for speed and quality.\n")
-    for title, path in figures:
-        if path is not None:
-            lines.append(f"\n## {title}\n\n![{title}]({path.name})\n")
+        lines.append(f"No sweep yet: run `teacal sweep {run} --preset P ...` for speed and quality.\n")
+    written = [(title, path) for title, path in figures if path is not None]
+    for title, path in written:
+        lines.append(f"\n## {title}\n\n![{title}]({path.name})\n")
     atomic_write(folder / "report.md", "\n".join(lines))
-    echo(f"wrote {folder / 'report.md'} and {sum(p is not None for _, p in figures)} figures")
+    echo(f"wrote {folder / 'report.md'} and {len(written)} figure{'s' if len(written) != 1 else ''}")
     return folder
 
 
-def require_run(run: str) -> None:
+def require_run(run: str | Path) -> None:
     if not Path(run).is_dir():
         raise UserError(f"{run}: no such run folder")

@@ -23,6 +23,10 @@ from teacache._files import atomic_write
 
 RUN_FILE = "run.json"
 SWEEP_FILE = "sweep.json"
+PROBE_FILE = "probe.json"
+# kind "window": only steps first..first+length-1 skipped; kind "forecast": the uniform schedule of `budget` computed
+# steps, with a linear forecast of constant damping `alpha` (0: plain reuse)
+PROBE_COLUMNS = ["prompt_id", "seed", "steps", "width", "height", "kind", "first", "length", "budget", "alpha", "latent_rel_l1", "psnr", "seconds"]
 UNIT_COLUMNS = ["prompt_id", "seed", "steps", "width", "height"]  # one generation; its steps are a series per branch
 TRACE_COLUMNS = [*UNIT_COLUMNS, "step", "branch", "timestep", "sigma", "x_temb", "x_modin", "y_output", "y_residual", "seconds"]
 REUSE_TARGETS = ("output", "residual")
@@ -190,6 +194,19 @@ def load_run(run: str | Path) -> dict:
     return read_json(path)
 
 
+def read_prompt_rows(path: Path) -> list[dict]:
+    """A run's copied prompt set as rows, each image file's sha256 added (`image_sha256`); no validation, no PIL."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            row = json.loads(line)
+            image = row.get("image")
+            if image and not image.startswith("skimage:") and (path.parent / image).is_file():
+                row["image_sha256"] = hashlib.sha256((path.parent / image).read_bytes()).hexdigest()
+            rows.append(row)
+    return rows
+
+
 def missing_units(info: dict) -> list[str]:
     """The generations a run's run.json lists as not yet recorded (an unfinished or partly sharded record)."""
     return sorted(name for name, status in info.get("status", {}).items() if status != "done")
@@ -228,12 +245,41 @@ def max_gap(trace: pd.DataFrame) -> int:
     return max(gaps, default=1)
 
 
+# -- probes -------------------------------------------------------------------------------------------------
+def load_probes(run: str | Path) -> pd.DataFrame | None:
+    """Every finished probe of a run (its uncached checks left out), or None when it has none."""
+    folder = Path(run) / "probes"
+    parts = sorted(folder.glob("*/*.json")) if folder.is_dir() else []
+    if parts:
+        frame = pd.DataFrame([read_json(p) for p in parts])
+    elif (Path(run) / "probes.parquet").exists():
+        frame = read_table(Path(run) / "probes.parquet")
+    else:
+        return None
+    frame = frame.reindex(columns=PROBE_COLUMNS)
+    frame = frame[(frame["kind"] == "forecast") | (frame["length"] > 0)]  # the uncached checks are not probes
+    return frame.sort_values(["prompt_id", "seed", "steps", "kind", "length", "first", "budget", "alpha"]).reset_index(drop=True)
+
+
 # -- sweep tables -------------------------------------------------------------------------------------------
 def aggregate(table: pd.DataFrame) -> pd.DataFrame:
-    finite_psnr = table.assign(psnr=table["psnr"].replace(np.inf, 100.0))  # identical images: PSNR is infinite
-    return finite_psnr.groupby(["method", "label", "config"], sort=False).agg(
+    """One row per configuration: means over the prompts, the worst prompt, and the headline speedup.
+
+    speedup = total uncached time / total time over the prompts, each prompt's uncached run timed in the same process
+    as its configurations. PSNR of an image identical to its reference is infinite: the mean is over the finite
+    ones, and `identical` marks configurations whose every image is identical (an uncached run, threshold 0).
+    """
+    finite = table.assign(psnr=table["psnr"].where(np.isfinite(table["psnr"])), same=~np.isfinite(table["psnr"]))
+    keys = ["method", "label", "config"]
+    if "forecast" in table:
+        keys.append("forecast")
+    view = finite.groupby(keys, sort=False, dropna=False).agg(
         threshold=("threshold", "first"), budget=("budget", "first"), computed=("computed", "mean"),
-        predicted=("predicted_computed", "mean"), calls=("calls", "mean"), speedup=("speedup", "mean"),
-        ideal_speedup=("ideal_speedup", "mean"), lpips=("lpips", "mean"), lpips_worst=("lpips", "max"),
-        psnr=("psnr", "mean"), psnr_worst=("psnr", "min"), ssim=("ssim", "mean"),
+        predicted=("predicted_computed", "mean"), calls=("calls", "mean"), seconds=("seconds", "sum"),
+        uncached_seconds=("uncached_seconds", "sum"), ideal_speedup=("ideal_speedup", "mean"), lpips=("lpips", "mean"),
+        lpips_worst=("lpips", "max"), psnr=("psnr", "mean"), psnr_worst=("psnr", "min"), ssim=("ssim", "mean"),
+        ssim_worst=("ssim", "min"), identical=("same", "all"), prompts=("prompt_id", "count"),
     ).reset_index()
+    view["speedup"] = view["uncached_seconds"] / view["seconds"]
+    view.loc[view["identical"], ["psnr", "psnr_worst"]] = np.inf
+    return view

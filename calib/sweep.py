@@ -1,17 +1,34 @@
-"""`teacal sweep`: what each threshold buys, measured against the uncached references from `record`.
+"""`teacal sweep RUN`: what each configuration buys, measured against the recorded uncached references.
 
-For every (prompt, seed) of the recorded run it times the uncached generation and every configuration
-(TeaCache thresholds, uncalibrated baselines, oracle schedules, and the peer caches of `calib.peers`: diffusers'
-FirstBlockCache, MagCache, SeaCache and cache-dit's DBCache) through the runtime users get, and compares
-each image with the reference: LPIPS, PSNR, SSIM. One JSON part per (configuration, prompt, seed) is written
-atomically, so a killed sweep loses at most the generation in progress; `sweep.parquet` merges them.
+For one recorded step count and every (prompt, seed) of the run, it generates with every configuration (calibrated
+TeaCache at each threshold and reuse rule, uncalibrated coefficient sets, static schedules: the oracle of the
+preset's cost model and uniform spacing; and the peer caches of `calib.peers`) through the runtime users get,
+and compares each image with the reference: LPIPS, PSNR, SSIM.
+
+Measured like with like
+    The run's own inputs (its `inputs/` copy), model, weights, dtype and device kind; a sweep that would differ is
+    refused, unless `--remake-references` (it then measures against its own uncached images). Every uncached
+    generation is checked against the recorded reference, bit for bit, and a mismatch stops the sweep.
+Timing
+    Work is grouped by (prompt, seed): the uncached run and every configuration of one prompt run in the same
+    process, `--repeats` times in a rotated order, keeping each one's fastest repeat; a configuration's speedup
+    is the uncached time over its time, and a configuration's headline speedup is the ratio of the total times
+    over the prompts. Recommendations rank by computed calls, which timing noise cannot reorder.
+Files (under `--out`, default the run folder; the run folder itself is never written to when `--out` is elsewhere)
+    sweep.json (settings: the resume key), sweep-preset.json (the preset measured), sweep/<config>/<unit>.json (one
+    part per generation), sweep.parquet (merged once every part exists), magcache.json, recommended-preset.json.
+Scale
+    `--shard i/K` (or torchrun's RANK/WORLD_SIZE): each shard takes every K-th (prompt, seed) with all its
+    configurations; the shard that finishes last merges.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,10 +37,9 @@ import pandas as pd
 from PIL import Image
 
 from calib import peers
-from calib.backends import check_backend, load_backend, resolve_device, resolve_dtype, weights_id
+from calib.backends import Recording, open_recording, reference_mismatch
 from calib.errors import UserError
 from calib.metrics import METRICS, Metrics, lpips_unavailable_reason, parse_metrics
-from calib.models import get_model
 from calib.progress import progress
 from calib.prompts import load_prompts
 from calib.runfiles import (
@@ -31,32 +47,51 @@ from calib.runfiles import (
     aggregate,
     check_finite,
     check_same_settings,
-    load_run,
     load_trace,
     now_iso,
+    read_array,
+    read_json,
+    resolve_shard,
+    settings_hash,
     unit_name,
+    write_array,
     write_json,
+    write_png,
     write_table,
 )
-from calib.simulate import StaticSchedulePolicy, oracle_schedule, simulate
+from calib.simulate import (
+    StaticSchedulePolicy,
+    forced_steps,
+    teacache_schedules,
+    thresholds_for_budgets,
+    uniform_schedule,
+    unit_series,
+)
+from teacache._files import atomic_write, remove_stale_temp_files
+from teacache.forecast import NO_FORECAST, Forecast
 from teacache.preset import Preset, PresetError
 
 EXACT_SIGNALS = ("temb",)  # signals whose recorded distances do not depend on skipped steps
+AUTO_BUDGETS = (0.15, 0.8)  # `--thresh auto`: a threshold for every computed-call count in this share of the calls
+MAX_CONFIGS = 400  # more than this many configurations needs --yes
 
 # Published coefficients, to show what calibration buys (REFERENCE §4). None keeps the preset's signal.
 BASELINES: dict[str, tuple[list[float], str | None]] = {
     "constant": ([1.0], None),  # the original sketch's default: poly1d([1.0]) is the constant 1
-    "identity": ([1.0, 0.0], None),
+    "identity": ([1.0, 0.0], "temb"),
     "flux": ([4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01], "modin"),
     "wan21": ([2.39676752e03, -1.31110545e03, 2.01331979e02, -8.29855975e00, 1.37887774e-01], "temb"),
     "mlx-qwen": ([45.1442944188745, -52.91131412057809, 17.078368811436963, 0.10393043235768819, 0.0], "modin"),
 }
+STATIC = ("uniform",)  # static schedules that take no coefficients: evenly spaced computed steps
 
 
-def parse_thresholds(spec: str) -> list[float]:
-    """`a:b` (step 0.05), `a:b:step`, or `t1,t2,...`; every value finite and >= 0."""
+def parse_thresholds(spec: str) -> list[float] | None:
+    """`auto` (None), `a:b` (step 0.05), `a:b:step`, or `t1,t2,...`; every value finite and >= 0."""
     text = spec.strip()
-    bad = UserError(f"--thresh {spec!r}: expected START:STOP[:STEP] with START <= STOP and STEP > 0, or a comma list of numbers >= 0")
+    if text == "auto":
+        return None
+    bad = UserError(f"--thresh {spec!r}: expected auto, START:STOP[:STEP] with START <= STOP and STEP > 0, or a comma list of numbers >= 0")
     try:
         if ":" in text:
             parts = [float(p) for p in text.split(":")]
@@ -67,6 +102,8 @@ def parse_thresholds(spec: str) -> list[float]:
             if not all(math.isfinite(v) for v in parts) or start < 0 or stop < start or step <= 0:
                 raise bad
             count = int(math.floor((stop - start) / step + 1e-9)) + 1
+            if count > 100_000:
+                raise UserError(f"--thresh {spec!r}: {count:,} thresholds; use a coarser STEP (sweep runs every distinct schedule)")
             values = [round(start + i * step, 10) for i in range(count)]
         else:
             values = [float(p) for p in text.split(",") if p.strip()]
@@ -77,34 +114,61 @@ def parse_thresholds(spec: str) -> list[float]:
     return sorted(set(values))
 
 
+def parse_forecast(spec: str, preset: Preset) -> tuple[str, Forecast]:
+    """`--forecast` values: `preset` (the preset's own rule), `none`, `calibrated` (the preset's fitted rule, which
+    must extrapolate), or `linear:ALPHA[:step|sigma]` (a fixed damping, e.g. linear:1 = undamped)."""
+    text = spec.strip().lower()
+    if text == "preset":
+        return ("calibrated" if preset.forecast.extrapolates else "none"), preset.forecast
+    if text == "none":
+        return "none", NO_FORECAST
+    if text == "calibrated":
+        if not preset.forecast.extrapolates:
+            raise UserError(f"--forecast calibrated: preset {preset.source} has no fitted forecast (its rule is none); fit one with `teacal fit`")
+        return "calibrated", preset.forecast
+    match = re.fullmatch(r"linear:([0-9.eE+-]+)(?::(step|sigma))?", text)
+    if match is None:
+        raise UserError(f"--forecast {spec!r}: expected preset, none, calibrated or linear:ALPHA[:step|sigma]")
+    try:
+        alpha = float(match.group(1))
+        forecast = Forecast("linear", match.group(2) or "step", ((0.0, alpha),))
+    except ValueError:
+        raise UserError(f"--forecast {spec!r}: ALPHA must be a finite number") from None
+    return f"linear:{alpha:g}" + (f":{forecast.axis}" if forecast.axis != "step" else ""), forecast
+
+
 @dataclass(frozen=True)
 class Config:
     id: str  # names its part folder
-    method: str  # uncached | teacache | baseline | oracle | a peer: fbcache | magcache | seacache | dbcache
+    method: str  # uncached | teacache | baseline | oracle | static | a peer: fbcache | magcache | seacache | dbcache
     label: str  # what the chart's legend says
     threshold: float | None = None
     budget: int | None = None
+    forecast: str = "none"
     preset: Preset | None = None
     schedule: tuple[bool, ...] | None = None
     params: tuple[tuple[str, float | int], ...] = ()  # a peer's own settings (calib.peers.GRIDS)
 
 
 def load_baseline(name: str, preset: Preset) -> tuple[str, Preset]:
+    """A named or file baseline: the preset with borrowed coefficients and no calibrated domain (nothing to clamp to)."""
     if name in BASELINES:
         coefficients, signal = BASELINES[name]
-        return name, preset.replace(coefficients=coefficients, signal=signal or preset.signal)
+        return name, preset.replace(coefficients=coefficients, signal=signal or preset.signal, domain={}, forecast=NO_FORECAST)
     path = Path(name)
+    if path.is_dir():
+        raise UserError(f"--baseline {name}: is a folder, not a preset or coefficients file")
     if not path.is_file():
-        raise UserError(f"--baseline {name!r}: not one of {', '.join(BASELINES)} and not a file")
+        raise UserError(f"--baseline {name!r}: not one of {', '.join(BASELINES)} or {', '.join(STATIC)}, and not a file")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"--baseline {name}: invalid JSON at line {err.lineno}: {err.msg}") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"--baseline {name}: not valid JSON ({type(err).__name__})") from None
     if isinstance(data, dict):
         other = Preset.from_dict(data, source=str(path))
-        return path.stem, preset.replace(coefficients=other.coefficients, signal=other.signal)
-    if isinstance(data, list) and data and all(isinstance(c, (int, float)) and math.isfinite(c) for c in data):
-        return path.stem, preset.replace(coefficients=data)
+        return path.stem, preset.replace(coefficients=other.coefficients, signal=other.signal, domain={}, forecast=NO_FORECAST)
+    if isinstance(data, list) and data and all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in data):
+        return path.stem, preset.replace(coefficients=data, domain={}, forecast=NO_FORECAST)
     raise UserError(f"--baseline {name}: expected a preset or a JSON list of finite coefficients")
 
 
@@ -114,43 +178,50 @@ def _slug(text: str) -> str:
 
 @dataclass
 class SweepRequest:
-    preset: str
-    run: str
-    thresholds: str | None  # TeaCache's (and the baselines'); needed when "teacache" is among the methods
-    out: str | None = None
-    metrics: str = ",".join(METRICS)
+    run: Path
+    preset: Path
+    thresholds: str = "auto"  # TeaCache's and the baselines': auto (each method its own, one per budget) or a grid
+    out: Path | None = None
+    metrics: tuple[str, ...] = METRICS
     metrics_explicit: bool = False
     baselines: tuple[str, ...] = ()
-    oracle: str = "auto"  # auto | none | comma list of budgets
+    oracle: str = "auto"  # auto | none | comma list of budgets (computed steps per branch)
+    forecasts: tuple[str, ...] = ("preset",)
     target_lpips: float | None = None
     target_psnr: float | None = None
+    save_preset: Path | None = None
     device: str = "auto"
     dtype: str = "auto"
-    model_path: str | None = None
-    lightx2v_config: str | None = None  # default: the one the run was recorded with
+    model_path: Path | None = None
+    lightx2v_config: Path | None = None  # default: the one the run was recorded with
     lpips_random_backbone: bool = False  # wiring tests only: never a figure
     methods: tuple[str, ...] = ("teacache",)  # --method values; see calib.peers.METHODS
     peer_grids: dict[str, str] = field(default_factory=dict)  # peer grid option (e.g. "--magcache-thresh") -> comma list
-    prompts: str | None = None  # a subset of the recorded prompt set (default: all of it)
+    prompts: Path | None = None  # a subset of the recorded prompt set (default: all of it)
+    steps: int | None = None  # which recorded step count (needed when the run has several)
+    remake_references: bool = False
+    repeats: int = 1
+    shard: str | None = None
+    yes: bool = False  # run a grid past MAX_CONFIGS configurations
 
 
-def subset_of_recorded(chosen, recorded, run: str):
+def subset_of_recorded(chosen, recorded, run: Path):
     """The items of `chosen`, each of which must be in the recorded set unchanged (its references exist)."""
     by_id = {item.id: item for item in recorded.items}
     for item in chosen.items:
         same = by_id.get(item.id)
         if same is None:
             raise UserError(f"{chosen.path}: prompt {item.id!r} was not recorded in {run}")
-        if (same.prompt, same.negative_prompt, same.load_image().tobytes()) != (item.prompt, item.negative_prompt, item.load_image().tobytes()):
+        if not same.same_request(item):
             raise UserError(f"{chosen.path}: prompt {item.id!r} differs from the one recorded in {run}")
-    return chosen.items
+    return tuple(by_id[item.id] for item in chosen.items)
 
 
-def oracle_budgets(spec: str, teacache_counts: list[int], steps: int, forced: int) -> list[int]:
+def budgets_of(spec: str, steps: int, forced: int, auto: list[int]) -> list[int]:
     if spec == "none":
         return []
     if spec == "auto":
-        return sorted({c for c in teacache_counts if forced <= c < steps})
+        return auto
     try:
         budgets = sorted({int(b) for b in spec.split(",") if b.strip()})
     except ValueError:
@@ -160,186 +231,292 @@ def oracle_budgets(spec: str, teacache_counts: list[int], steps: int, forced: in
     return budgets
 
 
-def sweep(request: SweepRequest, echo=print) -> pd.DataFrame:
-    # -- everything checkable is checked before a model loads --------------------------------------------------
+def _schedule_text(schedule) -> str:
+    return "".join("x" if c else "." for c in schedule)
+
+
+@dataclass
+class Plan:
+    recording: Recording
+    steps: int
+    cfg: float
+    size: tuple[int, int]
+    items: tuple
+    configs: list[Config]
+    runs_as: dict[str, str]
+    predicted: dict[str, pd.DataFrame]
+    metric_names: tuple[str, ...]
+    out: Path
+    settings: dict
+
+
+def plan(request: SweepRequest, echo=print) -> Plan:
+    """Every check and every configuration, before a model loads."""
     methods = peers.parse_methods(request.methods)
     peer_settings = peers.settings_grid(methods, request.peer_grids)
     peers.check_installed(methods)
-    if "teacache" in methods and request.thresholds is None:
-        raise UserError("--thresh is required with --method teacache (the default)")
-    if request.baselines and request.thresholds is None:
-        raise UserError("--baseline needs --thresh: baselines run at TeaCache's thresholds")
-    thresholds = parse_thresholds(request.thresholds) if request.thresholds is not None else []
-    preset = Preset.load(request.preset)
-    info = load_run(request.run)
-    settings = info["settings"]
-    preset.require_model(settings["model"])
-    spec = get_model(settings["model"])
-    lightx2v_config = request.lightx2v_config or settings.get("lightx2v_config")
-    if request.lightx2v_config is None and lightx2v_config is not None:
-        from calib.backends.lightx2v import check_same_lightx2v_config
-
-        check_same_lightx2v_config(settings, request.run)
-    backend_name = check_backend(spec, settings["backend"], request.model_path, lightx2v_config)
-    recorded_weights = settings.get("weights")
-    if recorded_weights is not None and weights_id(spec, backend_name, request.model_path) != recorded_weights:
-        raise UserError(f"{request.run}: recorded with weights {recorded_weights}, but this sweep would run {weights_id(spec, backend_name, request.model_path)}; record again (or pass the same --model-path)")
-    peers.check_backend(methods, backend_name)
-    run = Path(request.run)
-    prompts = load_prompts(run / info["prompt_file"], need_image=spec.edit)
-    if prompts.sha256 != settings["inputs_sha256"]:
-        raise UserError(f"{run / info['prompt_file']}: the prompt set or its images changed since they were recorded in {run}; record again")
-    items = prompts.items
-    if request.prompts is not None:
-        items = subset_of_recorded(load_prompts(request.prompts, need_image=spec.edit), prompts, request.run)
-    seeds = settings["seeds"]
-    steps, cfg, size = settings["steps"][0], settings["cfg"], tuple(settings["sizes"][0])
-    pairs = [(item, seed) for item in items for seed in seeds]
-    pair_name = lambda prompt_id, seed: unit_name(prompt_id, seed, steps, size)  # noqa: E731
-    missing = [pair_name(i.id, s) for i, s in pairs if not (run / "refs" / f"{pair_name(i.id, s)}.png").exists()]
-    if missing:
-        raise UserError(f"{run}: no reference image for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; finish `teacal record` first")
-    trace = load_trace(run)
-    check_finite(trace, run)
+    thresholds = parse_thresholds(request.thresholds)
+    if request.repeats < 1:
+        raise UserError(f"--repeats {request.repeats}: expected at least 1")
     if request.target_lpips is not None and request.target_psnr is not None:
         raise UserError("give --target-lpips or --target-psnr, not both")
-    metric_names = parse_metrics(request.metrics)
+    for name, value in (("--target-lpips", request.target_lpips), ("--target-psnr", request.target_psnr)):
+        if value is not None and (not math.isfinite(value) or value < 0):
+            raise UserError(f"{name} {value}: expected a finite number >= 0")
+    preset_path = Path(request.preset)
+    if preset_path.is_dir():
+        raise UserError(f"--preset {preset_path}: is a folder; give the preset JSON that `teacal fit` wrote")
+    preset = Preset.load(preset_path)
+    if request.save_preset is not None and Path(request.save_preset).resolve() == preset_path.resolve():
+        raise UserError(f"--save-preset {request.save_preset}: that is the input preset; sweep never edits its inputs, choose another file")
+    recording = open_recording(request.run, request.model_path, request.lightx2v_config, request.device, request.dtype,
+                               allow_other_precision=request.remake_references, what="sweep")
+    run, settings = recording.run, recording.settings
+    preset.require_model(settings["model"])
+    peers.check_backend(methods, recording.backend)
+    recorded_steps = settings["steps"]
+    if request.steps is None and len(recorded_steps) > 1:
+        raise UserError(f"{run} holds {', '.join(map(str, recorded_steps))} steps; choose one with --steps")
+    steps = request.steps or recorded_steps[0]
+    if steps not in recorded_steps:
+        raise UserError(f"--steps {steps}: {run} recorded {', '.join(map(str, recorded_steps))} steps")
+    cfg, size = settings["cfg"], recording.size
+    items = recording.prompts.items
+    if request.prompts is not None:
+        items = subset_of_recorded(load_prompts(request.prompts, need_image=recording.spec.edit), recording.prompts, run)
+    seeds = settings["seeds"]
+    missing = [unit_name(i.id, s, steps, size) for i in items for s in seeds if not (run / "refs" / f"{unit_name(i.id, s, steps, size)}.npy").exists()]
+    if missing:
+        raise UserError(f"{run}: no reference for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; finish `teacal record {run}` first")
+    trace = load_trace(run)
+    check_finite(trace, run)
+    trace = trace[(trace["steps"] == steps) & trace["prompt_id"].isin([i.id for i in items])]
+    metric_names = parse_metrics(",".join(request.metrics))
     if "lpips" in metric_names and not request.lpips_random_backbone:
         reason = lpips_unavailable_reason()
         if reason is not None:
             if request.metrics_explicit or request.target_lpips is not None:
                 raise UserError(reason)
-            echo(f"note: {reason}; measuring PSNR and SSIM only")
-            metric_names = tuple(m for m in metric_names if m != "lpips")
+            metric_names = tuple(m for m in metric_names if m != "lpips")  # by default, what can run here (the summary says so)
     if request.target_lpips is not None and "lpips" not in metric_names:
         raise UserError("--target-lpips needs the lpips metric")
     try:
         preset.resolve_cutoff(steps)
     except PresetError as err:
         raise UserError(str(err)) from None
-    baselines = [load_baseline(name, preset) for name in request.baselines]
-    device = resolve_device(request.device)
-    dtype = resolve_dtype(request.dtype, device)
+    outside = preset.outside_domain(steps, size)
+    if outside:
+        echo(f"warning: preset {preset.source} was not calibrated for this run ({'; '.join(outside)}); its schedules here are extrapolated")
+    baselines, statics = [], []
+    for name in request.baselines:
+        (statics if name in STATIC else baselines).append(name if name in STATIC else load_baseline(name, preset))
+    forecasts = [parse_forecast(spec, preset) for spec in dict.fromkeys(request.forecasts)]
+    out = Path(request.out or run)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
 
-    # -- configurations and their predicted schedules ----------------------------------------------------------
+    # -- configurations ---------------------------------------------------------------------------------------------
+    units = unit_series(trace)
+    forced = forced_steps(preset, steps)
+    low, high = math.ceil(AUTO_BUDGETS[0] * steps), math.floor(AUTO_BUDGETS[1] * steps)
+    auto_budgets = [k for k in range(max(low, int(forced.sum()) + 1), high + 1)]
+
+    def grid(method_preset: Preset) -> list[float]:
+        if thresholds is not None:
+            return thresholds
+        return thresholds_for_budgets(units, method_preset, [k / steps for k in auto_budgets])
+
     configs = [Config("uncached", "uncached", "uncached")]
     if "teacache" in methods:
-        configs += [Config(f"teacache-t{t:g}", "teacache", "teacache (calibrated)", threshold=t, preset=preset) for t in thresholds]
+        for name, forecast in forecasts:
+            calibrated = preset.replace(forecast=forecast)
+            suffix = "" if name == "none" else f"-f{_slug(name)}"
+            label = "teacache (calibrated)" + ("" if name == "none" else f", forecast {name}")
+            configs += [Config(f"teacache{suffix}-t{t:g}", "teacache", label, threshold=t, forecast=name, preset=calibrated) for t in grid(calibrated)]
     for name, base in baselines:
-        configs += [Config(_slug(f"baseline-{name}-t{t:g}"), "baseline", f"baseline: {name}", threshold=t, preset=base) for t in thresholds]
-    predicted: dict[str, pd.DataFrame] = {c.id: simulate(trace, c.preset, c.threshold) for c in configs if c.method in ("teacache", "baseline")}
-    forced_mask = np.array([s < preset.ret_steps or s >= preset.resolve_cutoff(steps) for s in range(steps)])
-    counts = [round(predicted[c.id].groupby(["prompt_id", "seed", "branch"])["computed"].sum().mean()) for c in configs if c.method == "teacache"]
-    budgets = oracle_budgets(request.oracle, counts, steps, int(forced_mask.sum()))
-    step_error = trace.groupby(["step", "prompt_id", "seed"])["y_output"].max().groupby("step").mean().reindex(range(steps)).fillna(0).to_numpy()
+        configs += [Config(_slug(f"baseline-{name}-t{t:g}"), "baseline", f"baseline: {name}", threshold=t, preset=base) for t in grid(base)]
+    oracle = preset.calibration.get("oracle", {}).get(str(steps), {})
+    budgets = budgets_of(request.oracle, steps, int(forced.sum()), auto_budgets)
+    if budgets and not oracle and request.oracle != "auto":
+        raise UserError(f"--oracle {request.oracle}: preset {preset.source} holds no oracle schedules for {steps} steps (fit it on a recording of {steps} steps)")
+    probed = preset.calibration.get("cost_model", {}).get("probed", False)
+    oracle_label = f"oracle (best static schedule, {'probed' if probed else 'recorded reuse'} cost model)"
     for k in budgets:
-        configs.append(Config(f"oracle-k{k}", "oracle", "oracle (best static schedule, recorded error)", budget=k, preset=preset, schedule=tuple(bool(b) for b in oracle_schedule(step_error, k, forced_mask))))
+        if str(k) in oracle:
+            configs.append(Config(f"oracle-k{k}", "oracle", oracle_label, budget=k, preset=preset.replace(forecast=NO_FORECAST),
+                                  schedule=tuple(c == "x" for c in oracle[str(k)])))
+    for name in statics:
+        configs += [Config(f"{name}-k{k}", "static", f"static: {name} spacing", budget=k, preset=preset.replace(forecast=NO_FORECAST),
+                           schedule=tuple(bool(b) for b in uniform_schedule(steps, k, forced))) for k in auto_budgets]
     configs += [Config(s.id, s.method, s.label, threshold=s.threshold, params=s.params) for s in peer_settings]
+    if len(configs) > MAX_CONFIGS and not request.yes:
+        raise UserError(f"{len(configs)} configurations x {len(items) * len(seeds)} generations each: pass --yes to run them, or a coarser --thresh")
 
-    # Thresholds that give the same schedule on every recorded series share one run when the signal is exact.
+    predicted = {c.id: _predicted(units, c) for c in configs if c.method in ("teacache", "baseline")}
+    # Configurations whose schedules are the same on every recorded series share one run, when the signal is exact.
     runs_as: dict[str, str] = {}
-    if preset.signal in EXACT_SIGNALS:
-        seen: dict[tuple, str] = {}
-        for c in configs:
-            if c.id in predicted and c.preset.signal in EXACT_SIGNALS:
-                key = (c.preset.branch_mode, tuple(predicted[c.id]["computed"]))
-                runs_as[c.id] = seen.setdefault(key, c.id)
-
-    out = Path(request.out or request.run)
-    sweep_settings = {
-        "record": settings, "run": str(run), "signal": preset.signal, "coefficients": list(preset.coefficients),
-        "ret_steps": preset.ret_steps, "cutoff_steps": preset.cutoff_steps, "branch_mode": preset.branch_mode,
-        "max_consecutive_skips": preset.max_consecutive_skips, "metrics": list(metric_names),
-        "lpips_random_backbone": request.lpips_random_backbone, "device": device,
-    }
-    check_same_settings(out / SWEEP_FILE, sweep_settings, "sweep")
-    write_json(out / SWEEP_FILE, {"kind": "sweep", "settings": sweep_settings, "preset": str(request.preset), "updated": now_iso()})
-
-    echo(f"sweep {spec.name}: {len(pairs)} generations per configuration, {steps} steps, {size[0]}x{size[1]}, CFG {cfg}; metrics {', '.join(metric_names)}")
-    echo(f"{'configuration':<34}{'predicted computed calls':>26}")
+    seen: dict[tuple, str] = {}
     for c in configs:
-        if c.id in predicted:
-            shared = f"  (same schedule as {runs_as[c.id]})" if runs_as.get(c.id, c.id) != c.id else ""
-            echo(f"{c.id:<34}{int(predicted[c.id]['computed'].sum()):>14} of {len(predicted[c.id]):<9}{shared}")
+        if c.id in predicted and c.preset.signal in EXACT_SIGNALS:
+            key = (c.preset.branch_mode, c.forecast, tuple(predicted[c.id]["computed"]))
+            runs_as[c.id] = seen.setdefault(key, c.id)
+    sweep_settings = {
+        "record": {k: settings[k] for k in ("model", "backend", "cfg", "sizes", "seeds", "dtype", "device", "inputs_sha256", "weights")},
+        "steps": steps, "dtype": str(recording.dtype).removeprefix("torch.") if recording.dtype is not None else settings["dtype"],
+        "device": recording.device.split(":")[0], "preset_sha256": settings_hash(preset.to_dict()),
+        "baselines": {name: list(b.coefficients) for name, b in baselines}, "metrics": list(metric_names),
+        "lpips_random_backbone": request.lpips_random_backbone, "remake_references": request.remake_references,
+        "lightx2v_config_sha256": settings.get("lightx2v_config_sha256"),
+    }
+    return Plan(recording, steps, cfg, size, items, configs, runs_as, predicted, metric_names, out, sweep_settings)
 
-    # -- run -------------------------------------------------------------------------------------------------
+
+def _predicted(units, config: Config) -> pd.DataFrame:
+    rows = []
+    for unit in units:
+        schedules = teacache_schedules(unit, config.preset, [config.threshold])[0]
+        for b, branch in enumerate(unit.branches):
+            rows += [(unit.key[0], unit.key[1], branch, m, bool(schedules[b, m])) for m in range(unit.steps)]
+    return pd.DataFrame(rows, columns=["prompt_id", "seed", "branch", "step", "computed"])
+
+
+def sweep(request: SweepRequest, echo=print) -> pd.DataFrame:
+    p = plan(request, echo)
+    run, out = p.recording.run, p.out
+    check_same_settings(out / SWEEP_FILE, p.settings, "sweep", flag="another --out")
+    remove_stale_temp_files(out / "sweep")
+    seeds = p.recording.settings["seeds"]
+    pairs = [(item, seed) for item in p.items for seed in seeds]
+    shard_index, shard_count = resolve_shard(request.shard)
     parts = out / "sweep"
-    work = [(c, item, seed) for item, seed in pairs for c in configs if runs_as.get(c.id, c.id) == c.id]
-    todo = [(c, item, seed) for c, item, seed in work if not (parts / c.id / f"{pair_name(item.id, seed)}.json").exists()]
-    echo(f"{len(todo)} generations to run, {len(work) - len(todo)} already done")
+    runnable = [c for c in p.configs if p.runs_as.get(c.id, c.id) == c.id]
+    mine = [pair for i, pair in enumerate(pairs) if i % shard_count == shard_index]
+
+    def part(c: Config, item, seed) -> Path:
+        return parts / c.id / f"{unit_name(item.id, seed, p.steps, p.size)}.json"
+
+    todo = [(item, seed, [c for c in runnable if c.method != "uncached" and not part(c, item, seed).exists()]) for item, seed in mine]
+    todo = [(item, seed, configs) for item, seed, configs in todo if configs or not part(p.configs[0], item, seed).exists()]
+    echo(f"sweep {p.settings['record']['model']}: {len(pairs)} generations per configuration, {p.steps} steps, {p.size[0]}x{p.size[1]}, "
+         f"CFG {p.cfg}; metrics {', '.join(p.metric_names)}; {len(p.configs)} configurations ({len(runnable)} distinct runs)")
+    if shard_count > 1:
+        echo(f"shard {shard_index}/{shard_count}: {len(mine)} of the {len(pairs)} (prompt, seed) pairs")
+    config_runs = sum(len(configs) for _, _, configs in todo)
+    done = len(mine) * (len(runnable) - 1) - config_runs
+    echo(f"{config_runs} generations to run, and {len(todo)} uncached ones timed beside them"
+         f"{f' ({request.repeats} repeats each)' if request.repeats > 1 else ''}; {done} already done")
+    write_json(out / SWEEP_FILE, {"kind": "sweep", "settings": p.settings, "run": os.path.relpath(run.resolve(), out.resolve()),
+                                  "preset": "sweep-preset.json", "updated": now_iso()})
+    atomic_write(out / "sweep-preset.json", json.dumps(Preset.load(request.preset).to_dict(), indent=2) + "\n")
     if todo:
-        metrics = Metrics(metric_names, lpips_random_backbone=request.lpips_random_backbone)
-        backend = load_backend(spec, backend_name, request.model_path, device, dtype, lightx2v_config)
+        metrics = Metrics(p.metric_names, lpips_random_backbone=request.lpips_random_backbone)
+        backend = p.recording.load()
+        process = uuid.uuid4().hex[:12]
         try:
-            item, seed = todo[0][1], todo[0][2]
-            backend.run(item, seed, steps, cfg, size)  # warm-up: first-call costs stay out of every timing
+            item, seed = todo[0][0], todo[0][1]
+            backend.run(item, seed, p.steps, p.cfg, p.size)  # warm-up: first-call costs stay out of every timing
             peer_data = {}
-            if any(c.method == "magcache" for c, _, _ in todo):
-                key = {"record": settings, "device": device, "dtype": str(dtype), "diffusers": peers.diffusers_version()}
-                peer_data["mag_ratios"] = peers.mag_ratios(backend, run, key, pairs, steps, cfg, size, echo=echo)
-            with progress("sweep", len(todo)) as advance:
-                for c, item, seed in todo:
-                    name = pair_name(item.id, seed)
-                    row = run_config(backend, c, item, seed, steps, cfg, size, peer_data)
-                    with Image.open(run / "refs" / f"{name}.png") as ref:
-                        row.update(metrics(row.pop("image"), ref.convert("RGB")))
-                    write_json(parts / c.id / f"{name}.json", row)
-                    advance(f"sweep {c.id} {name}")
+            if any(c.method == "magcache" for _, _, configs in todo for c in configs):
+                key = {"record": p.settings["record"], "steps": p.steps, "device": p.settings["device"], "dtype": p.settings["dtype"],
+                       "diffusers": peers.diffusers_version()}
+                peer_data["mag_ratios"] = peers.mag_ratios(backend, out, key, pairs, p.steps, p.cfg, p.size, echo=echo)
+            with progress("sweep", sum(len(c) + 1 for _, _, c in todo)) as advance:
+                for item, seed, configs in todo:
+                    sweep_pair(backend, p, item, seed, configs, metrics, peer_data, request, process, advance)
         finally:
             backend.close()
-
-    table = merge(parts, configs, runs_as, pairs, predicted)
+    done = all(part(c, item, seed).exists() for c in runnable for item, seed in pairs)
+    if not done:
+        echo("other shards still have generations to run; the last one to finish merges sweep.parquet")
+        return pd.DataFrame()
+    table = merge(parts, p, pairs)
     write_table(out / "sweep.parquet", table)
     echo(summary(table))
     echo(f"wrote {out / 'sweep.parquet'}")
     target = ("lpips", request.target_lpips) if request.target_lpips is not None else ("psnr", request.target_psnr) if request.target_psnr is not None else None
     if target is not None:
-        recommend(table, preset, request.preset, *target, echo=echo)
+        recommend(table, Preset.load(request.preset), request.save_preset or out / "recommended-preset.json", Path(request.preset), *target, echo=echo)
     return table
+
+
+def sweep_pair(backend, p: Plan, item, seed: int, configs: list[Config], metrics: Metrics, peer_data: dict, request: SweepRequest,
+               process: str, advance) -> None:
+    """The uncached run and `configs` for one (prompt, seed), in this process, each `--repeats` times in a rotated
+    order (fastest repeat kept); then one part per configuration."""
+    run, out = p.recording.run, p.out
+    name = unit_name(item.id, seed, p.steps, p.size)
+    order = [p.configs[0], *configs]
+    results: dict[str, dict] = {}
+    for repeat in range(request.repeats):
+        shift = repeat % len(order)
+        for c in order[shift:] + order[:shift]:
+            row = run_config(backend, c, item, seed, p.steps, p.cfg, p.size, peer_data)
+            if c.id in results:
+                results[c.id]["seconds"] = min(results[c.id]["seconds"], row["seconds"])
+            else:
+                results[c.id] = row
+                if repeat == 0:
+                    advance(f"sweep {c.id} {name}")
+    uncached = results["uncached"]
+    reference_latents = out / "refs" / f"{name}.npy" if request.remake_references else run / "refs" / f"{name}.npy"
+    if request.remake_references:
+        if not reference_latents.exists():
+            write_png(out / "refs" / f"{name}.png", uncached["image"])
+            write_array(reference_latents, uncached["latents"])
+    mismatch = reference_mismatch(uncached["generation"], read_array(reference_latents))
+    if mismatch is not None:
+        raise UserError(f"{name}: the uncached run does not reproduce the recorded reference in {reference_latents.parent} ({mismatch}): the "
+                        "weights, inputs, library versions, device or dtype differ from the recording's; sweep where it was recorded, "
+                        "or pass --remake-references to measure against this machine's own uncached images")
+    with Image.open(reference_latents.with_suffix(".png")) as ref:
+        reference = ref.convert("RGB")
+        for c in order:
+            row = results[c.id]
+            row.update(metrics(row.pop("image"), reference))
+            row.pop("latents"), row.pop("generation")
+            row.update(uncached_seconds=uncached["seconds"], process=process, repeats=request.repeats)
+            write_json(out / "sweep" / c.id / f"{name}.json", row)
 
 
 def run_config(backend, config: Config, item, seed: int, steps: int, cfg: float, size, peer_data: dict | None = None) -> dict:
     row = {"config": config.id, "prompt_id": item.id, "seed": seed}
     if config.method in peers.PEERS:
         with peers.applied(backend.transformer, config.method, dict(config.params), steps, cfg, **(peer_data or {})) as counter:
-            image, timing = backend.run(item, seed, steps, cfg, size)
+            generation = backend.run(item, seed, steps, cfg, size)
         row.update(counter.row())
     elif config.method == "uncached":
-        image, timing = backend.run(item, seed, steps, cfg, size)
+        generation = backend.run(item, seed, steps, cfg, size)
         calls = steps * (2 if cfg > 1 else 1)
         row.update(computed=calls, skipped=0, block_forwards=calls * backend.num_blocks,
                    computed_cond=steps, computed_uncond=steps if cfg > 1 else 0)
     else:
         policy = StaticSchedulePolicy(config.preset, np.array(config.schedule)) if config.schedule else None
-        with backend.caching(config.preset, config.threshold, steps, policy) as cache:
-            image, timing = backend.run(item, seed, steps, cfg, size)
+        with backend.caching(config.preset, config.threshold, policy) as cache:
+            generation = backend.run(item, seed, steps, cfg, size)
             stats = cache.stats()
             per_branch = stats.per_branch()
             row.update(computed=stats.computed, skipped=stats.skipped, block_forwards=cache.block_forwards(),
                        computed_cond=per_branch.get("cond", {}).get("computed", 0),
                        computed_uncond=per_branch.get("uncond", {}).get("computed", 0),
-                       schedule="".join("x" if c else "." for c in stats.schedule("cond")))
-    row.update(seconds=timing["denoise_seconds"], image=image)
+                       schedule=_schedule_text(stats.schedule("cond")), outside_domain="; ".join(stats.outside_domain))
+    row.update(seconds=generation.denoise_seconds, image=generation.image, latents=generation.latents, generation=generation)
     return row
 
 
-def merge(parts: Path, configs: list[Config], runs_as: dict[str, str], pairs, predicted: dict[str, pd.DataFrame]) -> pd.DataFrame:
+def merge(parts: Path, p: Plan, pairs) -> pd.DataFrame:
     rows = []
-    for c in configs:
-        source = runs_as.get(c.id, c.id)
+    for c in p.configs:
+        source = p.runs_as.get(c.id, c.id)
         for item, seed in pairs:
-            path = parts / source / f"{pair_name(item.id, seed)}.json"
-            if not path.exists():
-                continue
-            row = json.loads(path.read_text())
-            row.update(config=c.id, method=c.method, label=c.label, threshold=c.threshold, budget=c.budget, measured_as=source)
-            if c.id in predicted:
-                p = predicted[c.id]
-                row["predicted_computed"] = int(p[(p["prompt_id"] == item.id) & (p["seed"] == seed)]["computed"].sum())
+            path = parts / source / f"{unit_name(item.id, seed, p.steps, p.size)}.json"
+            row = read_json(path)
+            row.update(config=c.id, method=c.method, label=c.label, threshold=c.threshold, budget=c.budget, forecast=c.forecast, measured_as=source)
+            if c.id in p.predicted:
+                pred = p.predicted[c.id]
+                row["predicted_computed"] = int(pred[(pred["prompt_id"] == item.id) & (pred["seed"] == seed)]["computed"].sum())
             rows.append(row)
     table = pd.DataFrame(rows)
-    uncached = table[table["method"] == "uncached"].set_index(["prompt_id", "seed"])["seconds"]
-    table["speedup"] = [uncached.get((p, s), np.nan) / sec for p, s, sec in zip(table["prompt_id"], table["seed"], table["seconds"], strict=True)]
+    table["speedup"] = table["uncached_seconds"] / table["seconds"]  # within one process, per prompt
     table["calls"] = table["computed"] + table["skipped"]
     # Zero-overhead speedup from the blocks that ran: some peers skip per block (FirstBlockCache and DBCache always
     # run block 0), so calls / computed would flatter them. For whole-call skips both ratios are the same.
@@ -348,39 +525,48 @@ def merge(parts: Path, configs: list[Config], runs_as: dict[str, str], pairs, pr
     for metric in METRICS:
         if metric not in table:
             table[metric] = np.nan
-    columns = ["method", "label", "config", "threshold", "budget", "prompt_id", "seed", "computed", "skipped", "calls", "computed_cond", "computed_uncond", "predicted_computed",
-               "block_forwards", "seconds", "speedup", "ideal_speedup", "lpips", "psnr", "ssim", "schedule", "measured_as"]
+    columns = ["method", "label", "config", "threshold", "budget", "forecast", "prompt_id", "seed", "computed", "skipped", "calls",
+               "computed_cond", "computed_uncond", "predicted_computed", "block_forwards", "seconds", "uncached_seconds", "speedup",
+               "ideal_speedup", "lpips", "psnr", "ssim", "schedule", "outside_domain", "measured_as", "process", "repeats"]
     return table.reindex(columns=columns)
 
 
 def summary(table: pd.DataFrame) -> str:
     view = aggregate(table)
-    lines = [f"{'configuration':<32}{'computed':>9}{'predicted':>10}{'speedup':>9}{'ideal':>7}{'LPIPS':>8}{'PSNR':>7}{'SSIM':>7}"]
+    with_lpips = view["lpips"].notna().any()
+    lpips_head = f"{'LPIPS':>8}" if with_lpips else ""
+    lines = [f"{'configuration':<34}{'computed':>9}{'predicted':>10}{'speedup':>9}{'ideal':>7}{lpips_head}{'PSNR':>7}{'worst':>7}{'SSIM':>7}"]
     for r in view.itertuples():
         predicted = "" if math.isnan(r.predicted) else f"{r.predicted:.1f}"
-        lines.append(f"{r.config:<32}{r.computed:>9.1f}{predicted:>10}{r.speedup:>8.2f}x{r.ideal_speedup:>6.2f}x{r.lpips:>8.4f}{r.psnr:>7.2f}{r.ssim:>7.4f}")
+        lpips = (f"{r.lpips:>8.4f}" if math.isfinite(r.lpips) else f"{'':>8}") if with_lpips else ""
+        psnr, worst = ("same", "same") if r.identical else (f"{r.psnr:.2f}", f"{r.psnr_worst:.2f}")
+        lines.append(f"{r.config:<34}{r.computed:>9.1f}{predicted:>10}{r.speedup:>8.2f}x{r.ideal_speedup:>6.2f}x{lpips}{psnr:>7}{worst:>7}{r.ssim:>7.4f}")
+    if not with_lpips:
+        lines.append("(LPIPS not measured: its AlexNet weights are not available here; see the README)")
     return "\n".join(lines)
 
 
-def recommend(table: pd.DataFrame, preset: Preset, preset_path: str, metric: str, target: float, echo=print) -> float | None:
-    """The fastest calibrated threshold that meets `target` on the mean and on the worst prompt; saved in the preset."""
-    view = aggregate(table[table["method"] == "teacache"])
+def recommend(table: pd.DataFrame, preset: Preset, save_to: Path, preset_path: Path, metric: str, target: float, echo=print) -> float | None:
+    """The calibrated threshold with the fewest computed calls that meets `target` on the mean and on the worst prompt,
+    written with the measured table as a new preset (never over the input preset)."""
+    view = aggregate(table[(table["method"] == "teacache") & (table["forecast"] == ("calibrated" if preset.forecast.extrapolates else "none"))])
     if metric == "lpips":
         ok = view[(view["lpips"] <= target) & (view["lpips_worst"] <= target)]
     else:
         ok = view[(view["psnr"] >= target) & (view["psnr_worst"] >= target)]
-    measured = [
-        {k: (None if isinstance(v, float) and math.isnan(v) else round(float(v), 6)) for k, v in
-         dict(threshold=r.threshold, speedup=r.speedup, computed_fraction=r.computed / r.calls,
-              lpips=r.lpips, lpips_worst=r.lpips_worst, psnr=r.psnr, psnr_worst=r.psnr_worst, ssim=r.ssim).items()}
+    measured = [  # JSON has no infinity: PSNR of identical images is null, with "identical": true
+        {**{k: (None if isinstance(v, float) and not math.isfinite(v) else round(float(v), 6)) for k, v in
+            dict(threshold=r.threshold, speedup=r.speedup, computed_fraction=r.computed / r.calls,
+                 lpips=r.lpips, lpips_worst=r.lpips_worst, psnr=r.psnr, psnr_worst=r.psnr_worst, ssim=r.ssim).items()},
+         "identical": bool(r.identical)}
         for r in view.itertuples()
     ]
     if ok.empty:
-        echo(f"no threshold meets {metric} {'<=' if metric == 'lpips' else '>='} {target} on the mean and the worst prompt; preset unchanged")
+        echo(f"no threshold meets {metric} {'<=' if metric == 'lpips' else '>='} {target:g} on the mean and the worst prompt; no preset written")
         return None
-    best = ok.sort_values(["speedup", "threshold"], ascending=[False, True]).iloc[0]
-    updated = preset.replace(threshold=float(best["threshold"]), thresholds=measured)
-    updated.save(preset_path)
-    echo(f"recommended threshold {best['threshold']:g}: {best['speedup']:.2f}x, {metric} mean {best[metric]:.4g}, worst {best[metric + '_worst']:.4g}; written to {preset_path}")
+    # Fewest computed calls first: unlike wall time, calls are not noisy; among equal calls, the faster measurement.
+    best = ok.sort_values(["computed", "speedup"], ascending=[True, False]).iloc[0]
+    Preset.save(preset.replace(threshold=float(best["threshold"]), thresholds=measured), save_to)
+    echo(f"recommended threshold {best['threshold']:g}: {best['computed']:.1f} of {best['calls']:.0f} calls computed, {best['speedup']:.2f}x, "
+         f"{metric} mean {best[metric]:.4g}, worst {best[metric + '_worst']:.4g}; written to {save_to}")
     return float(best["threshold"])
-

@@ -4,13 +4,19 @@ A computed call stores its block-stack residual ``r = stack_output - stack_input
 returns ``stack_input + r̂`` with
 
 * ``none``:   ``r̂ = r₁``, the residual of the branch's last computed step ``s₁`` (plain TeaCache);
-* ``linear``: ``r̂ = r₁ + α_g · (r₁ - r₀) · d(i, s₁) / d(s₁, s₀)``, extrapolated from the last two computed steps
-  ``s₀ < s₁``. ``d`` is the step-index difference (``axis: step``) or the sigma difference (``axis: sigma``), and
-  the damping ``α_g`` depends on the gap ``g = i - s₁`` (``alpha[g - 1]``; the last entry serves longer gaps).
+* ``linear``: ``r̂ = r₁ + α · (r₁ - r₀) · d(i, s₁) / d(s₁, s₀)``, extrapolated from the last two computed steps
+  ``s₀ < s₁``. ``d`` is the step-index difference (``axis: step``) or the sigma difference (``axis: sigma``).
   ``α = 0`` is plain reuse. Before a branch has two computed steps there is no slope, and the rule reuses.
 
-`teacal fit` fits ``alpha`` from the recorded residual trajectories. A forecast costs one extra residual per branch
-(``r₀``): for Qwen-Image-Edit at 1024², the target's 4096 tokens x 3072 channels in bf16, 24 MiB per branch.
+The damping depends on how far apart the two computed residuals are, in sigma: ``span = σ(s₀) - σ(s₁)``. A slope
+measured over a long span is a poor guide to the next steps (measured on the trained tiny model: after spans of
+5-6 of 20 steps, any extrapolation loses; after 2-3 steps, damping about 0.6 gains 2-3 dB). ``alpha`` is a list of
+``[span, α]`` knots, interpolated linearly and held constant beyond the ends; one knot is a constant damping.
+Sigma spans mean the same at any step count, so one table serves a preset's whole domain.
+
+`teacal fit` fits the knots from forecast probes (`teacal probe --forecast`: generations measured against the
+reference). A forecast costs one extra residual per branch (``r₀``): for Qwen-Image-Edit at 1024², the target's
+4096 tokens x 3072 channels in bf16, 24 MiB per branch.
 """
 
 from __future__ import annotations
@@ -32,21 +38,27 @@ class ForecastError(ValueError):
 
 @dataclass(frozen=True)
 class Forecast:
-    """A reuse rule, as a preset's ``forecast`` object: ``{"rule": "linear", "axis": "step", "alpha": [0.3, 0.25]}``."""
+    """A reuse rule, as a preset's ``forecast`` object: ``{"rule": "linear", "axis": "step", "alpha": [[0.1, 0.6], [0.3, 0.0]]}``."""
 
     rule: str = "none"
     axis: str = "step"
-    alpha: tuple[float, ...] = ()
+    alpha: tuple[tuple[float, float], ...] = ()  # [sigma span, damping] knots, spans increasing
     fit: dict[str, Any] = field(default_factory=dict, compare=False)  # how it was calibrated (teacal fit)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "alpha", tuple(float(a) for a in self.alpha))
+        try:
+            knots = tuple((float(span), float(a)) for span, a in self.alpha)
+        except (TypeError, ValueError):
+            raise ForecastError(f"field 'forecast.alpha': expected [[sigma span, damping], ...], got {list(self.alpha)!r}") from None
+        object.__setattr__(self, "alpha", knots)
         if self.rule not in RULES:
             raise ForecastError(f"field 'forecast.rule': unknown rule {self.rule!r}; expected one of {', '.join(RULES)}")
         if self.axis not in AXES:
             raise ForecastError(f"field 'forecast.axis': unknown axis {self.axis!r}; expected one of {', '.join(AXES)}")
-        if not all(math.isfinite(a) for a in self.alpha):
-            raise ForecastError(f"field 'forecast.alpha': must be finite numbers, got {list(self.alpha)}")
+        if not all(math.isfinite(v) for knot in knots for v in knot):
+            raise ForecastError(f"field 'forecast.alpha': must be finite numbers, got {[list(k) for k in knots]}")
+        if any(b[0] <= a[0] for a, b in zip(knots, knots[1:])) or any(span < 0 for span, _ in knots):
+            raise ForecastError(f"field 'forecast.alpha': the spans must be >= 0 and increasing, got {[list(k) for k in knots]}")
         if self.rule == "linear" and not self.alpha:
             raise ForecastError("field 'forecast.alpha': the linear rule needs at least one damping value")
         if self.rule == "none" and self.alpha:
@@ -56,24 +68,32 @@ class Forecast:
     def extrapolates(self) -> bool:
         return self.rule != "none"
 
-    def damping(self, gap: int) -> float:
-        return self.alpha[min(gap, len(self.alpha)) - 1] if self.alpha else 0.0
+    def damping(self, sigma_span: float) -> float:
+        """α for a slope measured over this sigma span: the knots interpolated, constant beyond their ends."""
+        if not self.alpha:
+            return 0.0
+        spans, values = zip(*self.alpha, strict=True)
+        if sigma_span <= spans[0]:
+            return values[0]
+        for (s0, a0), (s1, a1) in zip(self.alpha, self.alpha[1:], strict=False):
+            if sigma_span <= s1:
+                return a0 + (a1 - a0) * (sigma_span - s0) / (s1 - s0)
+        return values[-1]
 
     def slope_factor(self, step: int, sigma: float, last: ComputedStep, before: ComputedStep) -> float:
-        """``α_g · d(i, s₁) / d(s₁, s₀)``: the multiple of ``r₁ - r₀`` added to ``r₁``."""
+        """``α(span) · d(i, s₁) / d(s₁, s₀)``: the multiple of ``r₁ - r₀`` added to ``r₁``."""
         if self.axis == "sigma":
-            span = last.sigma - before.sigma
-            ahead = sigma - last.sigma
+            span, ahead = last.sigma - before.sigma, sigma - last.sigma
         else:
             span, ahead = last.step - before.step, step - last.step
         if span == 0:
             return 0.0
-        return self.damping(step - last.step) * ahead / span
+        return self.damping(abs(before.sigma - last.sigma)) * ahead / span
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"rule": self.rule}
         if self.extrapolates:
-            data.update(axis=self.axis, alpha=list(self.alpha))
+            data.update(axis=self.axis, alpha=[list(k) for k in self.alpha])
         if self.fit:
             data["fit"] = self.fit
         return data
@@ -86,9 +106,10 @@ class Forecast:
         if unknown:
             raise ForecastError(f"field 'forecast': unknown key(s) {', '.join(repr(k) for k in unknown)}")
         alpha = data.get("alpha", [])
-        if not isinstance(alpha, list) or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in alpha):
-            raise ForecastError(f"field 'forecast.alpha': must be a list of numbers, got {alpha!r}")
-        return cls(rule=data.get("rule", "none"), axis=data.get("axis", "step"), alpha=tuple(alpha), fit=dict(data.get("fit", {})))
+        numbers = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        if not isinstance(alpha, list) or not all(isinstance(k, list) and len(k) == 2 and all(map(numbers, k)) for k in alpha):
+            raise ForecastError(f"field 'forecast.alpha': must be a list of [sigma span, damping] pairs, got {alpha!r}")
+        return cls(rule=data.get("rule", "none"), axis=data.get("axis", "step"), alpha=tuple(map(tuple, alpha)), fit=dict(data.get("fit", {})))
 
 
 NO_FORECAST = Forecast()

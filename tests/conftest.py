@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,7 +52,7 @@ def recorded_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("recorded")
     prompts = write_prompts(base / "prompts.jsonl", SMALL_PROMPTS)
     out = base / "run"
-    record(RecordRequest("tiny-qwen-image-edit", prompts, str(out), seeds=(0, 1), **SMALL), echo=lambda *_: None)
+    record(RecordRequest(out=out, prompts=Path(prompts), seeds=(0, 1), steps=(SMALL["steps"],), size=SMALL["size"], max_gap=4), echo=lambda *_: None)
     return out
 
 

@@ -38,9 +38,9 @@ def test_default_model_loads_the_trained_weights(model):
 
 def test_short_generation_is_deterministic(model):
     edit = next(S.sample_edits(S.HELD_OUT_SEED, 1))
-    first, _ = model.generate(edit.prompt, S.to_pil(edit.source), seed=3, steps=4)
-    second, _ = model.generate(edit.prompt, S.to_pil(edit.source), seed=3, steps=4)
-    other_seed, _ = model.generate(edit.prompt, S.to_pil(edit.source), seed=4, steps=4)
+    first = model.generate(edit.prompt, S.to_pil(edit.source), seed=3, steps=4).image
+    second = model.generate(edit.prompt, S.to_pil(edit.source), seed=3, steps=4).image
+    other_seed = model.generate(edit.prompt, S.to_pil(edit.source), seed=4, steps=4).image
     assert np.array_equal(np.asarray(first), np.asarray(second))
     assert not np.array_equal(np.asarray(first), np.asarray(other_seed))
 
@@ -50,7 +50,7 @@ def test_a_recolour_edit_succeeds(model):
     scene = S.Scene((circle, S.Shape("square", "blue", 34.0, 32.0, 7.0)), background="white")
     green = S.Shape("circle", "green", 16.0, 18.0, 8.0)
     edit = S.Edit("recolour", "make the red circle green", scene, S._replace_shape(scene, circle, green), green, circle)
-    output, _ = model.generate(edit.prompt, S.to_pil(scene), seed=0, steps=20, cfg=4.0)
+    output = model.generate(edit.prompt, S.to_pil(scene), seed=0, steps=20, cfg=4.0).image
     verdict = S.edit_success(edit, output)
     assert verdict["success"], verdict["detail"]
     assert not S.edit_success(edit, S.render(scene))["success"]  # the same judge rejects the unedited scene

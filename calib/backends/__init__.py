@@ -184,3 +184,82 @@ def load_backend(spec: ModelSpec, backend: str, model_path: str | None, device: 
     from calib.backends.diffusers import DiffusersBackend
 
     return DiffusersBackend(spec, model_path, device, dtype)
+
+
+# -- a recorded run, opened again by a stage that generates (probe, sweep) ------------------------------------------
+@dataclass
+class Recording:
+    """What a generating stage needs of a `teacal record` run folder, checked before any model loads."""
+
+    run: Path
+    info: dict
+    spec: ModelSpec
+    backend: str
+    prompts: object  # calib.prompts.PromptSet, from the run's own inputs/ copy
+    device: str
+    dtype: torch.dtype
+    model_path: str | None
+    lightx2v_config: str | None
+
+    @property
+    def settings(self) -> dict:
+        return self.info["settings"]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.settings["sizes"][0])
+
+    def load(self) -> Backend:
+        return load_backend(self.spec, self.backend, self.model_path, self.device, self.dtype, self.lightx2v_config)
+
+
+def open_recording(run: Path, model_path=None, lightx2v_config=None, device: str = "auto", dtype: str = "auto",
+                   allow_other_precision: bool = False, what: str = "this stage") -> Recording:
+    """A recorded run, ready to generate again like it: the same model, weights, inputs, backend, dtype and device kind.
+
+    A dtype or device kind other than the recording's would score the precision difference as caching error: refused
+    unless `allow_other_precision` (sweep's --remake-references, which measures against its own uncached run).
+    """
+    from calib.models import get_model
+    from calib.prompts import load_prompts
+    from calib.runfiles import load_run
+
+    run = Path(run)
+    info = load_run(run)
+    settings = info["settings"]
+    spec = get_model(settings["model"])
+    lightx2v_config = lightx2v_config or settings.get("lightx2v_config")
+    if lightx2v_config is not None and lightx2v_config == settings.get("lightx2v_config"):
+        from calib.backends.lightx2v import check_same_lightx2v_config
+
+        check_same_lightx2v_config(settings, run)
+    backend = check_backend(spec, settings["backend"], model_path, lightx2v_config)
+    recorded_weights = settings.get("weights")
+    weights = weights_id(spec, backend, model_path)
+    if recorded_weights is not None and weights != recorded_weights:
+        raise UserError(f"{run}: recorded with weights {recorded_weights}, but {what} would run {weights}; record again (or pass the same --model-path)")
+    prompts = load_prompts(run / info["prompt_file"], need_image=spec.edit)
+    if prompts.sha256 != settings["inputs_sha256"]:
+        raise UserError(f"{run / info['prompt_file']}: the prompt set or its images changed since they were recorded in {run}; record again")
+    resolved = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, resolved) if backend != "lightx2v" else None
+    dtype_name = str(torch_dtype).removeprefix("torch.") if torch_dtype is not None else settings["dtype"]
+    if not allow_other_precision:
+        if dtype_name != settings["dtype"]:
+            raise UserError(f"--dtype {dtype_name}: {run} was recorded in {settings['dtype']}; its references would differ by the precision alone "
+                            f"(pass --dtype {settings['dtype']}{', or --remake-references' if what == 'sweep' else ''})")
+        if resolved.split(":")[0] != settings["device"]:
+            raise UserError(f"--device {resolved}: {run} was recorded on {settings['device']}; its references would differ by the device alone "
+                            f"(use a {settings['device']} device{', or --remake-references' if what == 'sweep' else ''})")
+    return Recording(run, info, spec, backend, prompts, resolved, torch_dtype, model_path, lightx2v_config)
+
+
+def reference_mismatch(generation: Generation, reference_latents: np.ndarray) -> str | None:
+    """None when an uncached generation reproduces the recorded reference bit for bit; else what differs."""
+    if generation.latents.shape != reference_latents.shape:
+        return f"latents of shape {generation.latents.shape}, the reference's {reference_latents.shape}"
+    if np.array_equal(generation.latents, reference_latents):
+        return None
+    diff = float(np.abs(generation.latents - reference_latents).max())
+    scale = float(np.abs(reference_latents).mean()) or 1.0
+    return f"final latents differ by up to {diff:.3g} ({diff / scale:.2%} of their mean magnitude)"

@@ -49,9 +49,9 @@ class DiffusersBackend(HookedTransformerBackend):
         try:
             # A local folder never triggers a download; a hub id uses the hub cache (and the network, if any).
             self.pipe = pipeline_class.from_pretrained(source, dtype=dtype, local_files_only=model_path is not None)
-        except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"cannot load {spec.name} weights from {source}: {first}") from None
+        except Exception as err:  # noqa: BLE001 - whatever a broken weights folder raises, it is one line to the user
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise UserError(f"cannot load {spec.name} weights from {source}: {type(err).__name__}{': ' + first if first else ''}") from None
         self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.transformer = self.pipe.transformer

@@ -1,0 +1,201 @@
+"""`teacal probe RUN`: what skipping a window of steps costs the final image, measured by generating.
+
+For a few of the run's prompts (first seed, every recorded step count) it generates with exactly one window of
+consecutive steps skipped in both CFG branches (the residual of the step before reused), and compares the final
+latents and image with the recorded reference. `teacal fit` turns these into the cost model's per-step sensitivity
+and its compounding within a window (`calib.simulate`).
+
+Files (its own, in the run folder)::
+
+    probe.json                          its settings (the resume key) and the planned probes
+    probes/<unit>/<first>-<length>.json one complete part per probe; a killed probe loses at most the one in flight
+    probes.parquet                      all parts merged, once every planned probe of every shard is done
+
+With `--forecast` it also measures the reuse rule: evenly spaced static schedules at a few budgets, each with a
+linear forecast of several constant dampings (and none); `teacal fit` picks the damping per sigma span from them
+(`teacache.forecast`).
+
+Cost: one generation per probe, plus one uncached generation per unit that checks the recorded reference is
+reproduced bit for bit. `--window 1` (single steps) costs `steps - 2` generations per unit; each longer length adds
+about `steps / (length / 2)`; `--forecast` adds 30 per unit. It says the count and the time it expects before it starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from calib.backends import Recording, open_recording, recording_preset, reference_mismatch
+from calib.errors import UserError
+from calib.metrics import psnr, to_tensor
+from calib.progress import progress
+from calib.runfiles import (
+    PROBE_FILE,
+    check_same_settings,
+    load_probes,
+    load_trace,
+    now_iso,
+    read_array,
+    resolve_shard,
+    unit_name,
+    write_json,
+    write_table,
+)
+from calib.simulate import StaticSchedulePolicy, uniform_schedule
+from teacache._files import remove_stale_temp_files
+from teacache.forecast import NO_FORECAST, Forecast
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    run: Path
+    prompts: int = 4  # how many of the run's prompts (the first ones) are probed
+    windows: tuple[int, ...] = (1, 4, 8)  # window lengths
+    device: str = "auto"
+    dtype: str = "auto"
+    model_path: Path | None = None
+    lightx2v_config: Path | None = None
+    shard: str | None = None
+    forecast: bool = False  # also measure the reuse rule (FORECAST_DAMPINGS on evenly spaced schedules)
+
+
+FORECAST_SHARES = (0.2, 0.25, 0.3, 0.35, 0.4, 0.5)  # forecast probes: budgets as shares of the steps (wide to narrow spans)
+FORECAST_DAMPINGS = (0.0, 0.2, 0.4, 0.6, 0.8)
+
+
+@dataclass(frozen=True)
+class Probe:
+    item: object  # PromptItem
+    seed: int
+    steps: int
+    size: tuple[int, int]
+    first: int = 0  # window: the first skipped step
+    length: int = 0  # window: how many; 0 with kind window: the uncached check
+    kind: str = "window"  # window | forecast
+    budget: int = 0  # forecast: computed steps of its evenly spaced schedule
+    alpha: float = 0.0  # forecast: the constant damping
+
+    @property
+    def unit(self) -> str:
+        return unit_name(self.item.id, self.seed, self.steps, self.size)
+
+    @property
+    def part(self) -> str:
+        name = f"{self.first}-{self.length}" if self.kind == "window" else f"f{self.budget}-a{self.alpha:g}"
+        return f"{self.unit}/{name}.json"
+
+    def schedule(self) -> np.ndarray:
+        if self.kind == "forecast":
+            return uniform_schedule(self.steps, self.budget)
+        schedule = np.ones(self.steps, bool)
+        schedule[self.first : self.first + self.length] = False
+        return schedule
+
+    def forecast(self) -> Forecast:
+        return Forecast("linear", "step", ((0.0, self.alpha),)) if self.alpha else NO_FORECAST
+
+
+def window_starts(steps: int, length: int) -> list[int]:
+    """First skipped steps of the probed windows of `length`: inside 1 .. steps-2 (the first and last step are
+    always computed), every step for single steps, every length/2 steps for longer windows."""
+    stride = max(1, length // 2)
+    return list(range(1, steps - length, stride))
+
+
+def plan(recording: Recording, request: ProbeRequest) -> list[Probe]:
+    settings = recording.settings
+    items = recording.prompts.items[: request.prompts]
+    seed = settings["seeds"][0]
+    probes = []
+    for item in items:
+        for steps in settings["steps"]:
+            probes.append(Probe(item, seed, steps, recording.size, 0, 0))
+            for length in request.windows:
+                probes += [Probe(item, seed, steps, recording.size, first, length) for first in window_starts(steps, length)]
+            if request.forecast:
+                for budget in sorted({max(3, round(share * steps)) for share in FORECAST_SHARES}):
+                    probes += [Probe(item, seed, steps, recording.size, kind="forecast", budget=budget, alpha=a) for a in FORECAST_DAMPINGS]
+    return probes
+
+
+def check_request(request: ProbeRequest) -> None:
+    if request.prompts < 1:
+        raise UserError(f"--prompts {request.prompts}: probe at least one prompt")
+    if not request.windows or min(request.windows) < 1 or len(set(request.windows)) != len(request.windows):
+        raise UserError(f"--window {list(request.windows)}: expected distinct window lengths >= 1")
+
+
+def probe(request: ProbeRequest, echo=print) -> Path:
+    check_request(request)
+    recording = open_recording(request.run, request.model_path, request.lightx2v_config, request.device, request.dtype, what="probe")
+    run = recording.run
+    settings = recording.settings
+    if max(request.windows) > settings["max_gap"]:
+        raise UserError(f"--window {max(request.windows)}: longer than the run's --max-gap {settings['max_gap']}; the trace has no reuse error that far")
+    probes = plan(recording, request)
+    missing = [p.unit for p in probes if not (run / "refs" / f"{p.unit}.npy").exists()]
+    if missing:
+        raise UserError(f"{run}: no reference for {missing[0]}; finish `teacal record {run}` first")
+    shard_index, shard_count = resolve_shard(request.shard)
+    # The resume key is the recording probed; a probe is named by its unit and window, so more prompts or window
+    # lengths later only add probes.
+    probe_settings = {"record": {k: settings[k] for k in ("model", "backend", "steps", "sizes", "cfg", "dtype", "device", "inputs_sha256", "weights")}}
+    check_same_settings(run / PROBE_FILE, probe_settings, "probe", flag="another run folder (record again)")
+    remove_stale_temp_files(run / "probes")
+    mine = [p for i, p in enumerate(probes) if i % shard_count == shard_index]
+    todo = [p for p in mine if not (run / "probes" / p.part).exists()]
+    per_call = _seconds_per_call(run)
+    calls = sum(p.steps for p in todo) * (2 if settings["cfg"] > 1 else 1)
+    echo(f"probe {settings['model']}: {len(probes)} generations in all ({request.prompts} prompts x {len(settings['steps'])} step count(s), "
+         f"windows {', '.join(map(str, request.windows))}{', forecasts' if request.forecast else ''}, plus one uncached check per unit); shard {shard_index}/{shard_count}: "
+         f"{len(todo)} to run, {len(mine) - len(todo)} done; about {calls * per_call / 60:.1f} min of denoising at the recorded {per_call * 1000:.0f} ms per call")
+    write_json(run / PROBE_FILE, {"kind": "probe", "settings": probe_settings, "prompts": request.prompts, "windows": list(request.windows),
+                                  "forecast": request.forecast,
+                                  "planned": len(probes), "updated": now_iso()})
+    if todo:
+        backend = recording.load()
+        try:
+            with progress("probe", len(todo)) as advance:
+                for p in todo:
+                    write_json(run / "probes" / p.part, run_probe(backend, recording, p))
+                    advance(f"probe {p.part}")
+        finally:
+            backend.close()
+    if all((run / "probes" / p.part).exists() for p in probes):
+        write_table(run / "probes.parquet", load_probes(run))
+        echo(f"wrote {run / 'probes.parquet'}")
+    else:
+        echo("probes of other shards still to run; rerun when they are done to merge probes.parquet")
+    return run
+
+
+def run_probe(backend, recording: Recording, p: Probe) -> dict:
+    cfg = recording.settings["cfg"]
+    reference = read_array(recording.run / "refs" / f"{p.unit}.npy")
+    if p.length == 0:
+        generation = backend.run(p.item, p.seed, p.steps, cfg, p.size)
+        mismatch = reference_mismatch(generation, reference)
+        if mismatch is not None:
+            raise UserError(f"{p.unit}: an uncached run here does not reproduce the recorded reference ({mismatch}); probe on the machine, "
+                            "device and library versions that recorded it, or record again here")
+    else:
+        preset = recording_preset(recording.spec.name).replace(forecast=p.forecast())
+        with backend.caching(preset, 0.0, StaticSchedulePolicy(preset, p.schedule())):
+            generation = backend.run(p.item, p.seed, p.steps, cfg, p.size)
+    with Image.open(recording.run / "refs" / f"{p.unit}.png") as ref:
+        image_psnr = psnr(to_tensor(generation.image), to_tensor(ref.convert("RGB")))
+    latent_error = float(np.abs(generation.latents - reference).mean() / np.abs(reference).mean())
+    return {"prompt_id": p.item.id, "seed": p.seed, "steps": p.steps, "width": p.size[0], "height": p.size[1], "kind": p.kind, "first": p.first,
+            "length": p.length, "budget": p.budget, "alpha": p.alpha, "latent_rel_l1": latent_error, "psnr": image_psnr,
+            "seconds": generation.denoise_seconds}
+
+
+def _seconds_per_call(run: Path) -> float:
+    try:
+        seconds = load_trace(run)["seconds"].astype(float)
+    except UserError:
+        return float("nan")
+    return float(seconds.median())

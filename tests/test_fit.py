@@ -1,0 +1,196 @@
+"""`teacal fit`: real scipy fits on real recordings, and the window-sum model it fits."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from calib.cli import app
+from calib.fit import FitRequest, Windows, fit, fit_polynomial, group_folds, skip_windows, transform
+from calib.simulate import CostModel, UnitSeries
+from teacache.diffusers import apply_teacache, remove_teacache, teacache_stats
+from teacache.policy import TeaCachePolicy
+from teacache.preset import Preset
+
+runner = CliRunner()
+
+
+def test_one_step_windows_are_np_polyfit_and_robust_losses_shrug_off_outliers():
+    rng = np.random.default_rng(0)
+    truth = np.array([30.0, -12.0, 2.5, 0.01])
+    x = rng.uniform(0.0, 0.4, 400)
+    y = np.polyval(truth, x)
+    features = np.vander(x, 4)
+    assert np.allclose(fit_polynomial(features, y), truth, rtol=1e-6, atol=1e-9)
+    noisy = y + rng.normal(0, 0.01, x.size)
+    assert np.allclose(fit_polynomial(features, noisy), np.polyfit(x, noisy, 3), rtol=1e-7, atol=1e-9)
+    outliers = noisy.copy()
+    outliers[::20] += 5.0
+    robust = fit_polynomial(features, outliers, loss="soft_l1")
+    plain = fit_polynomial(features, outliers)
+    assert np.abs(np.polyval(robust, x) - y).mean() < np.abs(np.polyval(plain, x) - y).mean() / 3
+
+
+def _window_sum_unit(p_true: np.ndarray, n: int = 14, seed: int = 0) -> UnitSeries:
+    """A unit whose reuse errors make every window's cost exactly (Σ_m p(x_m))²: e(m, j) = P(j, m)² - P(j, m-1)²."""
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([[np.nan], rng.uniform(0.05, 0.4, n - 1)])
+    per_step = np.polyval(p_true, x)
+    e = np.full((1, n, n), np.nan)  # [b, m, k]
+    for m in range(1, n):
+        for k in range(1, m + 1):
+            j = m - k
+            before = per_step[j + 1 : m].sum()
+            e[0, m, k] = (before + per_step[m]) ** 2 - before**2
+    return UnitSeries(("p", seed, n, 16, 16), f"p{seed}", ("cond",), np.linspace(1, 0.05, n), {"temb": x[None], "modin": x[None]},
+                      {"residual": e, "output": e})
+
+
+def test_the_fit_recovers_a_known_window_sum_model_exactly():
+    p_true = np.array([2.0, -0.5, 0.3])
+    units = [_window_sum_unit(p_true, seed=s) for s in range(3)]
+    model = CostModel()  # no probes: cost = reuse error
+    matrices = {u.key: model.matrix(u) for u in units}
+    windows = skip_windows(units, matrices, "temb", shared=True, ret_steps=1, cutoff_steps=-1)
+    assert len(windows.cost) > 100 and max(len(x) for x in windows.x) > 5  # long windows too, not just single steps
+    fitted = fit_polynomial(windows.features(2), transform(windows.cost, "root"))
+    assert np.allclose(fitted, p_true, rtol=1e-8, atol=1e-10)
+    # the accumulator the runtime builds from it predicts every window's cost
+    policy = TeaCachePolicy(Preset(model="m", signal="temb", coefficients=list(fitted), ret_steps=1, cutoff_steps=-1), 0.0)
+    predicted = np.array([sum(policy.estimate(float(v)) for v in x) for x in windows.x])
+    assert np.allclose(predicted**2, windows.cost, rtol=1e-8)
+
+
+def test_a_polynomial_that_dips_below_zero_in_range_is_refitted_positive():
+    x = np.linspace(0.05, 0.4, 50)
+    y = np.polyval([40.0, -20.0, 2.4], x)  # negative between 0.2 and 0.3
+    fitted = fit_polynomial(np.vander(x, 3), y, positive_on=(0.05, 0.4), floor=0.01)
+    assert np.polyval(fitted, np.linspace(0.05, 0.4, 1000)).min() > 0.009  # the floor holds at the constraint points, nearly between them
+    assert np.polyval(fit_polynomial(np.vander(x, 3), y), 0.25) < 0  # unconstrained, it would skip for free there
+
+
+def test_folds_never_split_a_prompt():
+    groups = np.repeat([f"p{i}" for i in range(7)], 13)
+    folds = group_folds(groups, 3)
+    assert sorted(np.concatenate([test for _, test in folds]).tolist()) == list(range(groups.size))
+    for train, test in folds:
+        assert not set(groups[train]) & set(groups[test])
+
+
+@pytest.fixture(scope="module")
+def fitted(recorded_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fit") / "preset.json"
+    lines = []
+    preset = fit(FitRequest(runs=(recorded_run,), out=out, degree=2, folds=2), echo=lines.append)
+    return preset, out, lines
+
+
+def test_fit_writes_a_preset_the_runtime_applies(fitted, tiny, reference_image):
+    preset, out, lines = fitted
+    assert Preset.load(out) == preset and preset.model == "tiny-qwen-image-edit" and len(preset.coefficients) == 3
+    assert preset.branch_mode == "shared"  # the image-stream signals are the same in both branches
+    assert preset.domain["steps"] == [6] and preset.domain["sizes"] == [[64, 64]] and preset.domain["dtype"] == "float32"
+    low, high = preset.x_range
+    assert 0 < low < high
+    assert preset.calibration["oracle"]["6"]["3"].count("x") == 3
+    assert {(c["signal"], c["target"], c["transform"]) for c in preset.fit["candidates"]} >= {("temb", "residual", "root"), ("modin", "output", "cost")}
+    assert any("dB vs oracle" in line for line in lines) and any("no probes" in line for line in lines)
+    apply_teacache(tiny.transformer, preset, threshold=preset.threshold)
+    try:
+        tiny.generate("make it night", reference_image, seed=0, steps=6, size=(64, 64))
+        assert teacache_stats(tiny.transformer).computed > 0
+    finally:
+        remove_teacache(tiny.transformer)
+
+
+def test_fit_chooses_by_simulated_held_out_quality(fitted):
+    preset, _, _ = fitted
+    candidates = [c for c in preset.fit["candidates"] if c["degree"] == 2]
+    best = max(candidates, key=lambda c: c["db_vs_oracle_heldout"])
+    assert (preset.signal, preset.calibration["target"], preset.calibration["transform"]) == (best["signal"], best["target"], best["transform"])
+
+
+def _copy_run(src: Path, dst: Path, edit=None) -> Path:
+    shutil.copytree(src, dst)
+    if edit:
+        edit(dst)
+    return dst
+
+
+def test_one_prompt_recorded_in_two_runs_is_one_group(recorded_run, tmp_path):
+    copy = _copy_run(recorded_run, tmp_path / "copy")
+    preset = fit(FitRequest(runs=(recorded_run, copy), out=tmp_path / "p.json", degree=2, folds=2, signal="temb", target="residual"), echo=lambda *_: None)
+    assert preset.calibration["prompts"] == 4 and preset.calibration["units"] == 16
+
+
+def test_fit_refusals(recorded_run, tmp_path):
+    out = str(tmp_path / "p.json")
+
+    def poison(run):
+        part = sorted((run / "trace").glob("*.parquet"))[0]
+        frame = pd.read_parquet(part)
+        frame.loc[3, "x_modin"] = np.nan
+        frame.to_parquet(part)
+
+    result = runner.invoke(app, ["fit", str(_copy_run(recorded_run, tmp_path / "nan", poison)), "--out", out])
+    assert result.exit_code == 2 and "hold NaN or inf" in result.output
+
+    def other_cfg(run):
+        info = json.loads((run / "run.json").read_text())
+        info["settings"]["cfg"] = 7.0
+        (run / "run.json").write_text(json.dumps(info))
+
+    result = runner.invoke(app, ["fit", str(recorded_run), str(_copy_run(recorded_run, tmp_path / "other", other_cfg)), "--out", out])
+    assert result.exit_code == 2 and "recorded with other settings" in result.output and "cfg: 4.0 vs 7.0" in result.output
+
+    def unfinished(run):
+        info = json.loads((run / "run.json").read_text())
+        name = next(iter(info["status"]))
+        info["status"][name] = "pending"
+        (run / "run.json").write_text(json.dumps(info))
+        (run / "trace" / f"{name}.parquet").unlink()
+
+    partial = _copy_run(recorded_run, tmp_path / "partial", unfinished)
+    result = runner.invoke(app, ["fit", str(partial), "--out", out])
+    assert result.exit_code == 2 and "unfinished (1 of 8 generations missing" in result.output and "--partial" in result.output
+    result = runner.invoke(app, ["fit", str(partial), "--out", out, "--partial", "--degree", "1", "--folds", "2"])
+    assert result.exit_code == 0 and "partial recording, 1 of 8 generations missing" in result.output
+    Path(out).unlink()
+    result = runner.invoke(app, ["fit", str(tmp_path / "nothing"), "--out", out])
+    assert result.exit_code == 2 and "no such run folder" in result.output
+    result = runner.invoke(app, ["fit", str(recorded_run), "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "is a folder" in result.output
+    result = runner.invoke(app, ["fit", str(recorded_run), "--out", out, "--signal", "clip"])
+    assert result.exit_code == 2 and "'clip' is not one of 'auto', 'temb', 'modin'" in result.output and result.output.count("\n") == 1
+    assert not Path(out).exists()
+
+
+def test_an_unreachable_speedup_is_one_line_and_the_preset_says_what_it_reaches(recorded_run, tmp_path):
+    lines = []
+    preset = fit(FitRequest(runs=(recorded_run,), out=tmp_path / "p.json", degree=1, folds=2, speedup=50.0), echo=lines.append)
+    note = [line for line in lines if "--speedup 50" in line]
+    assert len(note) == 1 and "out of reach" in note[0]
+    assert 1 < preset.fit["default_threshold_speedup"] < 50 and preset.fit["requested_speedup"] == 50.0
+
+
+def test_a_constant_target_reports_no_r2_instead_of_crashing(tmp_path):
+    from calib.fit import Candidate, evaluate
+
+    units = [_window_sum_unit(np.array([0.0, 0.1]), seed=s) for s in range(4)]  # every step adds the same: constant per length
+    for u in units:
+        u.reuse["residual"][:] = np.where(np.isnan(u.reuse["residual"]), np.nan, 0.01)
+    matrices = {u.key: CostModel().matrix(u) for u in units}
+    windows = Windows(np.array([0, 1, 2, 3]), [np.array([0.1])] * 4, np.full(4, 0.01))
+    scored = evaluate(Candidate("temb", "residual", "cost", 1, "shared"), units, matrices, windows, np.array([u.group for u in units]), 2,
+                      "linear", "m", 1, -1)
+    assert math.isnan(scored.r2)
+    preset = Preset(model="m", signal="temb", coefficients=[1.0], ret_steps=1, cutoff_steps=-1, fit={"r2_heldout": None})
+    preset.save(tmp_path / "p.json")  # JSON has no NaN: the preset says null
+    assert Preset.load(tmp_path / "p.json").fit["r2_heldout"] is None
