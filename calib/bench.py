@@ -39,13 +39,14 @@ import torch
 
 from calib.backends import HookedTransformerBackend, resolve_device, resolve_dtype, synchronize
 from calib.backends.loop import Conditioning, denoise, qwen_scheduler
-from calib.record import TraceRecorder
+from calib.record import RecordRequest, TraceRecorder
 from calib.simulate import StaticSchedulePolicy
 from teacache.preset import Preset
 
 PROMPT = "make the suit red"
-RECORD_GAP = 16  # `teacal record --max-gap`'s default: what a recording really pays
-RESIDUAL_TOKENS = 64  # `teacal record --residual-tokens`'s default
+# What a recording really pays: `teacal record`'s defaults (--max-gap 16, --residual-tokens 64).
+RECORD_GAP = RecordRequest.max_gap
+RESIDUAL_TOKENS = RecordRequest.residual_tokens
 
 # Qwen-Image's transformer/config.json, as diffusers' QwenImageTransformer2DModel defaults spell it; zero_cond_t as in
 # Qwen-Image-Edit-2511 (reference tokens modulated at t=0).
