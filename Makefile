@@ -12,7 +12,7 @@ export OMP_NUM_THREADS ?= 1
 DEMO_PROMPTS ?= prompts/demo.jsonl
 THRESH  ?= 0.05:0.3:0.05
 
-.PHONY: install test lint bench demo report train-tiny
+.PHONY: install test lint bench bench-real demo report train-tiny
 
 install: $(STAMP)
 
@@ -32,8 +32,21 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check teacache calib tests
 
+# Benchmarks (calib/bench.py): TeaCache's and recording's costs as ratios measured in one run, with a noise floor.
+#   make bench       the tiny model: (a) overhead per call at threshold 0, (b) speedup as a fraction of ideal, (c) recording
+#                    overhead, (d) peak memory
+#   make bench-real  the same at Qwen-Image's real dimensions (60 layers x 3072, 4096 target + 4096 reference tokens of a
+#                    1024² edit, random bf16 weights built on the GPU) when CUDA is present, sized for under 10 minutes on
+#                    one GPU (--budget-s caps the timed repeats); without CUDA at reduced layers, width and tokens, a smoke
+#                    test (about a minute on 2 busy CPU cores).
+#                    Extra flags: make bench-real BENCH_ARGS="--steps 40" (see python -m calib.bench real --help).
+BENCH_ARGS ?=
+
 bench: install
-	$(PY) -m calib.bench
+	$(PY) -m calib.bench $(BENCH_ARGS)
+
+bench-real: install
+	$(PY) -m calib.bench real $(BENCH_ARGS)
 
 # The main job on the embedded tiny model: record -> fit -> sweep -> report (a few minutes on 2 CPU cores).
 demo: install
