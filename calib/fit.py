@@ -266,8 +266,8 @@ def _unit_gains(units: list[UnitSeries], singles: pd.DataFrame, target: str) -> 
             continue
         e = float(np.nanmean(unit.reuse[target][:, r.first, 1]))
         step = abs(unit.sigma[r.first] - (unit.sigma[r.first + 1] if r.first + 1 < unit.steps else 0.0))
-        if e > 0 and step > 0 and r.latent_rel_l1 > 0:
-            out.setdefault(unit.key, {})[r.first] = r.latent_rel_l1 / e / step
+        if e > 0 and step > 0 and r.image_rmse > 0:
+            out.setdefault(unit.key, {})[r.first] = r.image_rmse / e / step
     return out
 
 
@@ -307,11 +307,12 @@ def cost_model(units: list[UnitSeries], probes: pd.DataFrame | None, target: str
         base = own.matrix(unit)  # γ = 0
         j = r.first - 1
         terms = [(float(base[:, m, j, 0].mean()), m - j - 1) for m in range(r.first, r.first + r.length)]
-        if all(math.isfinite(t) and t > 0 for t, _ in terms):
-            rows.append((r.latent_rel_l1, terms))
+        if all(math.isfinite(t) and t > 0 for t, _ in terms) and r.image_rmse > 0:
+            rows.append((r.image_rmse, terms))
 
     def misfit(gamma: float) -> float:
         return sum((math.log(measured) - math.log(sum(t * (1 + gamma * d) for t, d in terms))) ** 2 for measured, terms in rows)
+
 
     if rows:
         model.gamma = float(minimize_scalar(misfit, bounds=(0.0, 2.0), method="bounded").x)
@@ -354,7 +355,7 @@ def forecast_from_probes(units: list[UnitSeries], probes: pd.DataFrame | None) -
         sigma = next(u.sigma for u in units if u.steps == steps)
         computed = np.flatnonzero(uniform_schedule(int(steps), int(budget)))
         spans = sigma[computed[:-1]] - sigma[computed[1:]]
-        errors = group.groupby("alpha")["latent_rel_l1"].apply(lambda v: float(np.exp(np.mean(np.log(v)))))
+        errors = group.groupby("alpha")["image_rmse"].apply(lambda v: float(np.exp(np.mean(np.log(v)))))
         if 0.0 not in errors.index:
             continue
         best = _best_damping(errors)
@@ -467,7 +468,7 @@ def fit(request: FitRequest, echo=print) -> Preset:
         echo("note: no probes (`teacal probe RUN`): the cost model weighs every step's reuse error alike, without the final image's sensitivity")
     forecast_fit = forecast_from_probes(units, probes)
     if forecast_fit is not None:
-        echo("reuse rule, from forecast probes (final latents' rel-L1 against the reference, geometric mean over the probed prompts):")
+        echo("reuse rule, from forecast probes (final image RMSE against the reference, geometric mean over the probed prompts):")
         echo(forecast_fit.table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         echo(f"chose forecast {forecast_fit.forecast.rule}" + (f", damping per sigma span {[list(k) for k in forecast_fit.forecast.alpha]}" if forecast_fit.forecast.extrapolates else ""))
     forecast = forecast_fit.forecast if forecast_fit is not None else NO_FORECAST

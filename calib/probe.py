@@ -41,6 +41,7 @@ from calib.runfiles import (
     read_array,
     resolve_shard,
     unit_name,
+    write_array,
     write_json,
     write_table,
 )
@@ -146,7 +147,11 @@ def probe(request: ProbeRequest, echo=print) -> Path:
     check_same_settings(run / PROBE_FILE, probe_settings, "probe", flag="another run folder (record again)")
     remove_stale_temp_files(run / "probes")
     mine = [p for i, p in enumerate(probes) if i % shard_count == shard_index]
-    todo = [p for p in mine if not (run / "probes" / p.part).exists()]
+    # a unit's uncached check (which writes the reference pixels) runs before its probes in every process
+    todo = [p for p in mine if not (run / "probes" / p.part).exists() or (p.kind == "window" and p.length == 0
+            and not (run / "probes" / p.unit / "reference-pixels.npy").exists())]
+    checks = {p.unit: p for p in probes if p.kind == "window" and p.length == 0}
+    todo = _with_checks_first(todo, checks, run)
     per_call = _seconds_per_call(run)
     calls = sum(p.steps for p in todo) * (2 if settings["cfg"] > 1 else 1)
     echo(f"probe {settings['model']}: {len(probes)} generations in all ({request.prompts} prompts x {len(settings['steps'])} step count(s), "
@@ -175,12 +180,15 @@ def probe(request: ProbeRequest, echo=print) -> Path:
 def run_probe(backend, recording: Recording, p: Probe) -> dict:
     cfg = recording.settings["cfg"]
     reference = read_array(recording.run / "refs" / f"{p.unit}.npy")
-    if p.length == 0:
+    pixels_file = recording.run / "probes" / p.unit / "reference-pixels.npy"
+    if p.kind == "window" and p.length == 0:
         generation = backend.run(p.item, p.seed, p.steps, cfg, p.size)
         mismatch = reference_mismatch(generation, reference)
         if mismatch is not None:
             raise UserError(f"{p.unit}: an uncached run here does not reproduce the recorded reference ({mismatch}); probe on the machine, "
                             "device and library versions that recorded it, or record again here")
+        # the reference image before 8-bit rounding: what every probe of this unit is measured against
+        write_array(pixels_file, generation.float_pixels())
     else:
         preset = recording_preset(recording.spec.name).replace(forecast=p.forecast())
         with backend.caching(preset, 0.0, StaticSchedulePolicy(preset, p.schedule())):
@@ -188,9 +196,22 @@ def run_probe(backend, recording: Recording, p: Probe) -> dict:
     with Image.open(recording.run / "refs" / f"{p.unit}.png") as ref:
         image_psnr = psnr(to_tensor(generation.image), to_tensor(ref.convert("RGB")))
     latent_error = float(np.abs(generation.latents - reference).mean() / np.abs(reference).mean())
+    image_rmse = float(np.sqrt(np.mean((generation.float_pixels() - read_array(pixels_file)) ** 2)))
     return {"prompt_id": p.item.id, "seed": p.seed, "steps": p.steps, "width": p.size[0], "height": p.size[1], "kind": p.kind, "first": p.first,
-            "length": p.length, "budget": p.budget, "alpha": p.alpha, "latent_rel_l1": latent_error, "psnr": image_psnr,
-            "seconds": generation.denoise_seconds}
+            "length": p.length, "budget": p.budget, "alpha": p.alpha, "latent_rel_l1": latent_error, "image_rmse": image_rmse,
+            "psnr": image_psnr, "seconds": generation.denoise_seconds}
+
+
+def _with_checks_first(todo: list[Probe], checks: dict[str, Probe], run: Path) -> list[Probe]:
+    """Each unit's uncached check first (also where another shard ran it: its reference pixels are needed here)."""
+    out: list[Probe] = []
+    for p in todo:
+        check = checks[p.unit]
+        if check not in out and (check in todo or not (run / "probes" / p.unit / "reference-pixels.npy").exists()):
+            out.append(check)
+        if p is not check and p not in out:
+            out.append(p)
+    return out
 
 
 def _seconds_per_call(run: Path) -> float:

@@ -181,6 +181,8 @@ def record(request: RecordRequest, echo=print) -> Path:
         "seeds": list(request.seeds), "dtype": str(dtype).removeprefix("torch."), "device": device.split(":")[0],
         "prompts": prompts.path.name, "inputs_sha256": prompts.sha256, "weights": weights_id(spec, backend_name, request.model_path),
         "max_gap": request.max_gap, "residual_tokens": request.residual_tokens,
+        # CPU kernels sum in an order that depends on the thread count: references reproduce only with the same one
+        "cpu_threads": torch.get_num_threads() if device == "cpu" else None,
     }
     if backend_name == "lightx2v":  # sweep reuses the config; the dtype is LightX2V's own
         from calib.backends.lightx2v import lightx2v_settings

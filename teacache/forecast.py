@@ -57,7 +57,7 @@ class Forecast:
             raise ForecastError(f"field 'forecast.axis': unknown axis {self.axis!r}; expected one of {', '.join(AXES)}")
         if not all(math.isfinite(v) for knot in knots for v in knot):
             raise ForecastError(f"field 'forecast.alpha': must be finite numbers, got {[list(k) for k in knots]}")
-        if any(b[0] <= a[0] for a, b in zip(knots, knots[1:])) or any(span < 0 for span, _ in knots):
+        if any(b[0] <= a[0] for a, b in zip(knots, knots[1:], strict=False)) or any(span < 0 for span, _ in knots):
             raise ForecastError(f"field 'forecast.alpha': the spans must be >= 0 and increasing, got {[list(k) for k in knots]}")
         if self.rule == "linear" and not self.alpha:
             raise ForecastError("field 'forecast.alpha': the linear rule needs at least one damping value")

@@ -34,6 +34,11 @@ class Generation:
     latents: np.ndarray  # float32, what the VAE decodes: probes compare them with the reference's
     seconds: float  # the whole generation
     denoise_seconds: float  # the denoising loop only: what caching shortens, and what sweep's speedups compare
+    pixels: np.ndarray | None = None  # float32 [H, W, 3] in [0, 1] before 8-bit rounding (None where the backend has only the file)
+
+    def float_pixels(self) -> np.ndarray:
+        """The image before rounding, or the 8-bit image where that is all the backend gives."""
+        return self.pixels if self.pixels is not None else np.asarray(self.image.convert("RGB"), dtype=np.float32) / 255
 
 
 class Backend(Protocol):
@@ -251,6 +256,10 @@ def open_recording(run: Path, model_path=None, lightx2v_config=None, device: str
         if resolved.split(":")[0] != settings["device"]:
             raise UserError(f"--device {resolved}: {run} was recorded on {settings['device']}; its references would differ by the device alone "
                             f"(use a {settings['device']} device{', or --remake-references' if what == 'sweep' else ''})")
+        threads = torch.get_num_threads() if resolved == "cpu" else None
+        if settings.get("cpu_threads") is not None and threads != settings["cpu_threads"]:
+            raise UserError(f"{run} was recorded with {settings['cpu_threads']} CPU thread(s), this process has {threads}: CPU results depend on "
+                            f"the thread count; set OMP_NUM_THREADS={settings['cpu_threads']}{' (or pass --remake-references)' if what == 'sweep' else ''}")
     return Recording(run, info, spec, backend, prompts, resolved, torch_dtype, model_path, lightx2v_config)
 
 

@@ -10,6 +10,7 @@ import gc
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from calib.backends import Generation, HookedTransformerBackend, synchronize
@@ -70,6 +71,7 @@ class DiffusersBackend(HookedTransformerBackend):
             width=width,
             height=height,
             generator=torch.Generator(device="cpu").manual_seed(seed),
+            output_type="np",  # float pixels before 8-bit rounding; the PNG is made from them as the pipeline would
         )
         if self.spec.edit:
             kwargs["image"] = item.load_image()
@@ -99,13 +101,14 @@ class DiffusersBackend(HookedTransformerBackend):
         try:
             synchronize(self.device)
             started = time.perf_counter()
-            image = self.pipe(**kwargs).images[0]
+            pixels = self.pipe(**kwargs).images[0].astype(np.float32)
             synchronize(self.device)
             seconds = time.perf_counter() - started
         finally:
             handle.remove()
         loop = marks["loop_end"] - marks["loop"] if "loop_end" in marks else seconds
-        return Generation(image, final["latents"].float().cpu().numpy(), seconds, loop)
+        image = self.pipe.image_processor.numpy_to_pil(pixels[None])[0]
+        return Generation(image, final["latents"].float().cpu().numpy(), seconds, loop, pixels)
 
     def close(self) -> None:
         del self.pipe, self.transformer

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
@@ -56,11 +57,16 @@ class TinyQwenImageEdit(HookedTransformerBackend):
         return pack((latents - mean) / std)  # as the Qwen pipelines normalise with latents_mean/std
 
     def decode(self, tokens: torch.Tensor, width: int, height: int) -> Image.Image:
+        return self.decode_pixels(tokens, width, height)[0]
+
+    def decode_pixels(self, tokens: torch.Tensor, width: int, height: int) -> tuple[Image.Image, np.ndarray]:
+        """The image, and its float pixels in [0, 1] before 8-bit rounding."""
         latents = unpack(tokens, height, width, self.vae_scale_factor).to(self.dtype)
         mean, std = self._latent_stats(latents)
         latents = latents * std + mean
         pixels = self.vae.decode(latents, return_dict=False)[0][:, :, 0]
-        return self.image_processor.postprocess(pixels.float(), output_type="pil")[0]
+        array = self.image_processor.postprocess(pixels.float(), output_type="np")[0]
+        return self.image_processor.numpy_to_pil(array[None])[0], array.astype(np.float32)
 
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, self.vae.config.z_dim, 1, 1, 1)
@@ -101,9 +107,9 @@ class TinyQwenImageEdit(HookedTransformerBackend):
         )
         synchronize(self.device)
         denoise_seconds = time.perf_counter() - started
-        result = self.decode(latents, width, height)
+        result, pixels = self.decode_pixels(latents, width, height)
         synchronize(self.device)
-        return Generation(result, latents.float().cpu().numpy(), time.perf_counter() - started, denoise_seconds)
+        return Generation(result, latents.float().cpu().numpy(), time.perf_counter() - started, denoise_seconds, pixels)
 
     def run(self, item, seed: int, steps: int, cfg: float, size: tuple[int, int], on_step=None) -> Generation:
         """The backend interface: one prompt-set item."""
