@@ -88,3 +88,11 @@ compare: install
 train-tiny: install
 	$(PY) -m calib.tiny.train train --out calib/tiny/weights/tiny-qwen-image-edit.safetensors --docs docs/tiny
 	$(PY) -m calib.tiny.train evaluate --docs docs/tiny
+
+# Regenerate integrations/lightx2v/qwen_image_tea.patch from a LightX2V tree where it is applied and edited:
+#   make lightx2v-patch LIGHTX2V_TEA=/path/to/patched/LightX2V   (the patch is a plain `git diff` against f8aee98)
+LIGHTX2V_TEA ?=
+.PHONY: lightx2v-patch
+lightx2v-patch:
+	@test -n "$(LIGHTX2V_TEA)" || { echo "make lightx2v-patch: set LIGHTX2V_TEA=/path/to/a/LightX2V/tree/with/the/patch" >&2; exit 2; }
+	cd $(LIGHTX2V_TEA) && git add -N lightx2v && git diff f8aee98 -- lightx2v > $(abspath integrations/lightx2v/qwen_image_tea.patch)

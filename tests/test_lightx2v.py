@@ -21,7 +21,9 @@ import pytest
 import torch
 
 from calib.tiny.model import TRANSFORMER_CONFIG
+from teacache.forecast import Forecast
 from teacache.preset import Preset, PresetError
+from tests.lightx2v_patch import PATCH, patched_copy
 from tests.tiny_qwen_folder import write_tiny_qwen_folder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -152,9 +154,28 @@ def test_preset_for_another_model_is_rejected(tl, tiny_dir, tmp_path, model, con
 
 
 @pytest.mark.lightx2v
-def test_missing_preset_is_a_clear_error(tl, tiny_dir):
-    with pytest.raises(PresetError, match="needs 'teacache_preset'"):
+def test_missing_preset_is_a_clear_error(tl, tiny_dir, tmp_path):
+    with pytest.raises(PresetError, match="needs 'coefficients' .* or 'teacache_preset'"):
         build(tiny_dir, feature_caching="Tea")
+    with pytest.raises(PresetError, match="either 'coefficients' .* or 'teacache_preset' .*, not both"):
+        build(tiny_dir, feature_caching="Tea", coefficients=[1.0, 0.0], teacache_preset=str(make_preset(tmp_path)))
+
+
+@pytest.mark.lightx2v
+def test_inline_keys_select_teacache_as_the_patch_reads_them(tl, tiny_dir, request_inputs):
+    """The keys of the upstreamable patch (and of LightX2VPipeline.enable_cache) run teacal's class too."""
+    from teacache.lightx2v_config import config_keys
+
+    lx = build(tiny_dir, feature_caching="Tea", coefficients=[1.0, 0.0], teacache_thresh=SKIPPING, teacache_signal="modin", teacache_max_skips=2)
+    infer = lx.transformer_infer
+    assert type(infer) is tl.QwenImageTeaCachingTransformerInfer
+    assert (infer.preset.signal, infer.preset.max_consecutive_skips, infer.threshold) == ("modin", 2, SKIPPING)
+    run(lx, request_inputs)
+    skips = infer.stats.schedule("cond")
+    assert not any(skips[i] is skips[i + 1] is skips[i + 2] is False for i in range(len(skips) - 2))  # never 3 skips in a row
+    keys = config_keys(infer.preset)
+    assert {k: keys[k] for k in ("coefficients", "teacache_thresh", "teacache_signal", "teacache_max_skips")} == {
+        "coefficients": [1.0, 0.0], "teacache_thresh": SKIPPING, "teacache_signal": "modin", "teacache_max_skips": 2}
 
 
 @pytest.mark.lightx2v
@@ -187,11 +208,12 @@ def test_skipped_call_adds_its_own_branch_residual(tl, tiny_dir, tmp_path, reque
     assert 0 < stats.skipped < stats.computed + stats.skipped
     assert {c.branch for c in calls} == {"cond", "uncond"}
     residual = {}
-    for call in calls:
+    for call in calls:  # a skipped call adds the residual of its own branch's last computed call (forecast none)
         if call.computed:
-            residual[call.branch] = call.output - call.hidden_states
+            residual[call.branch] = call.residual
         else:
-            torch.testing.assert_close(call.output, call.hidden_states + residual[call.branch], rtol=0, atol=0)
+            assert torch.equal(call.residual, residual[call.branch])
+    assert not torch.equal(calls[1].residual, calls[0].residual)  # and the branches' residuals differ
     # first step and last step are computed for both branches
     for branch in ("cond", "uncond"):
         schedule = stats.schedule(branch)
@@ -207,12 +229,12 @@ def test_state_is_cleared_between_requests_and_after_warmup(tl, tiny_dir, tmp_pa
     lx = build(tiny_dir, feature_caching="Tea", teacache_preset=str(make_preset(tmp_path, threshold=SKIPPING)), teacache_thresh=None)
     first, inputs, info = run(lx, request_inputs)
     first_schedule = lx.transformer_infer.stats.schedule("cond")
-    assert lx.transformer_infer._residuals == {}  # scheduler.clear() at the end of the request freed them
+    assert lx.transformer_infer._caches == {}  # scheduler.clear() at the end of the request freed them
     # the runner's warm-up: prepare, one step, clear; then the same request again
     # (its own size, 96x96, and a black reference image, as QwenImageRunner._run_warmup uses)
     warm_inputs = lx.inputs(request_inputs["prompt"], request_inputs["negative"], torch.zeros(1, 12 * 12, 16))
     lx.warmup(warm_inputs, lx.input_info(0, (96, 96), request_inputs["prompt"].shape[1], request_inputs["negative"].shape[1]))
-    assert lx.transformer_infer._residuals == {}
+    assert lx.transformer_infer._caches == {}
     second, _, _ = run(lx, request_inputs)
     assert torch.equal(first, second)
     assert lx.transformer_infer.stats.schedule("cond") == first_schedule
@@ -234,6 +256,80 @@ def test_a_new_request_without_clear_starts_fresh(tl, tiny_dir, tmp_path, reques
             lx.scheduler.step_post()
         results.append(lx.scheduler.latents.clone())
     assert torch.equal(results[0], results[1])
+
+
+@pytest.fixture
+def loguru_messages():
+    """What LightX2V's logger (loguru) shows a user, message by message, while the test runs."""
+    from loguru import logger
+
+    messages: list[tuple[str, str]] = []
+    sink = logger.add(lambda m: messages.append((m.record["level"].name, m.record["message"])), level="INFO")
+    yield messages
+    logger.remove(sink)
+
+
+@pytest.mark.lightx2v
+def test_each_request_logs_one_line_and_warns_once_outside_the_domain(tl, tiny_dir, tmp_path, request_inputs, loguru_messages):
+    """In LightX2V's log: per request one line with computed/skipped per branch, and one warning (not one per call)
+    when the preset's domain does not cover it; the stats carry the flag too."""
+    preset = make_preset(tmp_path, threshold=SKIPPING, domain={"steps": [20, 40], "x_range": {"temb": [0.05, 0.2]}})
+    lx = build(tiny_dir, feature_caching="Tea", teacache_preset=str(preset), teacache_thresh=None)
+    for _ in range(2):
+        run(lx, request_inputs)
+    stats = lx.transformer_infer.stats
+    lines = [m for level, m in loguru_messages if level == "INFO" and m.startswith("TeaCache: ")]
+    pattern = {b: "".join("x" if on else "." for on in stats.schedule(b)) for b in ("cond", "uncond")}
+    counts = {b: stats.per_branch()[b] for b in pattern}
+    expected = (f"TeaCache: {STEPS} steps, cond {counts['cond']['computed']} computed / {counts['cond']['skipped']} skipped [{pattern['cond']}], "
+                f"uncond {counts['uncond']['computed']} computed / {counts['uncond']['skipped']} skipped [{pattern['uncond']}] (threshold {SKIPPING:g})")
+    assert lines == [expected, expected]
+    warnings = [m for level, m in loguru_messages if level == "WARNING" and "outside its calibrated domain" in m]
+    assert len(warnings) == 2 * 2  # per request: the step count and the signal range, once each
+    assert any(f"{STEPS} steps outside the calibrated 20..40" in w for w in warnings)
+    assert stats.outside_domain == [f"{STEPS} steps outside the calibrated 20..40", "signal rel-L1 above the calibrated 0.05..0.2"]
+
+
+@pytest.mark.lightx2v
+def test_modin_under_block_offload_copies_img_mod_once_per_request(tl, tiny_dir, tmp_path, request_inputs):
+    """Block offload keeps block 0's img_mod in host memory: the modin signal gets one device copy per request (not a
+    transfer each way per call), the model's own weight object stays as the offload manager left it, and the
+    images are those of the run without offload."""
+    from lightx2v.common.ops.mm.mm_weight import MMWeight
+
+    preset = str(make_preset(tmp_path, signal="modin", threshold=SKIPPING))
+    plain = build(tiny_dir, feature_caching="Tea", teacache_preset=preset, teacache_thresh=None)
+    expected, _, _ = run(plain, request_inputs)
+    lx = build(tiny_dir, feature_caching="Tea", teacache_preset=preset, teacache_thresh=None, cpu_offload=True, offload_granularity="block")
+    img_mod = lx.model.transformer_weights.blocks[0].compute_phases[0].img_mod
+    copies = []
+    to_cuda = MMWeight.to_cuda
+
+    def counted(self, *args, **kwargs):  # LightX2V's own to_cuda, counted for block 0's img_mod weights
+        if self.weight_name == img_mod.weight_name:
+            copies.append(self)
+        return to_cuda(self, *args, **kwargs)
+
+    MMWeight.to_cuda = counted
+    try:
+        for request in range(2):
+            latents, _, _ = run(lx, request_inputs)
+            assert len(copies) == request + 1  # 2 x 8 calls, one copy per request
+            assert torch.equal(latents, expected)
+    finally:
+        MMWeight.to_cuda = to_cuda
+    assert all(copy is not img_mod for copy in copies) and img_mod.weight is None  # the offloaded block is untouched
+    assert lx.transformer_infer.stats.schedule("cond") == plain.transformer_infer.stats.schedule("cond")
+
+
+@pytest.mark.lightx2v
+def test_modin_with_lazy_load_is_refused_with_one_line(tl, tiny_dir, tmp_path):
+    """lazy_load keeps block weights on disk, so the modin signal cannot be computed: refused when the model is made."""
+    config = build(tiny_dir).config
+    config.update({"feature_caching": "Tea", "cpu_offload": True, "lazy_load": True, "teacache_preset": str(make_preset(tmp_path, signal="modin"))})
+    with pytest.raises(PresetError, match="'modin' needs block 0's img_mod weights at every call, and lazy_load keeps them on disk") as err:
+        tl.QwenImageOffloadTeaCachingTransformerInfer(config)
+    assert "\n" not in str(err.value)
 
 
 # -- equivalence with diffusers --------------------------------------------------------------------------------------
