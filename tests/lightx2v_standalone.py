@@ -11,13 +11,15 @@ The spec names generations to run, each one ``{"via": "infer" | "pipeline", "arg
 * ``pipeline``: ``LightX2VPipeline(**init)``, ``enable_cache(**cache)`` when given, ``create_generator(**create)``,
   then ``generate(**generate)``.
 
-It writes ``{"logs": [loguru messages of each generation]}`` to the spec's ``"result"`` path.
+It writes ``{"logs": [loguru messages of each generation]}`` to the spec's ``"result"`` path (``{rank}`` in it: the
+process's RANK, under torchrun).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 
 
@@ -50,7 +52,7 @@ def main() -> None:
             pipe.create_generator(**run["create"])
             pipe.generate(**run["generate"])
         logs.append(list(messages))
-    with open(spec["result"], "w") as handle:
+    with open(spec["result"].format(rank=os.environ.get("RANK", "0")), "w") as handle:
         json.dump({"logs": logs}, handle)
 
 
