@@ -714,8 +714,13 @@ def patch_alone(runner_dir, patched_lightx2v, tmp_path_factory):
                  "create": {"config_json": str(base)},
                  "generate": {"seed": 0, "prompt": "put a hat on the cat", "negative_prompt": "blurry", "image_path": str(_cat(tmp)),
                               "save_result_path": str(tmp / "pipe.png"), "target_shape": [RUNNER_SIZE[1], RUNNER_SIZE[0]]}})
+    # the patched LightX2VPipeline keeps its config JSON, so a null there reaches the model (stock: silently 0.26)
+    null = _cpu_runner_config(runner_dir, tmp / "null.json", **{**PATCH_KEYS, "teacache_thresh": None})
+    runs.append({"via": "pipeline", "init": {"model_path": str(runner_dir), "model_cls": "qwen_image", "task": "i2i"}, "create": {"config_json": str(null)},
+                 "expect_error": "TeaCacheConfigError"})
     logs = _standalone({"runs": runs}, tmp, [patched_lightx2v], "patch-alone")
-    return {"logs": dict(zip([*configs, "pipe"], logs, strict=True)), "images": {name: _pixels(tmp / f"{name}.png") for name in [*configs, "pipe"]},
+    null_log = logs.pop()
+    return {"logs": dict(zip([*configs, "pipe"], logs, strict=True)), "null": null_log, "images": {name: _pixels(tmp / f"{name}.png") for name in [*configs, "pipe"]},
             "configs": configs, "tmp": tmp}
 
 
@@ -738,6 +743,13 @@ def test_patch_enable_cache_gives_the_config_paths_schedule(patch_alone):
     image bit for bit, as the same keys in a config run by lightx2v.infer."""
     assert _tea_lines(patch_alone["logs"]["pipe"]) == _tea_lines(patch_alone["logs"]["tea"])
     assert (patch_alone["images"]["pipe"] == patch_alone["images"]["tea"]).all()
+
+
+@pytest.mark.lightx2v
+def test_patched_pipeline_keeps_the_configs_null_values(patch_alone):
+    """Stock LightX2VPipeline drops a config JSON's nulls (set_config skips None), so "teacache_thresh": null became
+    LightX2V's default 0.26 without a word; patched, the null arrives, and the TeaCache class says what it needs."""
+    assert patch_alone["null"] == ["error: TeaCache config key 'teacache_thresh': must be a finite number >= 0 (0 computes every call), got None"]
 
 
 @pytest.mark.lightx2v
@@ -764,6 +776,7 @@ def test_patch_class_takes_teacals_decisions_on_lightx2v(tiny_dir, patched_light
         "shared-sigma-capped": {"coefficients": [2.0, 0.0], "teacache_thresh": SKIPPING, "teacache_branch_mode": "shared", "teacache_max_skips": 2,
                                 "teacache_forecast": {"rule": "linear", "axis": "sigma", "alpha": [0.25]}},
         "modin-block-offload": {"coefficients": [1.0, 0.0], "teacache_thresh": SKIPPING, "teacache_signal": "modin", "cpu_offload": True, "offload_granularity": "block"},
+        "outside-domain": {"coefficients": [1.0, 0.0], "teacache_thresh": SKIPPING, "teacache_steps": [20, 40], "teacache_x_range": [0.05, 0.2]},
     }
     script = tmp_path / "compare.py"
     script.write_text(
@@ -774,20 +787,27 @@ def test_patch_class_takes_teacals_decisions_on_lightx2v(tiny_dir, patched_light
         "cases, tiny_dir, steps = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])\n"
         "prompt, _ = embed_text('make the sky purple'); negative, _ = embed_text('blurry low quality')\n"
         "image = torch.randn(1, 64, 16, generator=torch.Generator().manual_seed(7))\n"
+        "from loguru import logger\n"
+        "lines = []\n"
+        "logger.add(lambda m: lines.append(m.record['message']), level='INFO')\n"
         "def run(lx):\n"
         "    info = lx.input_info(0, (64, 64), prompt.shape[1], negative.shape[1])\n"
-        "    return lx.denoise(lx.inputs(prompt, negative, image), info, steps=steps)\n"
+        "    lines.clear()\n"
+        "    latents = lx.denoise(lx.inputs(prompt, negative, image), info, steps=steps)\n"
+        "    summary = [m for m in lines if m.startswith('TeaCache: ')]\n"
+        "    outside = [m.split('(', 1)[1].rsplit('); the schedule', 1)[0] for m in lines if 'outside' in m and 'calibrated domain' in m]\n"
+        "    return latents, summary, outside\n"
         "ours = {name: TinyLightX2V(tiny_dir, install=False, feature_caching='Tea', **keys) for name, keys in cases.items()}\n"
         "assert all(type(lx.transformer_infer) is patched.QwenImageTransformerInferTeaCaching for lx in ours.values())\n"
         "results = {}\n"
         "for name, lx in ours.items():\n"
-        "    latents = run(lx)\n"
-        "    schedule = [d.computed for d in lx.transformer_infer.schedule.decisions] if lx.transformer_infer.schedule.decisions else None\n"
+        "    latents, summary, outside = run(lx)\n"
         "    teacal = TinyLightX2V(tiny_dir, install=True, feature_caching='Tea', **cases[name])\n"
         "    assert type(teacal.transformer_infer).__module__ == 'teacache.lightx2v'\n"
-        "    other = run(teacal)\n"
+        "    other, other_summary, other_outside = run(teacal)\n"
         "    stats = teacal.transformer_infer.stats\n"
-        "    results[name] = dict(equal=bool(torch.equal(latents, other)), skipped=stats.skipped, calls=len(stats.decisions))\n"
+        "    results[name] = dict(equal=bool(torch.equal(latents, other)), skipped=stats.skipped, calls=len(stats.decisions), summary=summary,\n"
+        "                         teacal_summary=other_summary, outside=outside, teacal_outside=other_outside, flags=stats.outside_domain)\n"
         "print(json.dumps(results))\n"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(map(str, [patched_lightx2v, REPO, REPO / "integrations/lightx2v/cpu_platform"])), PLATFORM="cpu")
@@ -798,6 +818,10 @@ def test_patch_class_takes_teacals_decisions_on_lightx2v(tiny_dir, patched_light
     for name, result in results.items():
         assert result["equal"], name
         assert 0 < result["skipped"] < result["calls"] == 2 * STEPS, (name, result)
+        # the same line in LightX2V's log, once per request, and the same warnings outside the domain
+        assert len(result["summary"]) == 1 and result["summary"] == result["teacal_summary"], (name, result)
+        assert result["outside"] == result["teacal_outside"] == result["flags"] == ([] if name != "outside-domain" else
+                                                                                   [f"{STEPS} steps outside the calibrated 20..40", "signal rel-L1 above the calibrated 0.05..0.2"])
 
 
 # -- teacal's side for a stock LightX2V: the launcher, the Python API, cfg_parallel ------------------------------------
