@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -279,7 +280,7 @@ def test_each_request_logs_one_line_and_warns_once_outside_the_domain(tl, tiny_d
     for _ in range(2):
         run(lx, request_inputs)
     stats = lx.transformer_infer.stats
-    lines = [m for level, m in loguru_messages if level == "INFO" and m.startswith("TeaCache: ")]
+    lines = _tea_lines([m for level, m in loguru_messages if level == "INFO"])
     pattern = {b: "".join("x" if on else "." for on in stats.schedule(b)) for b in ("cond", "uncond")}
     counts = {b: stats.per_branch()[b] for b in pattern}
     expected = (f"TeaCache: {STEPS} steps, cond {counts['cond']['computed']} computed / {counts['cond']['skipped']} skipped [{pattern['cond']}], "
@@ -688,7 +689,8 @@ def _pixels(path: Path):
 
 
 def _tea_lines(log: list[str]) -> list[str]:
-    return [m for m in log if m.startswith("TeaCache: ")]
+    """The per-request summary lines of a LightX2V log."""
+    return [m for m in log if re.match(r"TeaCache: \d+ steps, ", m)]
 
 
 PATCH_KEYS = {"feature_caching": "Tea", "coefficients": [1.0, 0.0], "teacache_thresh": 100.0}  # identity on temb; 100: skip all it may
@@ -780,7 +782,7 @@ def test_patch_class_takes_teacals_decisions_on_lightx2v(tiny_dir, patched_light
     }
     script = tmp_path / "compare.py"
     script.write_text(
-        "import json, sys, torch\n"
+        "import json, re, sys, torch\n"
         "from tests.lightx2v_tiny import TinyLightX2V\n"
         "from calib.tiny.model import embed_text\n"
         "import lightx2v.models.networks.qwen_image.infer.feature_caching.transformer_infer as patched\n"
@@ -794,7 +796,7 @@ def test_patch_class_takes_teacals_decisions_on_lightx2v(tiny_dir, patched_light
         "    info = lx.input_info(0, (64, 64), prompt.shape[1], negative.shape[1])\n"
         "    lines.clear()\n"
         "    latents = lx.denoise(lx.inputs(prompt, negative, image), info, steps=steps)\n"
-        "    summary = [m for m in lines if m.startswith('TeaCache: ')]\n"
+        "    summary = [m for m in lines if re.match(r'TeaCache: \\d+ steps, ', m)]\n"
         "    outside = [m.split('(', 1)[1].rsplit('); the schedule', 1)[0] for m in lines if 'outside' in m and 'calibrated domain' in m]\n"
         "    return latents, summary, outside\n"
         "ours = {name: TinyLightX2V(tiny_dir, install=False, feature_caching='Tea', **keys) for name, keys in cases.items()}\n"
@@ -1119,6 +1121,17 @@ def test_recording_on_lightx2v_does_not_change_the_image(tiny_backend, tiny_dir,
     assert len(calls) == 2 * STEPS and all(c.computed and c.prediction is not None for c in calls)
     assert recorded.image.tobytes() == stock.image.tobytes() and (recorded.latents == stock.latents).all()
     assert tiny_backend.transformer_infer.stats.skipped == 0
+
+
+@pytest.mark.lightx2v
+def test_recording_ignores_a_configs_own_teacache_keys(tl, tiny_dir):
+    """A LightX2V config exported by `teacal export` can be recorded with: the recording preset (every call
+    computed) takes the place of its inline coefficients."""
+    from calib.backends.lightx2v import recording_config
+
+    config = json.loads((REPO / "presets/lightx2v/tiny_qwen_image_edit_tea.json").read_text())
+    infer = build(tiny_dir, **{**config, **recording_config(TINY)}).transformer_infer
+    assert infer.threshold == 0.0 and infer.preset.calibration["purpose"].startswith("recording")
 
 
 @pytest.mark.lightx2v
