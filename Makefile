@@ -70,7 +70,7 @@ $(LX_VENV)/.installed: integrations/lightx2v/cpu_platform/pyproject.toml Makefil
 	$(LX_PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(LX_PY) -m pip install -q triton loguru einops omegaconf gguf imageio imageio-ffmpeg prometheus_client opencv-python-headless \
 		safetensors pydantic 'diffusers>=0.42.1,<0.43' transformers accelerate av pyzmq decord ftfy numpy scipy pillow scikit-image pandas pytest \
-		pyarrow torchmetrics  # teacal's own: record writes parquet, sweep measures PSNR
+		soundfile hypothesis pyarrow torchmetrics  # soundfile: lightx2v.infer (the launcher) imports it; the rest teacal's tests
 	# LightX2V imports torchaudio; no release here matches torch 2.14.1, and --no-deps keeps pip from swapping torch.
 	$(LX_PY) -m pip install -q --no-deps torchaudio
 	$(LX_PY) -m pip install -q --no-deps -e integrations/lightx2v/cpu_platform
@@ -101,3 +101,11 @@ compare: install
 train-tiny: install
 	$(PY) -m calib.tiny.train train --out calib/tiny/weights/tiny-qwen-image-edit.safetensors --docs docs/tiny
 	$(PY) -m calib.tiny.train evaluate --docs docs/tiny
+
+# Regenerate integrations/lightx2v/qwen_image_tea.patch from a LightX2V tree where it is applied and edited:
+#   make lightx2v-patch LIGHTX2V_TEA=/path/to/patched/LightX2V   (the patch is a plain `git diff` against f8aee98)
+LIGHTX2V_TEA ?=
+.PHONY: lightx2v-patch
+lightx2v-patch:
+	@test -n "$(LIGHTX2V_TEA)" || { echo "make lightx2v-patch: set LIGHTX2V_TEA=/path/to/a/LightX2V/tree/with/the/patch" >&2; exit 2; }
+	cd $(LIGHTX2V_TEA) && git add -N lightx2v && git diff f8aee98 -- lightx2v > $(abspath integrations/lightx2v/qwen_image_tea.patch)

@@ -260,6 +260,20 @@ def report(
     run_report(run, preset, echo=typer.echo)
 
 
+@command
+def export(
+    preset: Annotated[Path, typer.Argument(help="Preset JSON written by `teacal fit`.")],
+    out: Annotated[Path, typer.Option("--out", help="LightX2V JSON config to write.")],
+    base: Annotated[Path | None, typer.Option(help="LightX2V config to extend, e.g. its configs/qwen_image/qwen_image_i2i_2511.json (default: the TeaCache keys alone).")] = None,
+    threshold: Annotated[float | None, typer.Option(min=0.0, help="TeaCache threshold (default: the preset's).")] = None,
+) -> None:
+    """Write a LightX2V config that runs the preset: "feature_caching": "Tea", coefficients and the teacache_* keys."""
+    from calib.export import export_lightx2v
+
+    config = export_lightx2v(preset, out, base, threshold)
+    typer.echo(f"{out}: LightX2V config, feature_caching Tea, signal {config['teacache_signal']}, threshold {config['teacache_thresh']}")
+
+
 def main() -> None:
     app()
 

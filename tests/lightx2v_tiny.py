@@ -69,8 +69,11 @@ class TinyLightX2V(LightX2VModelBackend):
     prompt embeddings and the VAE are the diffusers tiny model's (`TinyQwenImageEdit`, same seed).
     """
 
-    def __init__(self, model_dir: str | os.PathLike, seed: int = 0, **config_overrides: Any) -> None:
-        _lightx2v()
+    def __init__(self, model_dir: str | os.PathLike, seed: int = 0, install: bool = True, **config_overrides: Any) -> None:
+        """`install`: make "Tea" select `teacache.lightx2v`'s class; False leaves LightX2V as it is (a patched LightX2V
+        then runs its own TeaCache class, with the caching scheduler its runner picks)."""
+        if install:
+            _lightx2v()
         from lightx2v.models.networks.qwen_image.model import QwenImageTransformerModel
         from lightx2v.models.schedulers.qwen_image.scheduler import QwenEmbedRope, QwenImageScheduler
         from lightx2v.utils.set_config import get_default_config
@@ -85,14 +88,26 @@ class TinyLightX2V(LightX2VModelBackend):
         config.update(config_overrides)
         self.config = config
         self.model = QwenImageTransformerModel(str(model_dir / "transformer"), config, torch.device(AI_DEVICE))
-        self.model.to_cuda()  # LightX2V's name for "to AI_DEVICE"; see the module notes
-        self.scheduler = QwenImageScheduler(config)
+        if not config.get("cpu_offload", False):  # under offload LightX2V moves the weights itself, as the runner's backend leaves it
+            self.model.to_cuda()  # LightX2V's name for "to AI_DEVICE"; see calib.backends.lightx2v's notes
+        self.scheduler = self._scheduler_class(config["feature_caching"], QwenImageScheduler)(config)
         self.scheduler.pos_embed = QwenEmbedRope(theta=10000, axes_dim=list(transformer_config["axes_dims_rope"]), scale_rope=True)
         self.model.set_scheduler(self.scheduler)
         self.recording = recording_preset("tiny-qwen-image-edit")
         self.model_name = "tiny-qwen-image-edit"
         self.seed = seed
         self._codec = None
+
+    @staticmethod
+    def _scheduler_class(feature_caching: str, plain: type) -> type:
+        """As the patched QwenImageRunner.init_scheduler picks it: the caching scheduler for "Tea" where it exists."""
+        if feature_caching != "Tea":
+            return plain
+        try:
+            from lightx2v.models.schedulers.qwen_image.feature_caching.scheduler import QwenImageSchedulerCaching
+        except ImportError:  # stock LightX2V: teacache.lightx2v.install() makes the plain one clear TeaCache
+            return plain
+        return QwenImageSchedulerCaching
 
     @property
     def codec(self):

@@ -155,8 +155,9 @@ def check_same_lightx2v_config(settings: dict[str, Any], run: str | os.PathLike)
 
 # -- recording and caching on LightX2V's Qwen-Image model --------------------------------------------------------------
 def recording_config(model: str) -> dict[str, Any]:
-    """LightX2V config keys that select TeaCache with the recording preset, for the model named `model`."""
-    return dict(feature_caching="Tea", teacache_model=model, teacache_preset=recording_preset(model), teacache_thresh=0.0)
+    """LightX2V config keys that select TeaCache with the recording preset, for the model named `model` (a config's
+    own inline TeaCache coefficients, as `teacal export` writes them, give way to it: recording computes every call)."""
+    return dict(feature_caching="Tea", teacache_model=model, teacache_preset=recording_preset(model), teacache_thresh=0.0, coefficients=None)
 
 
 def _lightx2v():
