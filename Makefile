@@ -9,9 +9,6 @@ STAMP   := $(VENV)/.installed
 # (sharded record, tests that spawn the CLI) no longer fight over them. Override with OMP_NUM_THREADS=N.
 export OMP_NUM_THREADS ?= 1
 
-DEMO_PROMPTS ?= prompts/demo.jsonl
-THRESH  ?= 0.05:0.3:0.05
-
 .PHONY: install test lint bench bench-real demo report train-tiny
 
 install: $(STAMP)
@@ -48,13 +45,39 @@ bench: install
 bench-real: install
 	$(PY) -m calib.bench real $(BENCH_ARGS)
 
-# The main job on the embedded tiny model: record -> fit -> sweep -> report (a few minutes on 2 CPU cores).
+# The main job on the embedded tiny model (a few minutes on 2 CPU cores): record the calibration prompts, probe what
+# skips cost the final image, fit a preset, then measure it on held-out prompts it never saw and write the report.
+CALIB_PROMPTS   ?= prompts/calib.jsonl
+HELDOUT_PROMPTS ?= prompts/heldout.jsonl
+
 demo: install
-	$(TEACAL) record --model tiny-qwen-image-edit --prompts $(DEMO_PROMPTS) --out $(RUN)
-	$(TEACAL) fit $(RUN) --out $(RUN)/preset.json
-	$(TEACAL) sweep --preset $(RUN)/preset.json --run $(RUN) --thresh $(THRESH) --baseline identity --baseline flux --baseline mlx-qwen --target-psnr 30
-	$(TEACAL) report $(RUN)
-	@echo "report: $(RUN)/report/report.md"
+	$(TEACAL) record $(RUN)/calib --prompts $(CALIB_PROMPTS)
+	$(TEACAL) probe $(RUN)/calib --forecast
+	$(TEACAL) fit $(RUN)/calib --out $(RUN)/preset.json
+	$(TEACAL) record $(RUN)/heldout --prompts $(HELDOUT_PROMPTS)
+	$(TEACAL) sweep $(RUN)/heldout --preset $(RUN)/preset.json --baseline identity --baseline flux --baseline mlx-qwen --target-psnr 35
+	$(TEACAL) report $(RUN)/heldout
+	@echo "report: $(RUN)/heldout/report/report.md"
+
+# The evidence behind the README's tables: one preset calibrated on prompts/calib.jsonl at 20 and 40 steps, measured on
+# the held-out prompts (never used to calibrate or tune) against every borrowed coefficient set, uniform spacing, the
+# oracle, FirstBlockCache and MagCache, with and without the calibrated forecast. About an hour on 2 CPU cores.
+EVAL ?= results/eval
+EVAL_STEPS ?= 20 40
+EVAL_BASELINES = --baseline constant --baseline identity --baseline flux --baseline wan21 --baseline mlx-qwen --baseline uniform
+
+.PHONY: eval
+eval: install
+	$(TEACAL) record $(EVAL)/calib --prompts $(CALIB_PROMPTS) $(EVAL_STEPS:%=--steps %)
+	$(TEACAL) probe $(EVAL)/calib --forecast
+	$(TEACAL) fit $(EVAL)/calib --out $(EVAL)/preset.json
+	$(TEACAL) record $(EVAL)/heldout --prompts $(HELDOUT_PROMPTS) $(EVAL_STEPS:%=--steps %)
+	for n in $(EVAL_STEPS); do \
+		$(TEACAL) sweep $(EVAL)/heldout --steps $$n --out $(EVAL)/sweep-$$n --preset $(EVAL)/preset.json $(EVAL_BASELINES) \
+			--method teacache --method fbcache --method magcache --forecast none --forecast calibrated && \
+		$(TEACAL) report $(EVAL)/sweep-$$n || exit 1; \
+	done
+	@echo "reports: $(EVAL)/sweep-*/report/report.md"
 
 report: install
 	$(TEACAL) report $(RUN)
@@ -81,21 +104,21 @@ test-lightx2v: $(LX_VENV)/.installed
 	@test -n "$(LIGHTX2V_SRC)" || { echo "make test-lightx2v: set LIGHTX2V_SRC=/path/to/a/LightX2V/checkout" >&2; exit 2; }
 	LIGHTX2V_SRC=$(abspath $(LIGHTX2V_SRC)) PYTHONPATH=.:$(abspath $(LIGHTX2V_SRC)) $(LX_PY) -m pytest -q -m lightx2v tests/test_lightx2v.py
 
-# Peers on the same chart (issue 7): calibrated TeaCache against diffusers' FirstBlockCache, MagCache, SeaCache and
-# cache-dit's DBCache on the tiny model, measured in one sweep (same prompts, seeds, references, timing, metrics).
-#   make compare [RUN=results/compare] [COMPARE_PROMPTS=prompts/shapes.jsonl]
+# Peers on the same chart: calibrated TeaCache (calibrated on prompts/calib.jsonl) against diffusers' FirstBlockCache,
+# MagCache, SeaCache and cache-dit's DBCache, measured in one sweep on the held-out prompts (same seeds, references,
+# timing, metrics).   make compare [RUN=results/compare]
 .PHONY: compare
 compare: RUN = results/compare
-COMPARE_PROMPTS ?= prompts/shapes.jsonl
-COMPARE_THRESH  ?= 0.05,0.1,0.2,0.3,0.5,0.8,1.2
-COMPARE_METHODS ?= teacache,fbcache,magcache,seacache,dbcache
+COMPARE_METHODS ?= teacache fbcache magcache seacache dbcache
 
 compare: install
-	$(TEACAL) record --model tiny-qwen-image-edit --prompts $(COMPARE_PROMPTS) --out $(RUN)
-	$(TEACAL) fit $(RUN) --out $(RUN)/preset.json
-	$(TEACAL) sweep --preset $(RUN)/preset.json --run $(RUN) --method $(COMPARE_METHODS) --thresh $(COMPARE_THRESH)
-	$(TEACAL) report $(RUN)
-	@echo "report: $(RUN)/report/report.md"
+	$(TEACAL) record $(RUN)/calib --prompts $(CALIB_PROMPTS)
+	$(TEACAL) probe $(RUN)/calib
+	$(TEACAL) fit $(RUN)/calib --out $(RUN)/preset.json
+	$(TEACAL) record $(RUN)/heldout --prompts $(HELDOUT_PROMPTS)
+	$(TEACAL) sweep $(RUN)/heldout --preset $(RUN)/preset.json $(COMPARE_METHODS:%=--method %)
+	$(TEACAL) report $(RUN)/heldout
+	@echo "report: $(RUN)/heldout/report/report.md"
 
 # Retrain the embedded tiny model (about 20 min on one CPU thread): calib/weights/, docs/tiny/ (loss, edit success, samples).
 train-tiny: install
