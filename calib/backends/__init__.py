@@ -116,14 +116,16 @@ def resolve_device(device: str, cuda_available: bool | None = None, cuda_count: 
 
     cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
     local_rank = os.environ.get("LOCAL_RANK") if local_rank is None else local_rank
-    if device == "auto":
-        if not cuda_available:
-            return "cpu"
+
+    def this_ranks_gpu() -> str:  # bare auto/cuda: under torchrun each rank its own GPU, else the first
         index = int(local_rank) if local_rank not in (None, "") else 0
         count = torch.cuda.device_count() if cuda_count is None else cuda_count
         if index >= count:
             raise UserError(f"LOCAL_RANK={index} but this machine has {count} CUDA device(s); launch at most {count} processes per node")
         return f"cuda:{index}"
+
+    if device == "auto":
+        return this_ranks_gpu() if cuda_available else "cpu"
     if device == "cpu":
         return device
     match = re.fullmatch(r"cuda(?::(\d+))?", device)
@@ -131,7 +133,7 @@ def resolve_device(device: str, cuda_available: bool | None = None, cuda_count: 
         raise UserError(f"--device {device!r}: expected auto, cpu or cuda[:N]")
     if not cuda_available:
         raise UserError(f"--device {device}: CUDA is not available on this machine (use --device auto or cpu)")
-    return device if match.group(1) is not None else "cuda:0"
+    return device if match.group(1) is not None else this_ranks_gpu()
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
