@@ -194,3 +194,35 @@ def test_a_constant_target_reports_no_r2_instead_of_crashing(tmp_path):
     preset = Preset(model="m", signal="temb", coefficients=[1.0], ret_steps=1, cutoff_steps=-1, fit={"r2_heldout": None})
     preset.save(tmp_path / "p.json")  # JSON has no NaN: the preset says null
     assert Preset.load(tmp_path / "p.json").fit["r2_heldout"] is None
+
+
+def test_the_fitted_damping_recovers_a_known_one_per_sigma_span():
+    """Forecast probes whose final error is a known function of the damping, minimal at α*(span): `fit` recovers α*
+    at every probed span (between the probed dampings, by the parabola through the best three), and where every
+    damping loses to plain reuse it keeps α = 0, so the fitted rule never does worse than reuse on what was measured."""
+    from calib.fit import forecast_from_probes
+    from calib.probe import FORECAST_DAMPINGS
+    from calib.simulate import uniform_schedule
+
+    steps = 20
+    sigma = np.linspace(1.0, 0.05, steps)
+    unit = UnitSeries(("p", 0, steps, 48, 48), "p", ("cond", "uncond"), sigma, {}, {})
+    best_by_budget = {10: 0.5, 7: 0.3, 4: -1.0}  # -1: every positive damping hurts
+    rows = []
+    for budget, best in best_by_budget.items():
+        for alpha in FORECAST_DAMPINGS:
+            error = 0.01 * math.exp(3.0 * (alpha - best) ** 2)  # log error is a parabola in α, least at `best`
+            rows.append({"kind": "forecast", "prompt_id": "p", "seed": 0, "steps": steps, "budget": budget, "alpha": alpha, "image_rmse": error})
+    fitted = forecast_from_probes([unit], pd.DataFrame(rows))
+    assert fitted.forecast.rule == "linear"
+    spans = {}
+    for budget in best_by_budget:
+        computed = np.flatnonzero(uniform_schedule(steps, budget))
+        gaps = sigma[computed[:-1]] - sigma[computed[1:]]
+        spans[budget] = float(np.mean(gaps[:-1]))
+    for budget, best in best_by_budget.items():
+        assert fitted.forecast.damping(spans[budget]) == pytest.approx(max(best, 0.0), abs=1e-3), budget
+    # the gain the cost model uses: the best measured damping's error over plain reuse's, 1 where reuse is best
+    ratios = {round(span, 4): ratio for span, ratio in fitted.ratio}
+    assert ratios[round(spans[4], 4)] == pytest.approx(1.0)
+    assert ratios[round(spans[10], 4)] == pytest.approx(math.exp(3.0 * (0.1**2 - 0.5**2)), rel=1e-6)  # best probed: 0.4 and 0.6
