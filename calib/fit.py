@@ -21,7 +21,7 @@ fitted quantity (R², MAE of the accumulator against the window cost, with the r
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -186,7 +186,6 @@ class Scored:
     r2: float  # held-out, of the accumulator against the transformed window cost
     mae: float
     db_gap: float  # held-out simulated dB against the training prompts' oracle, mean over the budgets
-    db_by_budget: list[float] = field(default_factory=list)
 
 
 def x_range(units: list[UnitSeries], signal: str) -> tuple[float, float]:
@@ -252,7 +251,7 @@ def evaluate(candidate: Candidate, units: list[UnitSeries], matrices: dict, wind
     gap = np.concatenate(gaps) if gaps else np.array([np.nan])
     return Scored(candidate, r2(y[done], predicted[done]) if done.any() else float("nan"),
                   float(np.mean(np.abs(y[done] - predicted[done]))) if done.any() else float("nan"),
-                  float(np.nanmean(gap)) if np.isfinite(gap).any() else float("-inf"), [float(v) for v in np.nanmean(np.atleast_2d(gap), axis=0)])
+                  float(np.nanmean(gap)) if np.isfinite(gap).any() else float("-inf"))
 
 
 # -- the cost model from probes ---------------------------------------------------------------------------------------
