@@ -187,13 +187,14 @@ def fit(
     cutoff_steps: Annotated[int, typer.Option(help="First step always computed again at the end; negative counts from the end.")] = -1,
     speedup: Annotated[float, typer.Option(min=1.0, help="The default threshold is the one simulated to reach this speedup.")] = 1.6,
     partial: Annotated[bool, typer.Option(help="Fit an unfinished recording anyway (it says how much is missing).")] = False,
+    oracle_from: Annotated[list[Path] | None, typer.Option(help="A sweep (--out folder) of these runs: the oracle becomes the best static schedule it measured per budget, the cost model's among them. Repeatable.")] = None,
 ) -> None:
     """Fit the rescale polynomial (np.poly1d order) to what skips cost, with scipy; write a preset with its provenance, domain and fit quality."""
     from calib.fit import FitRequest
     from calib.fit import fit as run_fit
 
     run_fit(FitRequest(runs=tuple(runs), out=out, signal=signal, degree=degree, target=target, branch_mode=branch_mode, loss=loss, folds=folds,
-                       ret_steps=ret_steps, cutoff_steps=cutoff_steps, speedup=speedup, partial=partial), echo=typer.echo)
+                       ret_steps=ret_steps, cutoff_steps=cutoff_steps, speedup=speedup, partial=partial, oracle_from=tuple(oracle_from or ())), echo=typer.echo)
 
 
 @command

@@ -31,6 +31,7 @@ from scipy.optimize import least_squares, minimize, minimize_scalar
 
 from calib.errors import UserError
 from calib.runfiles import (
+    SWEEP_FILE,
     check_finite,
     library_versions,
     load_probes,
@@ -38,7 +39,9 @@ from calib.runfiles import (
     load_trace,
     missing_units,
     now_iso,
+    read_json,
     read_prompt_rows,
+    read_table,
 )
 from calib.simulate import (
     CostModel,
@@ -374,6 +377,48 @@ def forecast_from_probes(units: list[UnitSeries], probes: pd.DataFrame | None) -
     return ForecastFit(forecast, ratio, table)
 
 
+# -- the oracle, verified by generating -------------------------------------------------------------------------------
+def measured_oracle(sweeps: tuple[Path, ...], runs: list[Path], echo=print) -> dict[str, dict[str, str]]:
+    """The best *measured* static schedule per step count and budget, from sweeps of the calibration runs.
+
+    The cost model's schedule (dynamic programming) is a candidate among others: a sweep of the calibration run measures
+    it next to every other static schedule (calibrated TeaCache on a latent-independent signal, the borrowed sets on
+    it, uniform spacing). The oracle at a budget is the candidate of the best mean PSNR over the calibration prompts,
+    so there it is at or above every static method by construction, and it was verified by generating. Only sweeps of
+    the runs being fitted are accepted: an oracle chosen on held-out prompts would be tuned on them.
+    """
+    fitted = {Path(r).resolve() for r in runs}
+    best: dict[str, dict[str, tuple[float, str]]] = {}
+    for folder in map(Path, sweeps):
+        info_path, table_path = folder / SWEEP_FILE, folder / "sweep.parquet"
+        if not info_path.is_file() or not table_path.is_file():
+            raise UserError(f"--oracle-from {folder}: no finished sweep here (sweep.json and sweep.parquet); run `teacal sweep RUN --out {folder}` first")
+        info = read_json(info_path)
+        measured_run = (folder / info.get("run", ".")).resolve()
+        if measured_run not in fitted:
+            raise UserError(f"--oracle-from {folder}: it measured {measured_run}, which is not a run being fitted; "
+                            "the oracle is chosen on the calibration prompts only, never on held-out ones")
+        table = read_table(table_path)
+        static = table[(table["method"] != "uncached") & (table["forecast"].fillna("none") == "none") & table["schedule"].notna()]
+        if "computed_uncond" in static:  # one schedule for both branches
+            static = static[static["computed_uncond"].isna() | (static["computed_cond"] == static["computed_uncond"])]
+        steps = str(int(info["settings"]["steps"]))
+        for _, rows in static.groupby("config", sort=False):
+            if rows["schedule"].nunique() != 1 or len(rows) != table.loc[table["method"] == "uncached", "prompt_id"].size:
+                continue  # adaptive (another schedule per prompt) or not measured on every prompt
+            schedule = rows["schedule"].iloc[0]
+            psnr = rows["psnr"].where(np.isfinite(rows["psnr"]), 100.0).mean()  # identical images: 100 dB, as good as it gets
+            budget = str(schedule.count("x"))
+            if budget not in best.setdefault(steps, {}) or psnr > best[steps][budget][0]:
+                best[steps][budget] = (float(psnr), schedule)
+    if not best:
+        raise UserError(f"--oracle-from {', '.join(map(str, sweeps))}: no static schedule measured on every prompt")
+    for steps, by_budget in sorted(best.items(), key=lambda kv: int(kv[0])):
+        echo(f"oracle at {steps} steps, verified by generating on the calibration prompts: "
+             + ", ".join(f"{b} steps {v[0]:.1f} dB" for b, v in sorted(by_budget.items(), key=lambda kv: int(kv[0]))))
+    return {steps: {b: v[1] for b, v in by_budget.items()} for steps, by_budget in best.items()}
+
+
 # -- the stage --------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FitRequest:
@@ -389,6 +434,7 @@ class FitRequest:
     cutoff_steps: int = -1
     speedup: float = 1.6
     partial: bool = False  # fit an unfinished recording anyway
+    oracle_from: tuple[Path, ...] = ()  # sweeps of these runs whose measured static schedules verify the oracle
 
 
 def prompt_identities(run: Path, info: dict) -> dict[str, str]:
@@ -458,6 +504,7 @@ def fit(request: FitRequest, echo=print) -> Preset:
             Preset(model=model_name, signal="temb", coefficients=[1.0, 0.0], ret_steps=request.ret_steps, cutoff_steps=request.cutoff_steps).resolve_cutoff(steps)
         except ValueError as err:
             raise UserError(str(err).replace("preset <memory>: ", "")) from None
+    measured = measured_oracle(request.oracle_from, runs, echo=echo) if request.oracle_from else {}  # checked before the fit
     units = unit_series(trace, groups)
     n_groups = len({u.group for u in units})
     if n_groups < 2:
@@ -521,6 +568,11 @@ def fit(request: FitRequest, echo=print) -> Preset:
         mean = np.mean([plain[chosen.target][u.key].mean(axis=0) for u in same], axis=0)
         forced = forced_steps(Preset(model=model_name, signal="temb", coefficients=[1.0, 0.0], ret_steps=request.ret_steps, cutoff_steps=request.cutoff_steps), steps)
         oracle[str(steps)] = {str(b): "".join("x" if v else "." for v in s) for b, s in oracle_schedules(mean, forced).items()}
+    oracle_source = "cost model"
+    if request.oracle_from:
+        for steps, by_budget in measured.items():
+            oracle.setdefault(steps, {}).update(by_budget)
+        oracle_source = "measured on the calibration prompts: " + ", ".join(str(p) for p in request.oracle_from)
     preset = Preset(
         model=model_name,
         signal=chosen.signal,
@@ -537,7 +589,7 @@ def fit(request: FitRequest, echo=print) -> Preset:
             "target": chosen.target, "transform": chosen.transform, "loss": request.loss,
             "cost_model": {"probed": model.probed, "gamma": round(model.gamma, 6), "gain": model.gain,
                            "forecast_ratio": [list(k) for k in model.forecast_ratio]},
-            "oracle": oracle, "versions": library_versions(), "date": now_iso(),
+            "oracle": oracle, "oracle_source": oracle_source, "versions": library_versions(), "date": now_iso(),
         },
         fit={
             "r2_heldout": _rounded(best.r2), "mae_heldout": _rounded(best.mae), "db_vs_oracle_heldout": _rounded(best.db_gap), "folds": k,

@@ -340,7 +340,10 @@ def plan(request: SweepRequest, echo=print) -> Plan:
     if budgets and not oracle and request.oracle != "auto":
         raise UserError(f"--oracle {request.oracle}: preset {preset.source} holds no oracle schedules for {steps} steps (fit it on a recording of {steps} steps)")
     probed = preset.calibration.get("cost_model", {}).get("probed", False)
-    oracle_label = f"oracle (best static schedule, {'probed' if probed else 'recorded reuse'} cost model)"
+    if preset.calibration.get("oracle_source", "cost model").startswith("measured"):
+        oracle_label = "oracle (best static schedule measured on the calibration prompts)"
+    else:
+        oracle_label = f"oracle (best static schedule, {'probed' if probed else 'recorded reuse'} cost model)"
     for k in budgets:
         if str(k) in oracle:
             configs.append(Config(f"oracle-k{k}", "oracle", oracle_label, budget=k, preset=preset.replace(forecast=NO_FORECAST),

@@ -226,3 +226,45 @@ def test_the_fitted_damping_recovers_a_known_one_per_sigma_span():
     ratios = {round(span, 4): ratio for span, ratio in fitted.ratio}
     assert ratios[round(spans[4], 4)] == pytest.approx(1.0)
     assert ratios[round(spans[10], 4)] == pytest.approx(math.exp(3.0 * (0.1**2 - 0.5**2)), rel=1e-6)  # best probed: 0.4 and 0.6
+
+
+def _sweep_folder(folder: Path, run: Path, rows: list[tuple[str, str, str, list[float]]], steps: int = 6) -> Path:
+    """A sweep's files as `teacal sweep --out folder` writes them: (method, config, schedule per prompt, PSNR per prompt)."""
+    from calib.runfiles import write_json, write_table
+
+    records = [{"method": "uncached", "config": "uncached", "forecast": "none", "prompt_id": p, "schedule": None, "psnr": math.inf,
+                "computed_cond": steps, "computed_uncond": steps} for p in ("a", "b")]
+    for method, config, schedules, psnrs in rows:
+        for p, schedule, psnr in zip(("a", "b"), schedules.split(","), psnrs, strict=True):
+            records.append({"method": method, "config": config, "forecast": "none", "prompt_id": p, "schedule": schedule, "psnr": psnr,
+                            "computed_cond": schedule.count("x"), "computed_uncond": schedule.count("x")})
+    folder.mkdir(parents=True)
+    write_json(folder / "sweep.json", {"kind": "sweep", "run": str(Path("..") / run.name), "settings": {"steps": steps}})
+    write_table(folder / "sweep.parquet", pd.DataFrame(records))
+    return folder
+
+
+def test_the_measured_oracle_is_the_best_static_schedule_measured_on_the_calibration_prompts(tmp_path):
+    """The oracle verified by generating: per budget, the static schedule of the best mean PSNR in a sweep of the
+    calibration run (the cost model's schedule one candidate among the others); adaptive configurations (another
+    schedule per prompt) are no static schedules; a sweep of any other run (held-out prompts) is refused."""
+    from calib.errors import UserError
+    from calib.fit import measured_oracle
+
+    calib_run, heldout_run = tmp_path / "calib", tmp_path / "heldout"
+    rows = [
+        ("oracle", "oracle-k3", "xx...x,xx...x", [30.0, 32.0]),
+        ("teacache", "teacache-t0.1", "x.x..x,x.x..x", [33.0, 31.5]),  # 32.25 > 31.0: beats the cost model's choice
+        ("baseline", "baseline-identity-t1", "x..x.x,x..x.x", [29.0, 30.0]),
+        ("baseline", "baseline-flux-t1", "x..x.x,xx.x.x", [50.0, 50.0]),  # adaptive: not a static schedule
+        ("static", "uniform-k4", "xx.x.x,xx.x.x", [40.0, math.inf]),  # identical on one prompt: counts as 100 dB
+        ("teacache", "teacache-t0.2", "x....x,x....x", [20.0, 21.0]),
+    ]
+    sweep = _sweep_folder(tmp_path / "calib-sweep", calib_run, rows)
+    oracle = measured_oracle((sweep,), [calib_run])
+    assert oracle == {"6": {"3": "x.x..x", "4": "xx.x.x", "2": "x....x"}}
+    other = _sweep_folder(tmp_path / "heldout-sweep", heldout_run, rows)
+    with pytest.raises(UserError, match="not a run being fitted; the oracle is chosen on the calibration prompts only"):
+        measured_oracle((other,), [calib_run])
+    with pytest.raises(UserError, match="no finished sweep here"):
+        measured_oracle((tmp_path / "nothing",), [calib_run])
