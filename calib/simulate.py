@@ -113,7 +113,7 @@ class CostModel:
     def matrix(self, unit: UnitSeries) -> np.ndarray:
         """``c[b, m, j, p]``: the cost of skipping m after computing j, when the computed step before j is j - p
         (p = 0: none). Infinite where the gap exceeds the recorded max gap. Without a forecast p does not matter;
-        with one, the plain cost is scaled by the measured ratio for the slope's sigma span (`forecast_ratio`)."""
+        with one, the plain cost is scaled by the measured ratio at the forecast's reach (`forecast_ratio`)."""
         e = self.reuse_errors(unit)  # [b, m, j]
         n, width = unit.steps, unit.max_gap + 1
         gap = np.arange(n)[:, None] - np.arange(n)[None, :]  # m - j
@@ -121,12 +121,13 @@ class CostModel:
         plain = (e * factor[None])[..., None]
         if not self.forecast.extrapolates or not self.forecast_ratio:
             return np.broadcast_to(plain, (*plain.shape[:3], width))
-        ratio = np.ones((n, width))  # [j, p]
+        ratio = np.ones((n, n, width))  # [m, j, p], looked up at the forecast's reach, as the runtime looks up its damping
         spans, ratios = zip(*self.forecast_ratio, strict=True)
         for j in range(n):
             for p in range(1, min(j, width - 1) + 1):
-                ratio[j, p] = np.interp(unit.sigma[j - p] - unit.sigma[j], spans, ratios)
-        return plain * ratio[None, None, :, :]
+                for m in range(j + 1, n):
+                    ratio[m, j, p] = np.interp(Forecast.reach(unit.sigma[j - p], unit.sigma[j], unit.sigma[m]), spans, ratios)
+        return plain * ratio[None]
 
     def reuse_errors(self, unit: UnitSeries) -> np.ndarray:
         """``e[b, m, j]``, the recorded reuse error of skipping m after j; infinite beyond the recorded max gap."""

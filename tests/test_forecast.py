@@ -20,8 +20,10 @@ def test_linear_forecast_equals_a_hand_computation_on_a_toy_sequence():
     cache.store(4, 0.6, r1)
     # sigma span 0.2: halfway between the knots, alpha 0.375; slope over 2 steps, 1 step ahead
     assert torch.allclose(cache.residual_for(5, 0.5), r1 + 0.375 * (r1 - r0) / 2)
-    # 3 steps ahead: the same slope, three times as far
-    assert torch.allclose(cache.residual_for(7, 0.3), r1 + 0.375 * (r1 - r0) * 3 / 2)
+    # 3 steps ahead: the same slope, three times as far, now carried 0.3 in sigma (beyond its 0.2 span): alpha 0.25
+    assert torch.allclose(cache.residual_for(7, 0.3), r1 + 0.25 * (r1 - r0) * 3 / 2)
+    # 2 steps ahead, carried 0.25: alpha 0.3125
+    assert torch.allclose(cache.residual_for(6, 0.35), r1 + 0.3125 * (r1 - r0) * 2 / 2)
     wide = ResidualCache(Forecast("linear", "step", ((0.1, 0.5), (0.3, 0.25))))
     wide.store(0, 1.0, r0)
     wide.store(4, 0.6, r1)  # span 0.4: beyond the last knot, its damping holds
