@@ -50,10 +50,16 @@ bench-real: install
 CALIB_PROMPTS   ?= prompts/calib.jsonl
 HELDOUT_PROMPTS ?= prompts/heldout.jsonl
 
+# The oracle is verified by generating: a sweep of the calibration run measures every static schedule (the cost
+# model's among them), and the second fit keeps the best per budget.
+STATIC_BASELINES = --baseline constant --baseline identity --baseline wan21 --baseline uniform
+
 demo: install
 	$(TEACAL) record $(RUN)/calib --prompts $(CALIB_PROMPTS)
 	$(TEACAL) probe $(RUN)/calib --forecast
-	$(TEACAL) fit $(RUN)/calib --out $(RUN)/preset.json
+	$(TEACAL) fit $(RUN)/calib --out $(RUN)/calib-preset.json
+	$(TEACAL) sweep $(RUN)/calib --out $(RUN)/calib-sweep --preset $(RUN)/calib-preset.json $(STATIC_BASELINES) --forecast none
+	$(TEACAL) fit $(RUN)/calib --out $(RUN)/preset.json --oracle-from $(RUN)/calib-sweep
 	$(TEACAL) record $(RUN)/heldout --prompts $(HELDOUT_PROMPTS)
 	$(TEACAL) sweep $(RUN)/heldout --preset $(RUN)/preset.json --baseline identity --baseline flux --baseline mlx-qwen --target-psnr 35
 	$(TEACAL) report $(RUN)/heldout
@@ -70,7 +76,12 @@ EVAL_BASELINES = --baseline constant --baseline identity --baseline flux --basel
 eval: install
 	$(TEACAL) record $(EVAL)/calib --prompts $(CALIB_PROMPTS) $(EVAL_STEPS:%=--steps %)
 	$(TEACAL) probe $(EVAL)/calib --forecast
-	$(TEACAL) fit $(EVAL)/calib --out $(EVAL)/preset.json
+	$(TEACAL) fit $(EVAL)/calib --out $(EVAL)/calib-preset.json
+	for n in $(EVAL_STEPS); do \
+		$(TEACAL) sweep $(EVAL)/calib --steps $$n --out $(EVAL)/calib-sweep-$$n --preset $(EVAL)/calib-preset.json $(STATIC_BASELINES) \
+			--forecast none || exit 1; \
+	done
+	$(TEACAL) fit $(EVAL)/calib --out $(EVAL)/preset.json $(EVAL_STEPS:%=--oracle-from $(EVAL)/calib-sweep-%)
 	$(TEACAL) record $(EVAL)/heldout --prompts $(HELDOUT_PROMPTS) $(EVAL_STEPS:%=--steps %)
 	for n in $(EVAL_STEPS); do \
 		$(TEACAL) sweep $(EVAL)/heldout --steps $$n --out $(EVAL)/sweep-$$n --preset $(EVAL)/preset.json $(EVAL_BASELINES) \
@@ -114,7 +125,9 @@ COMPARE_METHODS ?= teacache fbcache magcache seacache dbcache
 compare: install
 	$(TEACAL) record $(RUN)/calib --prompts $(CALIB_PROMPTS)
 	$(TEACAL) probe $(RUN)/calib
-	$(TEACAL) fit $(RUN)/calib --out $(RUN)/preset.json
+	$(TEACAL) fit $(RUN)/calib --out $(RUN)/calib-preset.json
+	$(TEACAL) sweep $(RUN)/calib --out $(RUN)/calib-sweep --preset $(RUN)/calib-preset.json $(STATIC_BASELINES) --forecast none
+	$(TEACAL) fit $(RUN)/calib --out $(RUN)/preset.json --oracle-from $(RUN)/calib-sweep
 	$(TEACAL) record $(RUN)/heldout --prompts $(HELDOUT_PROMPTS)
 	$(TEACAL) sweep $(RUN)/heldout --preset $(RUN)/preset.json $(COMPARE_METHODS:%=--method %)
 	$(TEACAL) report $(RUN)/heldout
