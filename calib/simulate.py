@@ -121,12 +121,14 @@ class CostModel:
         plain = (e * factor[None])[..., None]
         if not self.forecast.extrapolates or not self.forecast_ratio:
             return np.broadcast_to(plain, (*plain.shape[:3], width))
-        ratio = np.ones((n, n, width))  # [m, j, p], looked up at the forecast's reach, as the runtime looks up its damping
+        # [m, j, p]: the ratio at the forecast's reach (`Forecast.reach`), as the runtime looks up its damping
         spans, ratios = zip(*self.forecast_ratio, strict=True)
-        for j in range(n):
-            for p in range(1, min(j, width - 1) + 1):
-                for m in range(j + 1, n):
-                    ratio[m, j, p] = np.interp(Forecast.reach(unit.sigma[j - p], unit.sigma[j], unit.sigma[m]), spans, ratios)
+        sigma = np.asarray(unit.sigma, float)
+        j, p = np.arange(n)[:, None], np.arange(width)[None, :]
+        span = np.abs(sigma[np.clip(j - p, 0, None)] - sigma[j])  # [j, p]
+        ahead = np.abs(sigma[None, :] - sigma[:, None])  # [m, j]
+        ratio = np.interp(np.maximum(span[None], ahead[:, :, None]), spans, ratios)
+        ratio[:, ~((p >= 1) & (p <= j))] = 1.0  # no slope yet (p = 0) or none recorded
         return plain * ratio[None]
 
     def reuse_errors(self, unit: UnitSeries) -> np.ndarray:
