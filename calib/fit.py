@@ -341,10 +341,11 @@ def _best_damping(errors: pd.Series) -> float:
 
 
 def forecast_from_probes(units: list[UnitSeries], probes: pd.DataFrame | None) -> ForecastFit | None:
-    """The linear forecast's damping per sigma span, from forecast probes (`teacal probe --forecast`).
+    """The linear forecast's damping per sigma reach, from forecast probes (`teacal probe --forecast`).
 
     Each probe runs an evenly spaced static schedule with a constant damping; the slope of every window after the
-    first is measured over the window before it, so the schedule's mean span stands for the spans it used. For each
+    first is measured over the window before it and carried across a window as long, so the schedule's mean span
+    stands for the reaches it used (`teacache.forecast.Forecast.reach`). For each
     probed budget the damping of least final error (geometric mean over the probed prompts) becomes a knot. Where
     no damping beats plain reuse the knot is 0, so the fitted rule never does worse on what was measured.
     """
@@ -516,7 +517,7 @@ def fit(request: FitRequest, echo=print) -> Preset:
     if forecast_fit is not None:
         echo("reuse rule, from forecast probes (final image RMSE against the reference, geometric mean over the probed prompts):")
         echo(forecast_fit.table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-        echo(f"chose forecast {forecast_fit.forecast.rule}" + (f", damping per sigma span {[list(k) for k in forecast_fit.forecast.alpha]}" if forecast_fit.forecast.extrapolates else ""))
+        echo(f"chose forecast {forecast_fit.forecast.rule}" + (f", damping per sigma reach {[list(k) for k in forecast_fit.forecast.alpha]}" if forecast_fit.forecast.extrapolates else ""))
     forecast = forecast_fit.forecast if forecast_fit is not None else NO_FORECAST
     # One cost model with the reuse rule as a parameter: the polynomial is fitted for the rule the preset will run.
     models = {target: cost_model(units, probes, target, forecast, forecast_fit.ratio if forecast_fit else ()) for target in TARGETS}

@@ -12,7 +12,7 @@ Files (its own, in the run folder)::
     probes.parquet                      all parts merged, once every planned probe of every shard is done
 
 With `--forecast` it also measures the reuse rule: evenly spaced static schedules at a few budgets, each with a
-linear forecast of several constant dampings (and none); `teacal fit` picks the damping per sigma span from them
+linear forecast of several constant dampings (and none); `teacal fit` picks the damping per sigma reach from them
 (`teacache.forecast`).
 
 Cost: one generation per probe, plus one uncached generation per unit that checks the recorded reference is
