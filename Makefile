@@ -13,15 +13,17 @@ export OMP_NUM_THREADS ?= 1
 
 install: $(STAMP)
 
+# torch and torchvision first, as a matched pair from this machine's disk; nothing later may replace them. Then the
+# project with [toolkit] (the `teacal` command's stack; the runtime alone needs only torch and numpy), [dev] (pytest,
+# ruff), [peers] (cache-dit, DBCache) and [real] (transformers and accelerate for the stock Qwen pipelines; the tests
+# load a tiny local one); all accept the installed torch, so pip keeps it. About 3 minutes the first time.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch and torchvision first, as a matched pair from this machine's disk (REFERENCE §5); nothing later may replace them.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	# [peers] brings cache-dit (DBCache), [real] transformers and accelerate for the stock Qwen pipelines (the tests
-	# load a tiny local one); both accept the installed torch, so pip keeps it.
-	$(PY) -m pip install -q -e '.[dev,peers,real]'
+	$(PY) -m pip install -q -e '.[toolkit,dev,peers,real]'
 	touch $(STAMP)
+	@echo "installed: run teacal as $(TEACAL), or after 'source $(VENV)/bin/activate' as teacal"
 
 test: install
 	$(PY) -m pytest -q
@@ -93,7 +95,7 @@ eval: install
 report: install
 	$(TEACAL) report $(RUN)
 
-# LightX2V integration (issue 5): its own env (REFERENCE §3), LightX2V from a checkout, the CPU platform plugin.
+# LightX2V integration (issue 5): its own env, LightX2V from a checkout, the CPU platform plugin.
 #   make test-lightx2v LIGHTX2V_SRC=/path/to/LightX2V
 LX_VENV      ?= .venv-lightx2v
 LX_PY        := $(LX_VENV)/bin/python
@@ -105,7 +107,7 @@ $(LX_VENV)/.installed: integrations/lightx2v/cpu_platform/pyproject.toml Makefil
 	$(LX_PY) -m pip install -q triton loguru einops omegaconf gguf imageio imageio-ffmpeg prometheus_client opencv-python-headless \
 		safetensors pydantic 'diffusers>=0.42.1,<0.43' transformers accelerate av pyzmq decord ftfy numpy scipy pillow scikit-image pandas pytest \
 		soundfile hypothesis pyarrow torchmetrics  # soundfile: lightx2v.infer (the launcher) imports it; the rest teacal's tests
-	# LightX2V imports torchaudio; no release here matches torch 2.14.1, and --no-deps keeps pip from swapping torch.
+	@# LightX2V imports torchaudio; no release here matches torch 2.14.1, and --no-deps keeps pip from swapping torch.
 	$(LX_PY) -m pip install -q --no-deps torchaudio
 	$(LX_PY) -m pip install -q --no-deps -e integrations/lightx2v/cpu_platform
 	touch $@

@@ -8,13 +8,30 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Literal
 
-import click
-import typer
-from typer.core import TyperGroup
+# The toolkit's stack comes with `pip install 'teacal[toolkit]'`; `pip install teacal` is the runtime alone (torch, numpy).
+TOOLKIT_MODULES = ("typer", "rich", "scipy", "pandas", "pyarrow", "matplotlib", "lpips", "torchmetrics", "diffusers", "safetensors",
+                   "PIL", "skimage", "torchvision")
 
-from calib.errors import UserError
-from calib.models import DEFAULT_MODEL, MODELS
-from calib.peers import GRIDS, METHODS
+
+def _require_toolkit() -> None:
+    from importlib.util import find_spec
+
+    missing = [name for name in TOOLKIT_MODULES if find_spec(name) is None]
+    if missing:
+        print(f"error: the teacal command needs the toolkit (missing: {', '.join(missing)}); install it with "
+              "pip install 'teacal[toolkit]' (this install has the runtime `teacache` alone)", file=sys.stderr)
+        sys.exit(2)
+
+
+_require_toolkit()
+
+import click  # noqa: E402
+import typer  # noqa: E402
+from typer.core import TyperGroup  # noqa: E402
+
+from calib.errors import UserError  # noqa: E402
+from calib.models import DEFAULT_MODEL, MODELS  # noqa: E402
+from calib.peers import GRIDS, METHODS  # noqa: E402
 
 # Choices, as `--help` shows them (kept in step with teacache.preset.SIGNALS/BRANCH_MODES and calib.fit.LOSSES by tests).
 Model = Literal[tuple(MODELS)]  # type: ignore[valid-type]
