@@ -29,10 +29,15 @@ def rule(tmp_path_factory):
 
 
 finite = st.floats(min_value=-40, max_value=40, allow_nan=False, allow_infinity=False)
+# [sigma reach, damping] knots, reaches strictly increasing: mostly inside the sigma range the traces span (0..1), so
+# that lookups fall between knots, before the first and beyond the last
+knots = st.lists(
+    st.tuples(st.floats(min_value=0, max_value=1.2, allow_nan=False), st.floats(min_value=-1, max_value=2, allow_nan=False)),
+    min_size=1, max_size=4, unique_by=lambda knot: knot[0],
+).map(lambda ks: tuple(sorted(ks)))
 forecasts = st.one_of(
     st.just(Forecast()),
-    st.builds(Forecast, rule=st.just("linear"), axis=st.sampled_from(["step", "sigma"]),
-              alpha=st.lists(st.floats(min_value=-1, max_value=2, allow_nan=False), min_size=1, max_size=3).map(tuple)),
+    st.builds(Forecast, rule=st.just("linear"), axis=st.sampled_from(["step", "sigma"]), alpha=knots),
 )
 
 
@@ -111,9 +116,21 @@ def test_patch_forecast_forms_the_same_residuals(rule, forecast, pattern, seed):
             assert torch.equal(store.residual_for(step, sigma), cache.residual_for(step, sigma))
 
 
+def test_patch_damping_is_keyed_by_the_slopes_sigma_reach(rule):
+    """The knots are interpolated and held at the ends, looked up at the longer of the slope's sigma span and the sigma
+    distance it is carried ahead: a slope over a short span carried across a long skip is damped as a long one."""
+    keys = {"rule": "linear", "axis": "step", "alpha": [[0.1, 0.5], [0.3, 0.25]]}
+    patch, ours = rule.Forecast.from_config(keys), Forecast.from_dict(keys)
+    for reach, damping in [(0.0, 0.5), (0.1, 0.5), (0.2, 0.375), (0.3, 0.25), (0.9, 0.25)]:
+        assert patch.damping(reach) == ours.damping(reach) == pytest.approx(damping)
+    before, last = rule.ComputedStep(4, 0.6, None), rule.ComputedStep(5, 0.55, None)  # span 0.05
+    assert patch.slope_factor(6, 0.5, last, before) == pytest.approx(0.5 * 1 / 1)  # carried 0.05: reach 0.05
+    assert patch.slope_factor(9, 0.35, last, before) == pytest.approx(0.375 * 4 / 1)  # carried 0.2: reach 0.2
+
+
 def test_keys_round_trip_to_the_same_preset():
     preset = Preset(model="qwen-image-edit-2511", signal="modin", coefficients=(3.0, -1.0, 0.2), ret_steps=2, cutoff_steps=-2, branch_mode="shared",
-                    threshold=0.3, max_consecutive_skips=3, forecast=Forecast("linear", "sigma", (0.3, 0.2)),
+                    threshold=0.3, max_consecutive_skips=3, forecast=Forecast("linear", "sigma", ((0.05, 0.3), (0.2, 0.2))),
                     domain={"steps": [20, 40], "x_range": {"modin": [0.02, 0.4]}})
     keys = config_keys(preset)
     assert json.loads(json.dumps(keys)) == keys  # plain JSON: what goes into a LightX2V config file
@@ -142,6 +159,11 @@ def test_wan_style_keys_mean_the_same_on_both_sides(rule):
         ({"teacache_signal": "e0"}, "TeaCache config key 'teacache_signal': unknown signal 'e0'; expected one of temb, modin"),
         ({"teacache_forecast": {"rule": "taylor"}}, "TeaCache config key 'teacache_forecast': unknown rule 'taylor'"),
         ({"teacache_forecast": {"rule": "linear"}}, "the linear rule needs at least one damping value"),
+        ({"teacache_forecast": {"rule": "linear", "alpha": [0.3, 0.2]}}, "TeaCache config key 'teacache_forecast': 'alpha' must be a list of [sigma reach, damping] pairs"),
+        ({"teacache_forecast": {"rule": "linear", "alpha": [[0.2, 0.5], [0.1, 0.3]]}}, "TeaCache config key 'teacache_forecast': the reaches in 'alpha' must be >= 0 and increasing"),
+        ({"teacache_forecast": {"rule": "linear", "alpha": [[-0.1, 0.5]]}}, "the reaches in 'alpha' must be >= 0 and increasing"),
+        ({"teacache_forecast": {"rule": "linear", "alpha": [[0.1, float("nan")]]}}, "pairs of finite numbers"),
+        ({"teacache_forecast": {"rule": "none", "alpha": [[0.1, 0.5]]}}, "the none rule takes no 'alpha'"),
         ({"teacache_ret_steps": 4, "teacache_cutoff_steps": 3}, "TeaCache config key 'teacache_cutoff_steps': 3 with teacache_ret_steps 4 leaves no step to skip"),
         ({"teacache_x_range": [0.5, 0.1]}, "TeaCache config key 'teacache_x_range': must be null or [low, high] with low <= high"),
         ({"teacache_branch_mode": "both"}, "TeaCache config key 'teacache_branch_mode': unknown mode 'both'"),
