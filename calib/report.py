@@ -25,7 +25,7 @@ import pandas as pd  # noqa: E402
 
 from calib.errors import UserError  # noqa: E402
 from calib.runfiles import SWEEP_FILE, aggregate, load_run, load_trace, read_json, read_table  # noqa: E402
-from teacache._files import atomic_write  # noqa: E402
+from teacache._files import atomic_write, remove_stale_temp_files  # noqa: E402
 from teacache.preset import Preset  # noqa: E402
 
 QUALITY_LEVELS = (("psnr", 30.0), ("psnr", 35.0), ("psnr", 40.0), ("psnr", 45.0), ("psnr", 50.0), ("lpips", 0.05), ("lpips", 0.1))
@@ -70,15 +70,18 @@ def front(group: pd.DataFrame, x: str, metric: str, more_x_is_better: bool) -> p
     return rows.loc[keep].sort_values(x)
 
 
-def _label_points(ax, points: list[tuple[float, float, str]], min_gap: float) -> None:
-    """Labels that do not collide: a point closer than `min_gap` (axes fraction) to an already labelled one is left out."""
-    placed: list[tuple[float, float]] = []
-    to_axes = ax.transData + ax.transAxes.inverted()
+def _label_points(ax, points: list[tuple[float, float, str]]) -> None:
+    """Labels that do not collide: a label whose box (as drawn, with a margin) would overlap one already placed is
+    left out. Call after the figure's layout is final."""
+    renderer = ax.figure.canvas.get_renderer()
+    placed = []
     for x, y, text in points:
-        ax_x, ax_y = to_axes.transform((x, y))
-        if all(math.hypot(ax_x - px, ax_y - py) >= min_gap for px, py in placed):
-            ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-            placed.append((ax_x, ax_y))
+        note = ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        box = note.get_window_extent(renderer).expanded(1.15, 1.3)
+        if any(box.overlaps(other) for other in placed):
+            note.remove()
+        else:
+            placed.append(box)
 
 
 def pareto(view: pd.DataFrame, metric: str, x: str, settings: dict, steps: int, path: Path) -> Path | None:
@@ -107,9 +110,10 @@ def pareto(view: pd.DataFrame, metric: str, x: str, settings: dict, steps: int, 
     ax.set_ylabel("LPIPS against uncached (lower is better)" if metric == "lpips" else "PSNR against uncached (dB, mean over prompts)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    _label_points(ax, labels, 0.04)
     ax.set_title(_title(settings, steps, f"{metric.upper()} against {'speed' if x == 'speedup' else 'compute'}: each method's front"
                         + ("; labels: thresholds" if labels else "")), fontsize=10)
+    fig.tight_layout()  # the final layout first: labels are placed where they will be drawn
+    _label_points(ax, labels)
     return _save(fig, path)
 
 
@@ -134,18 +138,23 @@ def equal_calls(view: pd.DataFrame, metric: str, calls_per_generation: int) -> p
 
 
 def fit_figure(trace: pd.DataFrame, preset: Preset, settings: dict, path: Path) -> Path:
-    """The polynomial over the recorded range of its signal, with the recorded x values beneath it."""
+    """The polynomial over the recorded x values (within its calibrated range), with their distribution beneath it."""
     x = trace.loc[trace["step"] > 0, f"x_{preset.signal}"].dropna().to_numpy(float)
-    low, high = preset.x_range or (float(x.min()), float(x.max()))
+    low, high = float(x.min()), float(x.max())
+    if preset.x_range:  # outside its calibrated range the runtime clamps x: the polynomial is never evaluated there
+        low, high = max(low, preset.x_range[0]), min(high, preset.x_range[1])
+        if low >= high:
+            low, high = preset.x_range
     fig, ax = plt.subplots(figsize=(7, 5))
-    grid = np.linspace(low, high, 200)  # over the calibrated range only: outside it the runtime clamps
+    grid = np.linspace(low, high, 200)  # over the data only: a polynomial's ends swing where no point holds them
     ax.plot(grid, np.clip(np.polyval(preset.coefficients, grid), 0, None), color="C3", lw=2, label=f"preset polynomial (degree {len(preset.coefficients) - 1}), clamped at 0")
     ax.hist(x, bins=40, weights=np.full(len(x), 1.0 / len(x)) * max(1e-12, float(np.polyval(preset.coefficients, grid).max())) * 3,
             color="C0", alpha=0.35, label=f"recorded x ({len(x)} calls), distribution")
     fit = preset.fit
     quality = f"held-out R² {_num(fit.get('r2_heldout'))}, {_num(fit.get('db_vs_oracle_heldout'), '+.2f')} dB against the oracle" if fit else "no fit quality recorded"
     target = preset.calibration.get("target", "?")
-    ax.set_xlabel(f"x: rel-L1 of signal '{preset.signal}' between steps (calibrated range {low:.3g}..{high:.3g})")
+    calibrated = f"calibrated range {preset.x_range[0]:.3g}..{preset.x_range[1]:.3g}" if preset.x_range else "no calibrated range"
+    ax.set_xlabel(f"x: rel-L1 of signal '{preset.signal}' between steps (curve over {low:.3g}..{high:.3g}; {calibrated})")
     ax.set_ylabel(f"accumulated per step ({preset.calibration.get('transform', '?')} of the {target} window cost)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -234,6 +243,7 @@ def report(run: str | Path, preset_path: str | None = None, echo=print) -> Path:
     settings = load_run(recording)["settings"]
     trace = load_trace(recording)
     folder = run / "report"
+    remove_stale_temp_files(folder)  # what a killed report left half-written
     sweep_table = read_table(run / "sweep.parquet") if (run / "sweep.parquet").exists() else None
     if preset_path is None and sweep_info is not None and (run / sweep_info["preset"]).exists():
         preset_path = run / sweep_info["preset"]
@@ -254,8 +264,10 @@ def report(run: str | Path, preset_path: str | None = None, echo=print) -> Path:
                      f"simulated {_num(fit.get('db_vs_oracle_heldout'), '+.2f')} dB against the oracle on held-out prompts.\n")
         r2 = fit.get("r2_heldout")
         if r2 is not None and r2 < WEAK_R2:
-            lines.append(f"**Weak fit**: held-out R² {r2:.2f} is below {WEAK_R2}. Record more prompts or seeds, probe the run "
-                         "(`teacal probe`), or try `--signal modin` or a lower `--degree`.\n")
+            weak = (f"held-out R² {r2:.2f} is below {WEAK_R2}: the polynomial explains little of what skips cost. Record more prompts "
+                    "or seeds, probe the run (`teacal probe`), or try `--signal modin` or a lower `--degree`.")
+            lines.append(f"**Weak fit**: {weak}\n")
+            echo(f"warning: weak fit: {weak}")
         if preset.domain.get("steps") and steps is not None and preset.outside_domain(steps):
             lines.append(f"**Outside the calibrated domain**: {'; '.join(preset.outside_domain(steps))}.\n")
     if sweep_table is not None:
@@ -276,12 +288,14 @@ def report(run: str | Path, preset_path: str | None = None, echo=print) -> Path:
                 lines.append(f"\n{name} at the same budgets (worst prompt in brackets):\n")
                 lines.append(_markdown(equal_calls(view, metric, calls)))
         table = view[["label", "config", "threshold", "budget", "computed", "predicted", "calls", "speedup", "ideal_speedup", "lpips", "lpips_worst", "psnr", "psnr_worst", "ssim"]]
+        table = table.drop(columns=[c for c in ("lpips", "lpips_worst") if table[c].isna().all()])  # not measured: no empty column
         lines.append("\n## Measured configurations\n")
         lines.append("Means over the prompts; speedup = total uncached time / total time (each prompt's uncached run timed in the same "
                      "process as its configurations); `same` = every image identical to the uncached one.\n")
         lines.append(_markdown(table))
         lines.append("\n## Best speedup at equal quality\n")
-        lines.append(_markdown(best_at_quality(view), ".2f"))
+        best = best_at_quality(view)
+        lines.append(_markdown(best.drop(columns=[c for c in best.columns if c != "method" and best[c].isna().all() and c.startswith("LPIPS")]), ".2f"))
     else:
         lines.append(f"No sweep yet: run `teacal sweep {run} --preset P ...` for speed and quality.\n")
     written = [(title, path) for title, path in figures if path is not None]
