@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from calib.errors import UserError
-from calib.runfiles import write_json
+from calib.runfiles import check_output_file, write_json
 from teacache.lightx2v_config import KEYS, config_keys
 from teacache.preset import Preset, check_threshold
 
@@ -30,6 +30,7 @@ def lightx2v_config(preset: Preset, base: dict[str, Any] | None = None, threshol
 
 
 def export_lightx2v(preset_path: Path, out: Path, base_path: Path | None = None, threshold: float | None = None) -> dict[str, Any]:
+    check_output_file(out, "--out", "lightx2v-config.json")
     preset = Preset.load(preset_path)
     if out.resolve() in {preset_path.resolve(), *([base_path.resolve()] if base_path else [])}:
         raise UserError(f"--out {out}: would overwrite an input; name another file")

@@ -33,6 +33,7 @@ from calib.errors import UserError
 from calib.runfiles import (
     SWEEP_FILE,
     check_finite,
+    check_output_file,
     library_versions,
     load_probes,
     load_run,
@@ -56,6 +57,7 @@ from calib.simulate import (
     thresholds_for_budgets,
     unit_series,
 )
+from teacache._files import remove_stale_temp_files
 from teacache.forecast import NO_FORECAST, Forecast
 from teacache.policy import TeaCachePolicy
 from teacache.preset import SIGNALS, Preset
@@ -483,9 +485,7 @@ def signal_is_branch_independent(units: list[UnitSeries], signal: str) -> bool:
 
 
 def fit(request: FitRequest, echo=print) -> Preset:
-    out = Path(request.out)
-    if out.is_dir():
-        raise UserError(f"--out {out}: is a folder; give the preset's file name, e.g. {out / 'preset.json'}")
+    out = check_output_file(request.out, "--out", "preset.json")
     if request.signal not in ("auto", *SIGNALS):
         raise UserError(f"--signal {request.signal!r}: expected auto, {', '.join(SIGNALS)}")
     if request.target not in ("auto", *TARGETS):
@@ -499,6 +499,7 @@ def fit(request: FitRequest, echo=print) -> Preset:
     if not math.isfinite(request.speedup) or request.speedup < 1:
         raise UserError(f"--speedup {request.speedup}: expected a finite number >= 1")
     trace, settings, groups, runs = load_traces(request, echo)
+    remove_stale_temp_files(out.parent, [out.name])  # a killed fit's half-written preset
     model_name = settings["model"]
     for steps in settings["steps"]:
         try:

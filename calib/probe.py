@@ -144,8 +144,10 @@ def probe(request: ProbeRequest, echo=print) -> Path:
     # The resume key is the recording probed; a probe is named by its unit and window, so more prompts or window
     # lengths later only add probes.
     probe_settings = {"record": {k: settings[k] for k in ("model", "backend", "steps", "sizes", "cfg", "dtype", "device", "inputs_sha256", "weights")}}
-    check_same_settings(run / PROBE_FILE, probe_settings, "probe", flag="another run folder (record again)")
+    check_same_settings(run / PROBE_FILE, probe_settings, "probe", flag="another run folder (record again)",
+                        files={"record.inputs_sha256": f"the recording's prompt set {run / 'inputs'}: other text or images than probed"})
     remove_stale_temp_files(run / "probes")
+    remove_stale_temp_files(run, [PROBE_FILE, "probes.parquet"])
     mine = [p for i, p in enumerate(probes) if i % shard_count == shard_index]
     # a unit's uncached check (which writes the reference pixels) runs before its probes in every process
     todo = [p for p in mine if not (run / "probes" / p.part).exists() or (p.kind == "window" and p.length == 0

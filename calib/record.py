@@ -33,6 +33,7 @@ from calib.progress import progress
 from calib.prompts import default_prompts, load_prompts
 from calib.runfiles import (
     RUN_FILE,
+    check_output_folder,
     check_same_settings,
     library_versions,
     load_trace,
@@ -163,9 +164,7 @@ def check_request(request: RecordRequest):
         raise UserError(f"--max-gap {request.max_gap}: expected 1 to 64")
     if request.residual_tokens < 0:
         raise UserError(f"--residual-tokens {request.residual_tokens}: expected >= 0")
-    out = Path(request.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder; a run folder is a directory")
+    check_output_folder(request.out, "run folder")
     return spec, backend_name, prompts, steps, cfg
 
 
@@ -188,7 +187,9 @@ def record(request: RecordRequest, echo=print) -> Path:
         from calib.backends.lightx2v import lightx2v_settings
 
         settings.update(lightx2v_settings(request.lightx2v_config, request.dtype))
-    check_same_settings(out / RUN_FILE, settings, "recording", flag="another run folder")
+    check_same_settings(out / RUN_FILE, settings, "recording", flag="another run folder",
+                        files={"inputs_sha256": f"prompt set {prompts.path}: other text or images than recorded",
+                               "lightx2v_config_sha256": f"--lightx2v-config {request.lightx2v_config}: other contents"})
     remove_stale_temp_files(out)
     units = [Unit(item, seed, n, tuple(size)) for item in prompts.items for seed in request.seeds for n in steps]
     mine = [u for u in units if prompts.items.index(u.item) % shard_count == shard_index]

@@ -79,28 +79,79 @@ def _leaves(settings: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): settings}
 
 
+_ABSENT = object()
+# A content hash and the setting that names its file: when the name changed too, the name says it all.
+_HASH_NAMED_BY = {"inputs_sha256": "prompts", "lightx2v_config_sha256": "lightx2v_config"}
+
+
 def _short(value: Any) -> str:
+    if value is _ABSENT:
+        return "absent"
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def settings_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
-    """The settings that differ, leaf by leaf, shortly: `steps: [20] -> [40], dtype: 'float32' -> 'bfloat16'`."""
+def settings_difference(old: dict[str, Any], new: dict[str, Any], files: dict[str, str] | None = None) -> str:
+    """The settings that differ, leaf by leaf, shortly: `steps: [20] -> [40], dtype: 'float32' -> 'bfloat16'`.
+
+    A content hash (a `*sha256` leaf) is never shown: `files` says in words which file changed (leaf -> e.g. "prompt set
+    p.jsonl: other text or images"), else `<name>: other contents`; it is left out when the setting naming the file
+    changed too.
+    """
+    files = files or {}
     before, after = _leaves(old), _leaves(new)
-    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
-    detail = ", ".join(f"{k}: {_short(before.get(k))} -> {_short(after.get(k))}" for k in changed[:4])
-    return detail + (f" (and {len(changed) - 4} more)" if len(changed) > 4 else "")
+    changed = sorted(k for k in set(before) | set(after) if before.get(k, _ABSENT) != after.get(k, _ABSENT))
+    parts = []
+    for key in changed:
+        if key.endswith("sha256"):
+            head, _, leaf = key.rpartition(".")
+            named_by = _HASH_NAMED_BY.get(leaf)
+            if named_by is not None and f"{head}.{named_by}".lstrip(".") in changed:
+                continue
+            parts.append(files.get(key) or f"{key.removesuffix('sha256').rstrip('_.')}: other contents")
+        else:
+            parts.append(f"{key}: {_short(before.get(key, _ABSENT))} -> {_short(after.get(key, _ABSENT))}")
+    return ", ".join(parts[:4]) + (f" (and {len(parts) - 4} more)" if len(parts) > 4 else "")
 
 
-def check_same_settings(path: Path, settings: dict[str, Any], what: str, flag: str = "another output folder") -> dict[str, Any] | None:
-    """The settings already in `path`, or None; a mismatch is an error, so runs never mix."""
+def check_same_settings(path: Path, settings: dict[str, Any], what: str, flag: str = "another output folder",
+                        files: dict[str, str] | None = None) -> dict[str, Any] | None:
+    """The settings already in `path`, or None; a mismatch is an error naming what differs, so runs never mix.
+
+    `files` names the files behind content hashes in `settings` (see `settings_difference`)."""
     if not path.exists():
         return None
     existing = read_json(path)
     old = existing.get("settings", {})
     if settings_hash(old) != settings_hash(settings):
-        raise UserError(f"{path.parent}: already holds a {what} with other settings ({settings_difference(old, settings)}); choose {flag}")
+        raise UserError(f"{path.parent}: already holds a {what} with other settings ({settings_difference(old, settings, files)}); choose {flag}")
     return existing
+
+
+def _check_parents(path: Path, flag: str) -> None:
+    for parent in path.parents:  # the nearest existing folder above must be a folder, or nothing can be written there
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
+            return
+
+
+def check_output_file(path: str | os.PathLike, flag: str, example: str = "out.json") -> Path:
+    """A file a stage will write: not a folder, and under a folder (or where one can be made). Checked before any work."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give a file name, e.g. {path / example}")
+    _check_parents(path, flag)
+    return path
+
+
+def check_output_folder(path: str | os.PathLike, flag: str) -> Path:
+    """A folder a stage will write into: a folder, or nothing yet (and under a folder). Checked before any work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path}: exists and is a file, not a folder")
+    _check_parents(path, flag)
+    return path
 
 
 def write_table(path: Path, frame: pd.DataFrame) -> None:

@@ -46,6 +46,8 @@ from calib.runfiles import (
     SWEEP_FILE,
     aggregate,
     check_finite,
+    check_output_file,
+    check_output_folder,
     check_same_settings,
     load_trace,
     now_iso,
@@ -267,8 +269,10 @@ def plan(request: SweepRequest, echo=print) -> Plan:
     if preset_path.is_dir():
         raise UserError(f"--preset {preset_path}: is a folder; give the preset JSON that `teacal fit` wrote")
     preset = Preset.load(preset_path)
-    if request.save_preset is not None and Path(request.save_preset).resolve() == preset_path.resolve():
-        raise UserError(f"--save-preset {request.save_preset}: that is the input preset; sweep never edits its inputs, choose another file")
+    if request.save_preset is not None:
+        if Path(request.save_preset).resolve() == preset_path.resolve():
+            raise UserError(f"--save-preset {request.save_preset}: that is the input preset; sweep never edits its inputs, choose another file")
+        check_output_file(request.save_preset, "--save-preset", "recommended-preset.json")
     recording = open_recording(request.run, request.model_path, request.lightx2v_config, request.device, request.dtype,
                                allow_other_precision=request.remake_references, what="sweep")
     run, settings = recording.run, recording.settings
@@ -311,9 +315,7 @@ def plan(request: SweepRequest, echo=print) -> Plan:
     for name in request.baselines:
         (statics if name in STATIC else baselines).append(name if name in STATIC else load_baseline(name, preset))
     forecasts = [parse_forecast(spec, preset) for spec in dict.fromkeys(request.forecasts)]
-    out = Path(request.out or run)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a folder")
+    out = check_output_folder(request.out or run, "--out")
 
     # -- configurations ---------------------------------------------------------------------------------------------
     units = unit_series(trace)
@@ -386,8 +388,17 @@ def _predicted(units, config: Config) -> pd.DataFrame:
 def sweep(request: SweepRequest, echo=print) -> pd.DataFrame:
     p = plan(request, echo)
     run, out = p.recording.run, p.out
-    check_same_settings(out / SWEEP_FILE, p.settings, "sweep", flag="another --out")
+    check_same_settings(out / SWEEP_FILE, p.settings, "sweep", flag="another --out", files={
+        "preset_sha256": f"--preset {request.preset}: other contents than {out / 'sweep-preset.json'}, the preset measured there",
+        "record.inputs_sha256": f"the recording's prompt set {run / 'inputs'}: other text or images than swept",
+        "lightx2v_config_sha256": f"LightX2V config {p.recording.settings.get('lightx2v_config')}: other contents"})
+    # what a killed sweep may have left half-written: its parts, its own files in the output folder, remade references
     remove_stale_temp_files(out / "sweep")
+    remove_stale_temp_files(out, [SWEEP_FILE, "sweep-preset.json", "sweep.parquet", peers.MAGCACHE_FILE, "recommended-preset.json"])
+    if request.save_preset is not None:
+        remove_stale_temp_files(Path(request.save_preset).parent, [Path(request.save_preset).name])
+    if request.remake_references:
+        remove_stale_temp_files(out / "refs")
     seeds = p.recording.settings["seeds"]
     pairs = [(item, seed) for item in p.items for seed in seeds]
     shard_index, shard_count = resolve_shard(request.shard)

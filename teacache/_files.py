@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 TEMP_SUFFIX = ".tmp"
@@ -57,16 +59,22 @@ def _writer_is_gone(temp: Path) -> bool:
     return time.time() - temp.stat().st_mtime > STALE_AFTER_SECONDS
 
 
-def remove_stale_temp_files(folder: str | os.PathLike) -> int:
+def remove_stale_temp_files(folder: str | os.PathLike, names: Iterable[str] | None = None) -> int:
     """Delete the temp files that writers killed mid-write (kill -9) left under `folder`; returns how many.
 
-    A temp file of a writer that still runs (another shard writing into the same folder) is left alone.
+    With `names`, only the temp files of those files directly in `folder` (a stage's own outputs in a shared folder);
+    else every temp file in the folder tree. A temp file of a writer that still runs (another shard writing into the
+    same folder) is left alone.
     """
     folder = Path(folder)
     if not folder.is_dir():
         return 0
+    if names is None:
+        temps = folder.rglob(f".*{TEMP_SUFFIX}")
+    else:
+        temps = (t for name in dict.fromkeys(names) for t in folder.glob(f".{glob.escape(name)}.*{TEMP_SUFFIX}"))
     removed = 0
-    for temp in folder.rglob(f".*{TEMP_SUFFIX}"):
+    for temp in temps:
         with contextlib.suppress(FileNotFoundError):
             if temp.is_file() and _writer_is_gone(temp):
                 temp.unlink()
