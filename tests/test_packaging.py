@@ -180,3 +180,28 @@ def test_help_lists_the_choices(command, choices):
                           env=dict(os.environ, COLUMNS="220", TERM="dumb"))
     assert done.returncode == 0, done.stderr
     assert choices in re.sub(r"\s+", "", done.stdout)
+
+
+def _architecture_rooms() -> list[str]:
+    """The paths docs/ARCHITECTURE.md's tree names, folders ending in /, from each line's indentation."""
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    tree = text.split("```")[1]
+    rooms, stack = [], []
+    for line in tree.splitlines():
+        match = re.match(r"( *)(\S+)", line)
+        if not match or not re.search(r"[/.]", match.group(2)) or line.startswith(" " * 20):  # a continued description
+            continue
+        depth = len(match.group(1)) // 2
+        stack = stack[:depth] + [match.group(2)]
+        rooms.append("".join(stack))
+    return rooms
+
+
+def test_the_architecture_tree_names_every_module_and_only_what_exists():
+    rooms = _architecture_rooms()
+    for room in rooms:
+        assert list(ROOT.glob(room.rstrip("/"))), f"docs/ARCHITECTURE.md names {room}, which does not exist"
+    named = {r for r in rooms if not r.endswith("/")}
+    modules = {str(p.relative_to(ROOT)) for package in ("calib", "teacache") for p in (ROOT / package).rglob("*.py")
+               if p.name != "__init__.py" or p.parent.name == "backends"}
+    assert sorted(modules - named) == [], "modules missing from docs/ARCHITECTURE.md"
