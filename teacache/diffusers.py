@@ -28,7 +28,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
+
+try:
+    from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
+except ModuleNotFoundError as err:  # the runtime alone (pip install teacal) has no diffusers: say which extra brings it
+    if err.name != "diffusers":
+        raise
+    raise ModuleNotFoundError("teacache.diffusers needs diffusers (>=0.42.1,<0.43): pip install 'teacal[diffusers]'", name="diffusers") from None
 
 from teacache.forecast import ResidualCache
 from teacache.policy import TeaCacheCall, TeaCachePolicy, TeaCacheStats

@@ -120,6 +120,10 @@ def test_the_runtime_alone_imports_and_decides_without_the_toolkit(runtime_only)
     done = _python(runtime_only, code, str(ROOT / "presets" / "tiny-qwen-image-edit.json"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("[] ")
+    # without the [diffusers] extra, its adapter says which extra brings diffusers
+    done = _python(runtime_only, "import teacache.diffusers")
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == (
+        "ModuleNotFoundError: teacache.diffusers needs diffusers (>=0.42.1,<0.43): pip install 'teacal[diffusers]'")
 
 
 def test_teacal_without_the_toolkit_says_what_to_install_in_one_line(runtime_only):
