@@ -281,7 +281,7 @@ def plan(request: SweepRequest, echo=print) -> Plan:
     recorded_steps = settings["steps"]
     if request.steps is None and len(recorded_steps) > 1:
         raise UserError(f"{run} holds {', '.join(map(str, recorded_steps))} steps; choose one with --steps")
-    steps = request.steps or recorded_steps[0]
+    steps = recorded_steps[0] if request.steps is None else request.steps
     if steps not in recorded_steps:
         raise UserError(f"--steps {steps}: {run} recorded {', '.join(map(str, recorded_steps))} steps")
     cfg, size = settings["cfg"], recording.size

@@ -150,6 +150,7 @@ def test_output_paths_are_checked_before_any_work(recorded_run, preset, tmp_path
         (["--target-lpips", "nan"], "--target-lpips"),
         (["--thresh", "0.1:0.3:0.0000001", "--yes"], "2,000,001 thresholds"),
         (["--repeats", "0"], "--repeats"),
+        (["--steps", "0"], "--steps 0: "),  # not the recorded step count, silently
     ],
 )
 def test_bad_sweep_values_exit_2_before_any_generation(recorded_run, preset, tmp_path, args, message):
