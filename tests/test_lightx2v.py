@@ -450,8 +450,19 @@ def test_signals_and_block_outputs_match_diffusers(tl, tiny_dir, tmp_path, reque
     assert numbers["x_modin_fp32"] < 0.1 and numbers["x_temb_fp32"] < 0.25
 
 
+def _hand_damping(knots, reach):
+    """The [sigma reach, damping] knots interpolated linearly at `reach`, constant beyond their ends."""
+    if reach <= knots[0][0]:
+        return knots[0][1]
+    for (r0, a0), (r1, a1) in zip(knots, knots[1:], strict=False):
+        if reach <= r1:
+            return a0 + (a1 - a0) * (reach - r0) / (r1 - r0)
+    return knots[-1][1]
+
+
 def _hand_forecast(alpha, axis, calls):
-    """r1 + alpha_g * (r1 - r0) * d(i, s1) / d(s1, s0) per skipped call, from the branch's own computed calls (issue 13)."""
+    """r1 + alpha(reach) * (r1 - r0) * d(i, s1) / d(s1, s0) per skipped call, from the branch's own computed calls
+    (issue 13); the reach is the longer of the slope's sigma span and the sigma distance it is carried ahead."""
     out, computed = {}, {}
     for call in calls:
         mine = computed.setdefault(call.branch, [])
@@ -463,7 +474,8 @@ def _hand_forecast(alpha, axis, calls):
             continue
         (s0, r0, g0), (s1, r1, g1) = ((c.step, c.residual, c.sigma) for c in mine[-2:])
         span, ahead = (s1 - s0, call.step - s1) if axis == "step" else (g1 - g0, call.sigma - g1)
-        out[call.step, call.branch] = r1 + alpha[min(call.step - s1, len(alpha)) - 1] * ahead / span * (r1 - r0)
+        damping = _hand_damping(alpha, max(abs(g0 - g1), abs(g1 - call.sigma)))
+        out[call.step, call.branch] = r1 + damping * ahead / span * (r1 - r0)
     return out
 
 
@@ -479,7 +491,7 @@ def test_forecast_is_the_same_in_diffusers_and_lightx2v(tl, tiny_dir, request_in
     from calib.simulate import StaticSchedulePolicy
     from teacache.diffusers import apply_teacache
 
-    alpha = (0.5, 0.25)
+    alpha = ((0.1, 0.5), (0.4, 0.25))  # [sigma reach, damping]: the tiny schedule reaches 0.20, 0.26 (interpolated) and 0.41 (held)
     preset = Preset(model=TINY, signal="temb", coefficients=(1.0, 0.0), ret_steps=1, cutoff_steps=-1, forecast=Forecast("linear", axis, alpha))
     # a skip after one computed call (no slope yet: plain reuse), then gaps of 1 and 2 after two computed calls
     schedule = np.array([True, False, True, False, False, True, False, True])
@@ -774,9 +786,9 @@ def test_patch_class_takes_teacals_decisions_on_lightx2v(tiny_dir, patched_light
     cases = {
         "temb": {"coefficients": [1.0, 0.0], "teacache_thresh": SKIPPING},
         "modin-linear": {"coefficients": [1.0, 0.0], "teacache_thresh": SKIPPING, "teacache_signal": "modin",
-                         "teacache_forecast": {"rule": "linear", "axis": "step", "alpha": [0.3, 0.2]}},
+                         "teacache_forecast": {"rule": "linear", "axis": "step", "alpha": [[0.1, 0.3], [0.4, 0.2]]}},
         "shared-sigma-capped": {"coefficients": [2.0, 0.0], "teacache_thresh": SKIPPING, "teacache_branch_mode": "shared", "teacache_max_skips": 2,
-                                "teacache_forecast": {"rule": "linear", "axis": "sigma", "alpha": [0.25]}},
+                                "teacache_forecast": {"rule": "linear", "axis": "sigma", "alpha": [[0.0, 0.25]]}},
         "modin-block-offload": {"coefficients": [1.0, 0.0], "teacache_thresh": SKIPPING, "teacache_signal": "modin", "cpu_offload": True, "offload_granularity": "block"},
         "outside-domain": {"coefficients": [1.0, 0.0], "teacache_thresh": SKIPPING, "teacache_steps": [20, 40], "teacache_x_range": [0.05, 0.2]},
     }
