@@ -106,7 +106,7 @@ $(LX_VENV)/.installed: integrations/lightx2v/cpu_platform/pyproject.toml Makefil
 	$(LX_PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(LX_PY) -m pip install -q triton loguru einops omegaconf gguf imageio imageio-ffmpeg prometheus_client opencv-python-headless \
 		safetensors pydantic 'diffusers>=0.42.1,<0.43' transformers accelerate av pyzmq decord ftfy numpy scipy pillow scikit-image pandas pytest \
-		soundfile hypothesis pyarrow torchmetrics  # soundfile: lightx2v.infer (the launcher) imports it; the rest teacal's tests
+		soundfile hypothesis pyarrow torchmetrics matplotlib lpips  # soundfile: lightx2v.infer (the launcher) imports it; the rest teacal's (toolkit) and its tests
 	@# LightX2V imports torchaudio; no release here matches torch 2.14.1, and --no-deps keeps pip from swapping torch.
 	$(LX_PY) -m pip install -q --no-deps torchaudio
 	$(LX_PY) -m pip install -q --no-deps -e integrations/lightx2v/cpu_platform
