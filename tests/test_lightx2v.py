@@ -595,7 +595,7 @@ def test_export_writes_a_lightx2v_config_from_a_preset(tmp_path):
     from calib.export import export_lightx2v
 
     preset = Preset(model="qwen-image-edit-2511", signal="modin", coefficients=(2.0, -0.5, 0.1), ret_steps=2, cutoff_steps=-1, threshold=0.3,
-                    forecast=Forecast("linear", "step", (0.25,)), domain={"steps": [40], "x_range": {"modin": [0.01, 0.3]}}).save(tmp_path / "p.json")
+                    forecast=Forecast("linear", "step", ((0.0, 0.25),)), domain={"steps": [40], "x_range": {"modin": [0.01, 0.3]}}).save(tmp_path / "p.json")
     base = tmp_path / "base.json"
     base.write_text(json.dumps({"infer_steps": 40, "enable_cfg": True, "feature_caching": "NoCaching", "teacache_preset": "old.json", "coefficients": [[1], [2]]}))
     config = export_lightx2v(preset, tmp_path / "out.json", base, threshold=0.2)
@@ -603,7 +603,7 @@ def test_export_writes_a_lightx2v_config_from_a_preset(tmp_path):
     assert config == {
         "infer_steps": 40, "enable_cfg": True, "feature_caching": "Tea", "coefficients": [2.0, -0.5, 0.1], "teacache_thresh": 0.2,
         "teacache_signal": "modin", "teacache_ret_steps": 2, "teacache_cutoff_steps": -1, "teacache_branch_mode": "per-branch",
-        "teacache_max_skips": None, "teacache_forecast": {"rule": "linear", "axis": "step", "alpha": [0.25]},
+        "teacache_max_skips": None, "teacache_forecast": {"rule": "linear", "axis": "step", "alpha": [[0.0, 0.25]]},
         "teacache_x_range": [0.01, 0.3], "teacache_steps": [40],
     }
 
