@@ -9,7 +9,7 @@ count what really ran:
 * `block_forwards` counts every block that ran. Some peers skip per block, not per call: FirstBlockCache and
   DBCache (F1B0) always run block 0 to decide, so a skipped call still costs one block.
 
-Qwen quirks handled here (REFERENCE §2):
+Qwen quirks handled here (diffusers 0.42.1):
 
 * MagCache needs `mag_ratios`. They come from diffusers' own `calibrate=True` run on the recorded prompts and
   settings, once, averaged over every (prompt, seed) and CFG branch (the config holds one array for both), and

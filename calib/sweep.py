@@ -77,7 +77,7 @@ EXACT_SIGNALS = ("temb",)  # signals whose recorded distances do not depend on s
 AUTO_BUDGETS = (0.15, 0.8)  # `--thresh auto`: a threshold for every computed-call count in this share of the calls
 MAX_CONFIGS = 400  # more than this many configurations needs --yes
 
-# Published coefficients, to show what calibration buys (REFERENCE §4). None keeps the preset's signal.
+# Published coefficients (TeaCache for FLUX and Wan2.1, mlx-teacache for Qwen-Image), to show what calibration buys. None keeps the preset's signal.
 BASELINES: dict[str, tuple[list[float], str | None]] = {
     "constant": ([1.0], None),  # the original sketch's default: poly1d([1.0]) is the constant 1
     "identity": ([1.0, 0.0], "temb"),

@@ -7,7 +7,7 @@ Per transformer call at step ``i`` of one decision series (a CFG branch, or one 
     if compute: acc = 0
     signal_{i-1} = signal_i              # on every step, computed or skipped
 
-Deliberate choices, each fixing a pitfall of the original sketch (REFERENCE §1):
+Deliberate choices, each fixing a pitfall of the original sketch of the request:
 
 * forced steps still store the signal, so the first middle step compares against a real previous signal;
 * the rescaled estimate is clamped at 0: a fitted polynomial can dip below zero near x = 0, and a negative

@@ -1,4 +1,4 @@
-"""The decision rule against a plain, independent re-implementation of REFERENCE §1."""
+"""The decision rule against a plain, independent re-implementation of TeaCache's rule (Liu et al., CVPR 2025, as `teacache.policy` states it)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def make_preset(**overrides) -> Preset:
 
 
 def reference_schedule(signals: list[np.ndarray], coefficients, threshold, ret_steps, cutoff, max_skips=None) -> list[bool]:
-    """REFERENCE §1 written out longhand for one series, with the rescaled estimate clamped at 0."""
+    """TeaCache's rule written out longhand for one series, with the rescaled estimate clamped at 0."""
     acc, previous, skips, out = 0.0, None, 0, []
     for i, signal in enumerate(signals):
         if previous is not None:
