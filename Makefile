@@ -60,10 +60,10 @@ demo: install
 	$(TEACAL) record $(RUN)/calib --prompts $(CALIB_PROMPTS)
 	$(TEACAL) probe $(RUN)/calib --forecast
 	$(TEACAL) fit $(RUN)/calib --out $(RUN)/calib-preset.json
-	$(TEACAL) sweep $(RUN)/calib --out $(RUN)/calib-sweep --preset $(RUN)/calib-preset.json $(STATIC_BASELINES) --forecast none
+	$(TEACAL) sweep $(RUN)/calib --out $(RUN)/calib-sweep --preset $(RUN)/calib-preset.json $(STATIC_BASELINES) --forecast none --target-psnr 35
 	$(TEACAL) fit $(RUN)/calib --out $(RUN)/preset.json --oracle-from $(RUN)/calib-sweep
 	$(TEACAL) record $(RUN)/heldout --prompts $(HELDOUT_PROMPTS)
-	$(TEACAL) sweep $(RUN)/heldout --preset $(RUN)/preset.json --baseline identity --baseline flux --baseline mlx-qwen --target-psnr 35
+	$(TEACAL) sweep $(RUN)/heldout --preset $(RUN)/preset.json --baseline identity --baseline flux --baseline mlx-qwen
 	$(TEACAL) report $(RUN)/heldout
 	@echo "report: $(RUN)/heldout/report/report.md"
 
