@@ -69,7 +69,7 @@ demo: install
 
 # The evidence behind the README's tables: one preset calibrated on prompts/calib.jsonl at 20 and 40 steps, measured on
 # the held-out prompts (never used to calibrate or tune) against every borrowed coefficient set, uniform spacing, the
-# oracle, FirstBlockCache and MagCache, with and without the calibrated forecast. About an hour on 2 CPU cores.
+# oracle, FirstBlockCache and MagCache, with and without the calibrated forecast. About an hour and a half on 2 CPU cores.
 EVAL ?= results/eval
 EVAL_STEPS ?= 20 40
 EVAL_BASELINES = --baseline constant --baseline identity --baseline flux --baseline wan21 --baseline mlx-qwen --baseline uniform
