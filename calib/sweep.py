@@ -13,7 +13,9 @@ Timing
     Work is grouped by (prompt, seed): the uncached run and every configuration of one prompt run in the same
     process, `--repeats` times in a rotated order, keeping each one's fastest repeat; a configuration's speedup
     is the uncached time over its time, and a configuration's headline speedup is the ratio of the total times
-    over the prompts. Recommendations rank by computed calls, which timing noise cannot reorder.
+    over the prompts. The uncached run is the backend's `plain()` one: the model's stock path with no TeaCache work
+    (on LightX2V its own infer class's ``infer``, not TeaCache's at threshold 0), so speedups include TeaCache's
+    per-call overhead. Recommendations rank by computed calls, which timing noise cannot reorder.
 Files (under `--out`, default the run folder; the run folder itself is never written to when `--out` is elsewhere)
     sweep.json (settings: the resume key), sweep-preset.json (the preset measured), sweep/<config>/<unit>.json (one
     part per generation), sweep.parquet (merged once every part exists), magcache.json, recommended-preset.json.
@@ -499,7 +501,8 @@ def run_config(backend, config: Config, item, seed: int, steps: int, cfg: float,
             generation = backend.run(item, seed, steps, cfg, size)
         row.update(counter.row())
     elif config.method == "uncached":
-        generation = backend.run(item, seed, steps, cfg, size)
+        with backend.plain():  # the model's stock path, no TeaCache work: the baseline of every speedup
+            generation = backend.run(item, seed, steps, cfg, size)
         calls = steps * (2 if cfg > 1 else 1)
         row.update(computed=calls, skipped=0, block_forwards=calls * backend.num_blocks,
                    computed_cond=steps, computed_uncond=steps if cfg > 1 else 0)

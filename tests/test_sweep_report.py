@@ -299,3 +299,47 @@ def test_sweep_a_subset_of_the_recorded_prompts(recorded_run, temb_preset, tmp_p
     stranger = write_prompts(tmp_path / "x.jsonl", [dict(SMALL_PROMPTS[0], id="never-recorded")])
     result = runner.invoke(app, ["sweep", str(recorded_run), "--preset", str(temb_preset), "--thresh", "0.1", "--prompts", stranger, "--out", str(tmp_path / "p")])
     assert result.exit_code == 2 and "'never-recorded' was not recorded" in result.output
+
+
+def _teacache_hooks(transformer) -> list[str]:
+    """The diffusers hooks on `transformer` and its submodules (TeaCache's are registered by name there)."""
+    return [name for module in transformer.modules() for name in getattr(getattr(module, "_diffusers_hook", None), "hooks", {})]
+
+
+def test_the_uncached_configuration_runs_plain(tiny, monkeypatch):
+    """sweep's uncached configuration runs inside `backend.plain()`, its cached ones do not. On the tiny (and diffusers)
+    backend plain() switches nothing: no hook is on the transformer there, and the image is a bare run's."""
+    import contextlib
+
+    from calib.backends import recording_preset
+    from calib.prompts import PromptItem
+    from calib.sweep import Config, run_config
+
+    item = PromptItem("cat-hat", "put a hat on the cat", "skimage:chelsea", "", Path("."))
+    steps, size = 4, (48, 48)
+    bare = tiny.run(item, 0, steps, 4.0, size)
+    seen: list[tuple[bool, list[str]]] = []
+    inside = [False]
+    plain, run = tiny.plain, tiny.run
+
+    def watched_plain():
+        with plain():
+            inside[0] = True
+            try:
+                yield
+            finally:
+                inside[0] = False
+
+    def watched_run(*args, **kwargs):
+        seen.append((inside[0], _teacache_hooks(tiny.transformer)))
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(tiny, "plain", contextlib.contextmanager(watched_plain))
+    monkeypatch.setattr(tiny, "run", watched_run)
+    uncached = run_config(tiny, Config("uncached", "uncached", "uncached"), item, 0, steps, 4.0, size)
+    preset = recording_preset(tiny.model_name)
+    zero = run_config(tiny, Config("teacache-0", "teacache", "TeaCache 0", threshold=0.0, preset=preset), item, 0, steps, 4.0, size)
+    assert seen[0] == (True, []) and seen[1][0] is False and seen[1][1]  # plain: no hook; TeaCache: its hooks
+    assert np.array_equal(uncached["latents"], bare.latents) and np.array_equal(zero["latents"], bare.latents)
+    assert uncached["computed"] == 2 * steps and uncached["block_forwards"] == 2 * steps * tiny.num_blocks
+    assert _teacache_hooks(tiny.transformer) == []

@@ -2,7 +2,8 @@
 
 There is one observation mechanism for every backend: recording runs TeaCache at threshold 0 (every call computed,
 bit-identical to an uncached run) with an observer, which receives a `teacache.policy.TeaCacheCall` per transformer
-call: the same signal, residual and prediction code that caching uses.
+call: the same signal, residual and prediction code that caching uses. `plain()` is the other side: a generation
+under it does no TeaCache work at all (sweep times its uncached baseline there).
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class Backend(Protocol):
 
     def caching(self, preset, threshold: float | None, policy=None) -> contextlib.AbstractContextManager:
         """TeaCache on while active; yields a `CacheHandle` for the stats of the last generation."""
+
+    def plain(self) -> contextlib.AbstractContextManager:
+        """While active, a generation runs the model's stock path, with no TeaCache work: the uncached baseline."""
 
     def run(self, item: PromptItem, seed: int, steps: int, cfg: float, size: tuple[int, int], on_step=None) -> Generation:
         """One generation of a prompt-set item."""
@@ -96,6 +100,10 @@ class HookedTransformerBackend:
             yield CacheHandle(lambda: teacache_stats(self.hook_target), lambda: teacache_block_forwards(self.hook_target))
         finally:
             remove_teacache(self.hook_target)
+
+    def plain(self) -> contextlib.AbstractContextManager:
+        """Nothing to switch off: outside `observing()` and `caching()` no TeaCache hook is on the transformer."""
+        return contextlib.nullcontext()
 
     @property
     def num_blocks(self) -> int:

@@ -5,14 +5,17 @@
 * it builds LightX2V's `QwenImageRunner` the way ``lightx2v.infer`` does (``set_config``, then ``init_runner``'s two lines), with
   ``"feature_caching": "Tea"`` selected through `teacache.lightx2v.install`, and runs each generation with the
   runner's own ``run_pipeline`` (text encoder, VAE encoder, denoising loop, VAE decoder);
-* outside `caching()` the TeaCache infer class runs a recording preset at threshold 0, which computes every call;
+* outside `caching()` and `plain()` the TeaCache infer class runs a recording preset at threshold 0, which computes every call;
   `observing()` turns each call into a trace row with exactly the columns and definitions of the diffusers
   backend (`calib.backends.observe.trace_row`): the signals and block-stack input/output come from
   `teacache.lightx2v.TeaCacheCall`, the prediction from ``QwenImageTransformerModel._infer_cond_uncond``;
-* `caching()` switches the same infer object to a preset and threshold (or a fixed schedule) for the sweep.
+* `caching()` switches the same infer object to a preset and threshold (or a fixed schedule) for the sweep;
+* `plain()` routes the same infer object to LightX2V's own ``infer`` (`stock_infer_class`: the class
+  ``"NoCaching"`` picks, the offload one under ``cpu_offload``), so that sweep's uncached runs pay none of TeaCache's
+  per-call bookkeeping (signal rel-L1, residual subtraction): the baseline of its speedups is stock LightX2V's.
+  Threshold 0 computes the very same blocks, so a recording's references are a plain run's latents bit for bit.
 
-Timings synchronise LightX2V's device (``AI_DEVICE``). The uncached runs go through the TeaCache class at threshold 0,
-so they pay its per-call bookkeeping (one ``temb`` rel-L1 and one residual subtraction), as the cached runs do.
+Timings synchronise LightX2V's device (``AI_DEVICE``).
 
 LightX2V is an optional dependency: this module imports it only when a backend object is made. `check_lightx2v`
 checks the flags and the import before anything loads.
@@ -28,7 +31,7 @@ Two things LightX2V does on a CPU are handled here and in the plugin:
 * LightX2V calls ``torch.<device>.manual_seed``, ``mem_get_info``, ``empty_cache``...; the plugin gives
   ``torch.cpu`` the CPU's meaning of those it lacks.
 
-``cpu_offload`` runs there too, at ``model`` and ``block`` granularity, uncached and cached, with the same images
+``cpu_offload`` runs there too, at ``model`` and ``block`` granularity, recorded, plain and cached, with the same images
 as without (LightX2V's block offload manager waits on device streams: the plugin gives ``torch.cpu.Stream`` a
 ``synchronize``, a no-op, as CPU work is synchronous).
 
@@ -50,6 +53,7 @@ import json
 import os
 import tempfile
 import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -212,8 +216,24 @@ class _CallCompleter:
         return prediction
 
 
+def stock_infer_class(infer) -> type:
+    """The LightX2V class `infer` (TeaCache's infer object) stands in for: the first class of its MRO that is LightX2V's
+    own and no feature-caching class (a patched LightX2V's are under ``feature_caching``). That is the class
+    ``"feature_caching": "NoCaching"`` picks: ``QwenImageTransformerInfer``, or ``QwenImageOffloadTransformerInfer``
+    under ``cpu_offload`` (`teacache.lightx2v.tea_infer_class` subclasses the same one)."""
+    for cls in type(infer).__mro__:
+        module = cls.__module__
+        if module.startswith("lightx2v.") and ".feature_caching" not in module:
+            return cls
+    raise RuntimeError(f"{type(infer).__name__} derives from no LightX2V infer class")
+
+
+def _no_clear() -> None:
+    """TeaCache's ``clear`` under `LightX2VModelBackend.plain`: there is nothing of a plain generation to forget."""
+
+
 class LightX2VModelBackend:
-    """Observing and caching, shared by the backends whose denoiser is LightX2V's `QwenImageTransformerModel`
+    """Observing, caching and plain runs, shared by the backends whose denoiser is LightX2V's `QwenImageTransformerModel`
     (``self.model``), built with `recording_config` so that its infer class is TeaCache's."""
 
     model: Any
@@ -277,6 +297,33 @@ class LightX2VModelBackend:
         finally:
             infer.infer_func = infer_func
             infer.use_preset(self.recording)
+
+    @contextlib.contextmanager
+    def plain(self) -> Iterator[None]:
+        """While active, the model's infer object runs LightX2V's own ``infer`` (`stock_infer_class`): no signal, no
+        decision, no residual, no observer; TeaCache's end-of-request ``clear`` (which the scheduler calls once
+        `install` is in place) is a no-op too, as a plain generation leaves TeaCache's state untouched.
+
+        It is the same object, so its ``infer_func`` (``infer_calculating``, or under ``cpu_offload`` at block or phase
+        granularity LightX2V's offloading block loop) and its offload manager, with the buffers the model set up for
+        it, are the ones that run; under ``model`` granularity the model itself moves the weights, as always.
+        Not inside `observing()`: a plain call has nothing to report.
+        """
+        infer = self._tea_infer()
+        if infer.observers:
+            raise RuntimeError("plain() inside observing(): a plain generation runs no TeaCache and reports no call")
+        stock = stock_infer_class(infer)
+        shadowed = {name: vars(infer)[name] for name in ("infer", "clear") if name in vars(infer)}
+        infer.infer = types.MethodType(stock.infer, infer)
+        infer.clear = _no_clear
+        try:
+            yield
+        finally:
+            for name in ("infer", "clear"):
+                if name in shadowed:
+                    setattr(infer, name, shadowed[name])
+                else:
+                    delattr(infer, name)
 
 
 class LightX2VQwenImage(LightX2VModelBackend):
