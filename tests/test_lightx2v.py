@@ -1174,6 +1174,62 @@ def test_caching_interface_as_sweep_uses_it(tiny_backend, prompt_items):
     assert tiny_backend.transformer_infer.stats.skipped == 0
 
 
+@pytest.mark.lightx2v
+@pytest.mark.parametrize("offload", [None, "model", "block"])
+def test_plain_runs_lightx2vs_own_infer_with_the_threshold_zero_latents(tl, tiny_dir, request_inputs, monkeypatch, offload):
+    """`plain()`, sweep's uncached baseline: every call runs the infer class "NoCaching" picks (the offload one under
+    cpu_offload) on the same object, with its own block loop (LightX2V's offloading one at block granularity); no
+    method of TeaCache's classes runs and no observer is called. The latents are those of the threshold-0 TeaCache
+    run (what record makes the references with) and of stock LightX2V, bit for bit; leaving plain() gives TeaCache
+    back its calls, its state as it was."""
+    import collections
+    import inspect
+
+    from lightx2v.models.networks.qwen_image.infer.offload.transformer_infer import QwenImageOffloadTransformerInfer
+    from lightx2v.models.networks.qwen_image.infer.transformer_infer import QwenImageTransformerInfer
+
+    from calib.backends.lightx2v import recording_config, stock_infer_class
+
+    extra = {} if offload is None else {"cpu_offload": True, "offload_granularity": offload}
+    stock = build(tiny_dir, **extra)  # "NoCaching"
+    lx = build(tiny_dir, **recording_config(TINY), **extra)
+    infer = lx.transformer_infer
+    assert stock_infer_class(infer) is type(stock.transformer_infer) is (QwenImageOffloadTransformerInfer if offload else QwenImageTransformerInfer)
+    block_loop = "infer_with_blocks_offload" if offload == "block" else "infer_calculating"
+    assert infer.infer_func.__name__ == block_loop
+    calls = []
+    with lx.observing(calls.append):
+        recorded, _, _ = run(lx, request_inputs)
+    assert len(calls) == 2 * STEPS
+    recorded_stats = infer.stats
+
+    ran = collections.Counter()
+
+    def counting(fn, name):
+        def counted(*args, **kwargs):
+            ran[name] += 1
+            return fn(*args, **kwargs)
+        return counted
+
+    for cls in (tl.QwenImageTeaCachingTransformerInfer, tl.QwenImageOffloadTeaCachingTransformerInfer):
+        for name, fn in list(vars(cls).items()):
+            if inspect.isfunction(fn):
+                monkeypatch.setattr(cls, name, counting(fn, f"TeaCache {name}"))
+    monkeypatch.setattr(QwenImageTransformerInfer, "infer", counting(QwenImageTransformerInfer.infer, "LightX2V infer"))
+    monkeypatch.setattr(infer, "infer_func", counting(infer.infer_func, block_loop))
+    with lx.plain():
+        plain, _, _ = run(lx, request_inputs)
+    assert ran == {"LightX2V infer": 2 * STEPS, block_loop: 2 * STEPS}, ran  # and no "TeaCache ..." entry
+    monkeypatch.undo()
+    assert torch.equal(plain, recorded) and torch.equal(plain, run(stock, request_inputs)[0])
+    assert "infer" not in vars(infer) and "clear" not in vars(infer) and infer.stats is recorded_stats
+    with lx.observing(calls.append):
+        again, _, _ = run(lx, request_inputs)
+    assert len(calls) == 4 * STEPS and torch.equal(again, recorded)
+    with pytest.raises(RuntimeError, match="inside observing"), lx.observing(calls.append), lx.plain():
+        pass
+
+
 # The full runner's tiny model: every folder QwenImageRunner loads (`tests.tiny_qwen_folder`, which says what LightX2V
 # fixes about it).
 
@@ -1213,7 +1269,7 @@ RUNNER_SIZE = (64, 48)
 
 
 @pytest.mark.lightx2v
-def test_record_and_sweep_run_lightx2vs_full_runner_on_tiny_weights(runner_dir, teacal_deps, tmp_path):
+def test_record_and_sweep_run_lightx2vs_full_runner_on_tiny_weights(runner_dir, teacal_deps, tmp_path, monkeypatch):
     """`teacal record|sweep --backend lightx2v` on LightX2V's own QwenImageRunner.run_pipeline: Qwen2.5-VL text
     encoder, VAE encoder, denoising with TeaCache's infer class, VAE decoder, all on the tiny random weights."""
     import numpy as np
@@ -1247,11 +1303,26 @@ def test_record_and_sweep_run_lightx2vs_full_runner_on_tiny_weights(runner_dir, 
             assert ref.size == RUNNER_SIZE and np.asarray(ref).std() > 0
 
     preset = Preset(model="qwen-image-edit-2511", signal="temb", coefficients=(1.0, 0.0), ret_steps=1, cutoff_steps=-1, threshold=0.1).save(tmp_path / "preset.json")
+    from calib.backends.lightx2v import LightX2VModelBackend
+
+    plain_runs = []
+    plain = LightX2VModelBackend.plain
+
+    def counted_plain(self):
+        plain_runs.append(type(self).__name__)
+        return plain(self)
+
+    monkeypatch.setattr(LightX2VModelBackend, "plain", counted_plain)
     # `teacal sweep RUN --preset P ...`, the command shape of the sweep being rewritten (its table columns may change)
     result = _cli(["sweep", str(run), "--preset", str(preset), "--thresh", "0,100", "--model-path", str(runner_dir), "--metrics", "psnr",
                    "--oracle", "none", "--out", str(tmp_path / "sweep")])
     assert result.exit_code == 0, result.output
     table = pd.read_parquet(tmp_path / "sweep" / "sweep.parquet")
+    # the uncached runs went through LightX2V's own infer (plain()), one per prompt, and each reproduced the reference
+    # recorded through TeaCache at threshold 0 bit for bit (sweep stops otherwise): the same image, PSNR inf
+    uncached = table[table["method"] == "uncached"]
+    assert plain_runs == ["LightX2VQwenImage"] * 2 and len(uncached) == 2
+    assert (uncached["computed"] == 2 * RUNNER_STEPS).all() and np.isinf(uncached["psnr"]).all()
     teacache = table[table["method"] == "teacache"]
     zero, high = teacache[teacache["threshold"] == 0], teacache[teacache["threshold"] == 100]
     assert len(zero) == len(high) == 2
@@ -1291,8 +1362,8 @@ def test_record_runs_the_text_to_image_runner_on_tiny_weights(runner_dir, teacal
 @pytest.mark.parametrize("granularity", ["model", "block"])
 def test_runner_with_cpu_offload_gives_the_same_image(runner_dir, tmp_path, granularity):
     """With cpu_offload the runner moves the transformer itself (the backend leaves it where LightX2V put it); at
-    block granularity LightX2V's offloading block loop runs the computed calls. Uncached and cached (residuals kept on
-    the CPU), the images are those of the run without offload, bit for bit."""
+    block granularity LightX2V's offloading block loop runs the computed calls. Recorded, plain and cached (residuals
+    kept on the CPU), the images are those of the run without offload, bit for bit."""
     from calib.backends.lightx2v import LightX2VQwenImage
     from calib.models import get_model
     from calib.prompts import PromptItem
@@ -1311,6 +1382,8 @@ def test_runner_with_cpu_offload_gives_the_same_image(runner_dir, tmp_path, gran
                 cached = backend.run(item, 0, RUNNER_STEPS, 4.0, RUNNER_SIZE).image
                 stats = cache.stats()
             assert (stats.computed, stats.skipped) == (2 * 2, 2 * (RUNNER_STEPS - 2))  # first and last step of each branch
+            with backend.plain():  # LightX2V's own infer: the recorded image again
+                assert backend.run(item, 0, RUNNER_STEPS, 4.0, RUNNER_SIZE).image.tobytes() == image.tobytes()
             images[name] = image.tobytes(), cached.tobytes()
         finally:
             backend.close()
