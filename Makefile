@@ -47,7 +47,7 @@ bench: install
 bench-real: install
 	$(PY) -m calib.bench real $(BENCH_ARGS)
 
-# The main job on the embedded tiny model (a few minutes on 2 CPU cores): record the calibration prompts, probe what
+# The main job on the embedded tiny model (about 15 minutes on 2 CPU cores): record the calibration prompts, probe what
 # skips cost the final image, fit a preset, then measure it on held-out prompts it never saw and write the report.
 CALIB_PROMPTS   ?= prompts/calib.jsonl
 HELDOUT_PROMPTS ?= prompts/heldout.jsonl
