@@ -406,8 +406,9 @@ def measured_oracle(sweeps: tuple[Path, ...], runs: list[Path], echo=print) -> d
         if "computed_uncond" in static:  # one schedule for both branches
             static = static[static["computed_uncond"].isna() | (static["computed_cond"] == static["computed_uncond"])]
         steps = str(int(info["settings"]["steps"]))
+        generations = int((table["method"] == "uncached").sum())  # one uncached row per (prompt, seed)
         for _, rows in static.groupby("config", sort=False):
-            if rows["schedule"].nunique() != 1 or len(rows) != table.loc[table["method"] == "uncached", "prompt_id"].size:
+            if rows["schedule"].nunique() != 1 or len(rows) != generations:
                 continue  # adaptive (another schedule per prompt) or not measured on every prompt
             schedule = rows["schedule"].iloc[0]
             psnr = rows["psnr"].where(np.isfinite(rows["psnr"]), 100.0).mean()  # identical images: 100 dB, as good as it gets
