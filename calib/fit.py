@@ -381,17 +381,12 @@ def forecast_from_probes(units: list[UnitSeries], probes: pd.DataFrame | None) -
 
 
 # -- the oracle, verified by generating -------------------------------------------------------------------------------
-def measured_oracle(sweeps: tuple[Path, ...], runs: list[Path], echo=print) -> dict[str, dict[str, str]]:
-    """The best *measured* static schedule per step count and budget, from sweeps of the calibration runs.
-
-    The cost model's schedule (dynamic programming) is a candidate among others: a sweep of the calibration run measures
-    it next to every other static schedule (calibrated TeaCache on a latent-independent signal, the borrowed sets on
-    it, uniform spacing). The oracle at a budget is the candidate of the best mean PSNR over the calibration prompts,
-    so there it is at or above every static method by construction, and it was verified by generating. Only sweeps of
-    the runs being fitted are accepted: an oracle chosen on held-out prompts would be tuned on them.
-    """
+def measured_static(sweeps: tuple[Path, ...], runs: list[Path]) -> pd.DataFrame:
+    """Every static schedule that sweeps of the calibration runs measured on all their prompts: steps, schedule, mean
+    PSNR over the prompts. Only sweeps of the runs being fitted are accepted: what is measured on held-out prompts
+    must never tune the calibration."""
     fitted = {Path(r).resolve() for r in runs}
-    best: dict[str, dict[str, tuple[float, str]]] = {}
+    rows = []
     for folder in map(Path, sweeps):
         info_path, table_path = folder / SWEEP_FILE, folder / "sweep.parquet"
         if not info_path.is_file() or not table_path.is_file():
@@ -405,22 +400,74 @@ def measured_oracle(sweeps: tuple[Path, ...], runs: list[Path], echo=print) -> d
         static = table[(table["method"] != "uncached") & (table["forecast"].fillna("none") == "none") & table["schedule"].notna()]
         if "computed_uncond" in static:  # one schedule for both branches
             static = static[static["computed_uncond"].isna() | (static["computed_cond"] == static["computed_uncond"])]
-        steps = str(int(info["settings"]["steps"]))
         generations = int((table["method"] == "uncached").sum())  # one uncached row per (prompt, seed)
-        for _, rows in static.groupby("config", sort=False):
-            if rows["schedule"].nunique() != 1 or len(rows) != generations:
+        for _, group in static.groupby("config", sort=False):
+            if group["schedule"].nunique() != 1 or len(group) != generations:
                 continue  # adaptive (another schedule per prompt) or not measured on every prompt
-            schedule = rows["schedule"].iloc[0]
-            psnr = rows["psnr"].where(np.isfinite(rows["psnr"]), 100.0).mean()  # identical images: 100 dB, as good as it gets
-            budget = str(schedule.count("x"))
-            if budget not in best.setdefault(steps, {}) or psnr > best[steps][budget][0]:
-                best[steps][budget] = (float(psnr), schedule)
-    if not best:
+            psnr = group["psnr"].where(np.isfinite(group["psnr"]), 100.0).mean()  # identical images: 100 dB, as good as it gets
+            rows.append((int(info["settings"]["steps"]), group["schedule"].iloc[0], float(psnr)))
+    frame = pd.DataFrame(rows, columns=["steps", "schedule", "psnr"])
+    return frame.groupby(["steps", "schedule"], as_index=False)["psnr"].max()
+
+
+def measured_oracle(sweeps: tuple[Path, ...], runs: list[Path], echo=print) -> dict[str, dict[str, str]]:
+    """The best *measured* static schedule per step count and budget, from sweeps of the calibration runs.
+
+    The cost model's schedule (dynamic programming) is a candidate among others: a sweep of the calibration run measures
+    it next to every other static schedule (calibrated TeaCache on a latent-independent signal, the borrowed sets on
+    it, uniform spacing). The oracle at a budget is the candidate of the best mean PSNR over the calibration prompts,
+    so there it is at or above every static method by construction, and it was verified by generating.
+    """
+    table = measured_static(sweeps, runs)
+    if table.empty:
         raise UserError(f"--oracle-from {', '.join(map(str, sweeps))}: no static schedule measured on every prompt")
-    for steps, by_budget in sorted(best.items(), key=lambda kv: int(kv[0])):
+    table = table.assign(budget=table["schedule"].str.count("x"))
+    best = table.sort_values("psnr").groupby(["steps", "budget"]).tail(1)
+    out: dict[str, dict[str, str]] = {}
+    for steps, rows in best.groupby("steps"):
+        rows = rows.sort_values("budget")
         echo(f"oracle at {steps} steps, verified by generating on the calibration prompts: "
-             + ", ".join(f"{b} steps {v[0]:.1f} dB" for b, v in sorted(by_budget.items(), key=lambda kv: int(kv[0]))))
-    return {steps: {b: v[1] for b, v in by_budget.items()} for steps, by_budget in best.items()}
+             + ", ".join(f"{r.budget} steps {r.psnr:.1f} dB" for r in rows.itertuples()))
+        out[str(steps)] = {str(r.budget): r.schedule for r in rows.itertuples()}
+    return out
+
+
+def check_cost_model(model: CostModel, units: list[UnitSeries], measured: pd.DataFrame) -> dict:
+    """How well the cost model ranks the static schedules a sweep of the calibration prompts measured.
+
+    Per step count and budget (20%..75% of the steps): does the schedule the model rates best have the best measured
+    mean PSNR, and how much does it lose if not; the rank correlation between modelled dB and measured PSNR inside a
+    budget (what choosing a schedule needs); and the RMS error of the modelled dB after one offset per step count (the
+    model predicts latent error, the sweep measures 8-bit images).
+    """
+    from scipy.stats import spearmanr
+
+    rows = []
+    for steps in sorted(set(measured["steps"]) & {u.steps for u in units}):
+        same = [u for u in units if u.steps == steps]
+        matrices = [model.matrix(u) for u in same]
+        for r in measured[measured["steps"] == steps].itertuples():
+            schedule = np.array([c == "x" for c in r.schedule])
+            if len(schedule) != steps or not BUDGETS[0] <= schedule.mean() <= BUDGETS[1]:
+                continue  # outside the compared budgets; near no skips, 8-bit rounding decides the PSNR
+            modelled = np.mean([decibels(schedule_cost(m, np.tile(schedule, (len(u.branches), 1)))) for m, u in zip(matrices, same, strict=True)])
+            rows.append((steps, int(schedule.sum()), r.psnr, float(modelled)))
+    table = pd.DataFrame(rows, columns=["steps", "budget", "measured", "modelled"])
+    if table.empty:
+        return {}
+    offsets = table.groupby("steps").apply(lambda g: (g["measured"] - g["modelled"]).mean(), include_groups=False)
+    error = table["measured"] - table["modelled"] - table["steps"].map(offsets)
+    picks, losses, correlations = 0, [], []
+    budgets = [g for _, g in table.groupby(["steps", "budget"]) if len(g) > 1]
+    for g in budgets:
+        loss = float(g["measured"].max() - g.loc[g["modelled"].idxmax(), "measured"])
+        picks += loss <= 1e-9
+        losses.append(loss)
+        if g["measured"].nunique() > 2:
+            correlations.append(spearmanr(g["modelled"], g["measured"]).statistic)
+    return {"schedules": len(table), "budgets": len(budgets), "best_is_measured_best": int(picks),
+            "worst_loss_db": round(max(losses, default=0.0), 4), "rank_correlation": round(float(np.nanmean(correlations)), 4) if correlations else None,
+            "rms_db": round(float(np.sqrt(np.mean(error**2))), 4)}
 
 
 # -- the stage --------------------------------------------------------------------------------------------------------
@@ -571,11 +618,17 @@ def fit(request: FitRequest, echo=print) -> Preset:
         mean = np.mean([plain[chosen.target][u.key].mean(axis=0) for u in same], axis=0)
         forced = forced_steps(Preset(model=model_name, signal="temb", coefficients=[1.0, 0.0], ret_steps=request.ret_steps, cutoff_steps=request.cutoff_steps), steps)
         oracle[str(steps)] = {str(b): "".join("x" if v else "." for v in s) for b, s in oracle_schedules(mean, forced).items()}
-    oracle_source = "cost model"
+    oracle_source, measured_check = "cost model", {}
     if request.oracle_from:
         for steps, by_budget in measured.items():
             oracle.setdefault(steps, {}).update(by_budget)
         oracle_source = "measured on the calibration prompts: " + ", ".join(str(p) for p in request.oracle_from)
+        measured_check = check_cost_model(cost_model(units, probes, chosen.target), units, measured_static(request.oracle_from, runs))
+        if measured_check:
+            c = measured_check
+            echo(f"cost model against {c['schedules']} static schedules measured on the calibration prompts: its best is the measured best at "
+                 f"{c['best_is_measured_best']} of {c['budgets']} budgets (worst loss {c['worst_loss_db']:.2f} dB), rank correlation inside a budget "
+                 f"{c['rank_correlation']}, RMS error {c['rms_db']:.2f} dB after one offset per step count")
     preset = Preset(
         model=model_name,
         signal=chosen.signal,
@@ -590,7 +643,7 @@ def fit(request: FitRequest, echo=print) -> Preset:
             "runs": [str(r) for r in request.runs], "backend": settings["backend"], "steps": steps_list, "sizes": settings["sizes"],
             "cfg": settings["cfg"], "dtype": settings["dtype"], "prompts": n_groups, "units": len(units), "windows": int(len(windows.cost)),
             "target": chosen.target, "transform": chosen.transform, "loss": request.loss,
-            "cost_model": {"probed": model.probed, "gamma": round(model.gamma, 6), "gain": model.gain,
+            "cost_model": {"probed": model.probed, "gamma": round(model.gamma, 6), "gain": model.gain, "measured_check": measured_check,
                            "forecast_ratio": [list(k) for k in model.forecast_ratio]},
             "oracle": oracle, "oracle_source": oracle_source, "versions": library_versions(), "date": now_iso(),
         },

@@ -268,3 +268,26 @@ def test_the_measured_oracle_is_the_best_static_schedule_measured_on_the_calibra
         measured_oracle((other,), [calib_run])
     with pytest.raises(UserError, match="no finished sweep here"):
         measured_oracle((tmp_path / "nothing",), [calib_run])
+
+
+def test_the_cost_model_check_tells_a_model_that_ranks_measured_schedules_right_from_one_that_does_not():
+    """`fit --oracle-from` says how the cost model ranks the schedules the calibration sweep measured: the measured
+    PSNR is the modelled dB plus an offset -> every budget's best is the measured best, no loss, RMS 0; measured in
+    the opposite order inside each budget -> the model's best is never the measured best, and the loss is stated."""
+    from calib.fit import check_cost_model
+    from calib.simulate import decibels, schedule_cost
+
+    n = 10
+    units = [_window_sum_unit(np.array([1.0, 0.2]), n=n, seed=s) for s in range(3)]
+    units = [UnitSeries(u.key, u.group, u.branches, u.sigma, u.x, {t: e[:, :, :4] for t, e in u.reuse.items()}) for u in units]  # max gap 3
+    model = CostModel(target="output")
+    schedules = ["x.x.x.x..x", "x..x.x.x.x", "xx.x.x...x", "x.x..x..xx", "x..x..x..x", "x..x.x...x", "x.x...x..x", "xx...x...x"]
+    modelled = [np.mean([decibels(schedule_cost(model.matrix(u), np.array([[c == "x" for c in s]]))) for u in units]) for s in schedules]
+    right = pd.DataFrame({"steps": n, "schedule": schedules, "psnr": np.array(modelled) + 7.0})
+    check = check_cost_model(model, units, right)
+    assert check["schedules"] == 8 and check["budgets"] == 2  # 5 and 4 computed steps
+    assert check["best_is_measured_best"] == 2 and check["worst_loss_db"] == 0 and check["rms_db"] < 1e-9
+    budget = right["schedule"].str.count("x")
+    flipped = right.assign(psnr=right.groupby(budget)["psnr"].transform(lambda v: v.max() + v.min() - v))  # reversed inside a budget
+    check = check_cost_model(model, units, flipped)
+    assert check["best_is_measured_best"] == 0 and check["worst_loss_db"] > 0 and check["rank_correlation"] == -1.0
