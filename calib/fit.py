@@ -209,6 +209,11 @@ def budget_grid(steps: int) -> np.ndarray:
     return np.arange(low, high + 1) / steps
 
 
+def modelled_db(matrices: dict, units: list[UnitSeries], schedule: np.ndarray) -> float:
+    """Mean over `units` of the modelled dB of one static schedule, shared by every branch."""
+    return float(np.mean([decibels(schedule_cost(matrices[u.key], np.tile(schedule, (len(u.branches), 1)))) for u in units]))
+
+
 def oracle_db(train: list[UnitSeries], test: list[UnitSeries], matrices: dict, forced: np.ndarray, budgets: np.ndarray) -> np.ndarray:
     """Modelled dB on `test` of the best static schedules of `train` (one step count), at each budget."""
     mean = np.mean([matrices[u.key].mean(axis=0) for u in train], axis=0)
@@ -221,7 +226,7 @@ def oracle_db(train: list[UnitSeries], test: list[UnitSeries], matrices: dict, f
         if schedule is None:
             out.append(np.nan)
             continue
-        out.append(np.mean([decibels(schedule_cost(matrices[u.key], np.tile(schedule, (len(u.branches), 1)))) for u in test]))
+        out.append(modelled_db(matrices, test, schedule))
     return np.array(out)
 
 
@@ -406,22 +411,22 @@ def measured_static(sweeps: tuple[Path, ...], runs: list[Path]) -> pd.DataFrame:
                 continue  # adaptive (another schedule per prompt) or not measured on every prompt
             psnr = group["psnr"].where(np.isfinite(group["psnr"]), 100.0).mean()  # identical images: 100 dB, as good as it gets
             rows.append((int(info["settings"]["steps"]), group["schedule"].iloc[0], float(psnr)))
+    if not rows:
+        raise UserError(f"--oracle-from {', '.join(map(str, sweeps))}: no static schedule measured on every prompt")
     frame = pd.DataFrame(rows, columns=["steps", "schedule", "psnr"])
     return frame.groupby(["steps", "schedule"], as_index=False)["psnr"].max()
 
 
-def measured_oracle(sweeps: tuple[Path, ...], runs: list[Path], echo=print) -> dict[str, dict[str, str]]:
-    """The best *measured* static schedule per step count and budget, from sweeps of the calibration runs.
+def measured_oracle(measured: pd.DataFrame, echo=print) -> dict[str, dict[str, str]]:
+    """The best *measured* static schedule per step count and budget, from sweeps of the calibration runs
+    (`measured_static`).
 
     The cost model's schedule (dynamic programming) is a candidate among others: a sweep of the calibration run measures
     it next to every other static schedule (calibrated TeaCache on a latent-independent signal, the borrowed sets on
     it, uniform spacing). The oracle at a budget is the candidate of the best mean PSNR over the calibration prompts,
     so there it is at or above every static method by construction, and it was verified by generating.
     """
-    table = measured_static(sweeps, runs)
-    if table.empty:
-        raise UserError(f"--oracle-from {', '.join(map(str, sweeps))}: no static schedule measured on every prompt")
-    table = table.assign(budget=table["schedule"].str.count("x"))
+    table = measured.assign(budget=measured["schedule"].str.count("x"))
     best = table.sort_values("psnr").groupby(["steps", "budget"]).tail(1)
     out: dict[str, dict[str, str]] = {}
     for steps, rows in best.groupby("steps"):
@@ -432,7 +437,7 @@ def measured_oracle(sweeps: tuple[Path, ...], runs: list[Path], echo=print) -> d
     return out
 
 
-def check_cost_model(model: CostModel, units: list[UnitSeries], measured: pd.DataFrame) -> dict:
+def check_cost_model(matrices: dict, units: list[UnitSeries], measured: pd.DataFrame) -> dict:
     """How well the cost model ranks the static schedules a sweep of the calibration prompts measured.
 
     Per step count and budget (20%..75% of the steps): does the schedule the model rates best have the best measured
@@ -445,13 +450,11 @@ def check_cost_model(model: CostModel, units: list[UnitSeries], measured: pd.Dat
     rows = []
     for steps in sorted(set(measured["steps"]) & {u.steps for u in units}):
         same = [u for u in units if u.steps == steps]
-        matrices = [model.matrix(u) for u in same]
         for r in measured[measured["steps"] == steps].itertuples():
             schedule = np.array([c == "x" for c in r.schedule])
             if len(schedule) != steps or not BUDGETS[0] <= schedule.mean() <= BUDGETS[1]:
                 continue  # outside the compared budgets; near no skips, 8-bit rounding decides the PSNR
-            modelled = np.mean([decibels(schedule_cost(m, np.tile(schedule, (len(u.branches), 1)))) for m, u in zip(matrices, same, strict=True)])
-            rows.append((steps, int(schedule.sum()), r.psnr, float(modelled)))
+            rows.append((steps, int(schedule.sum()), r.psnr, modelled_db(matrices, same, schedule)))
     table = pd.DataFrame(rows, columns=["steps", "budget", "measured", "modelled"])
     if table.empty:
         return {}
@@ -554,7 +557,8 @@ def fit(request: FitRequest, echo=print) -> Preset:
             Preset(model=model_name, signal="temb", coefficients=[1.0, 0.0], ret_steps=request.ret_steps, cutoff_steps=request.cutoff_steps).resolve_cutoff(steps)
         except ValueError as err:
             raise UserError(str(err).replace("preset <memory>: ", "")) from None
-    measured = measured_oracle(request.oracle_from, runs, echo=echo) if request.oracle_from else {}  # checked before the fit
+    measured = measured_static(request.oracle_from, runs) if request.oracle_from else None  # checked before the fit
+    measured_best = measured_oracle(measured, echo=echo) if measured is not None else {}
     units = unit_series(trace, groups)
     n_groups = len({u.group for u in units})
     if n_groups < 2:
@@ -571,7 +575,8 @@ def fit(request: FitRequest, echo=print) -> Preset:
     # One cost model with the reuse rule as a parameter: the polynomial is fitted for the rule the preset will run.
     models = {target: cost_model(units, probes, target, forecast, forecast_fit.ratio if forecast_fit else ()) for target in TARGETS}
     matrices = {target: {u.key: models[target].matrix(u) for u in units} for target in TARGETS}
-    plain = {target: {u.key: cost_model(units, probes, target).matrix(u) for u in units} for target in TARGETS}
+    plain_models = {target: cost_model(units, probes, target) for target in TARGETS}  # once: it fits the compounding
+    plain = {target: {u.key: plain_models[target].matrix(u) for u in units} for target in TARGETS}
     k = min(request.folds, n_groups)
 
     candidates = []
@@ -603,7 +608,7 @@ def fit(request: FitRequest, echo=print) -> Preset:
         c = s.candidate
         echo(f"{c.signal:<7}{c.target:<9}{c.transform:<6}{c.degree:>6}{s.r2:>13.4f}{s.mae:>10.5f}{s.db_gap:>+14.2f}   ({c.branch_mode})")
     at_degree = [s for s in scored if s.candidate.degree == request.degree] or scored
-    best = max(at_degree, key=lambda s: s.db_gap) if request.signal == "auto" or request.target == "auto" else max(at_degree, key=lambda s: s.db_gap)
+    best = max(at_degree, key=lambda s: s.db_gap)
     chosen = best.candidate
     windows = window_cache[(chosen.signal, chosen.target, chosen.branch_mode)]
     target = transform(windows.cost, chosen.transform)
@@ -619,11 +624,11 @@ def fit(request: FitRequest, echo=print) -> Preset:
         forced = forced_steps(Preset(model=model_name, signal="temb", coefficients=[1.0, 0.0], ret_steps=request.ret_steps, cutoff_steps=request.cutoff_steps), steps)
         oracle[str(steps)] = {str(b): "".join("x" if v else "." for v in s) for b, s in oracle_schedules(mean, forced).items()}
     oracle_source, measured_check = "cost model", {}
-    if request.oracle_from:
-        for steps, by_budget in measured.items():
+    if measured is not None:
+        for steps, by_budget in measured_best.items():
             oracle.setdefault(steps, {}).update(by_budget)
         oracle_source = "measured on the calibration prompts: " + ", ".join(str(p) for p in request.oracle_from)
-        measured_check = check_cost_model(cost_model(units, probes, chosen.target), units, measured_static(request.oracle_from, runs))
+        measured_check = check_cost_model(plain[chosen.target], units, measured)
         if measured_check:
             c = measured_check
             echo(f"cost model against {c['schedules']} static schedules measured on the calibration prompts: its best is the measured best at "

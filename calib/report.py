@@ -137,6 +137,11 @@ def equal_calls(view: pd.DataFrame, metric: str, calls_per_generation: int) -> p
     return pd.DataFrame(rows)
 
 
+def _without_unmeasured_lpips(table: pd.DataFrame) -> pd.DataFrame:
+    """LPIPS not measured (no AlexNet weights here): no empty LPIPS columns in the report's tables."""
+    return table.drop(columns=[c for c in table.columns if c.lower().startswith("lpips") and table[c].isna().all()])
+
+
 def fit_figure(trace: pd.DataFrame, preset: Preset, settings: dict, path: Path) -> Path:
     """The polynomial over the recorded x values (within its calibrated range), with their distribution beneath it."""
     x = trace.loc[trace["step"] > 0, f"x_{preset.signal}"].dropna().to_numpy(float)
@@ -288,14 +293,13 @@ def report(run: str | Path, preset_path: str | None = None, echo=print) -> Path:
                 lines.append(f"\n{name} at the same budgets (worst prompt in brackets):\n")
                 lines.append(_markdown(equal_calls(view, metric, calls)))
         table = view[["label", "config", "threshold", "budget", "computed", "predicted", "calls", "speedup", "ideal_speedup", "lpips", "lpips_worst", "psnr", "psnr_worst", "ssim"]]
-        table = table.drop(columns=[c for c in ("lpips", "lpips_worst") if table[c].isna().all()])  # not measured: no empty column
+        table = _without_unmeasured_lpips(table)
         lines.append("\n## Measured configurations\n")
         lines.append("Means over the prompts; speedup = total uncached time / total time (each prompt's uncached run timed in the same "
                      "process as its configurations); `same` = every image identical to the uncached one.\n")
         lines.append(_markdown(table))
         lines.append("\n## Best speedup at equal quality\n")
-        best = best_at_quality(view)
-        lines.append(_markdown(best.drop(columns=[c for c in best.columns if c != "method" and best[c].isna().all() and c.startswith("LPIPS")]), ".2f"))
+        lines.append(_markdown(_without_unmeasured_lpips(best_at_quality(view)), ".2f"))
     else:
         lines.append(f"No sweep yet: run `teacal sweep {run} --preset P ...` for speed and quality.\n")
     written = [(title, path) for title, path in figures if path is not None]

@@ -249,7 +249,7 @@ def test_the_measured_oracle_is_the_best_static_schedule_measured_on_the_calibra
     calibration run (the cost model's schedule one candidate among the others); adaptive configurations (another
     schedule per prompt) are no static schedules; a sweep of any other run (held-out prompts) is refused."""
     from calib.errors import UserError
-    from calib.fit import measured_oracle
+    from calib.fit import measured_oracle, measured_static
 
     calib_run, heldout_run = tmp_path / "calib", tmp_path / "heldout"
     rows = [
@@ -261,13 +261,13 @@ def test_the_measured_oracle_is_the_best_static_schedule_measured_on_the_calibra
         ("teacache", "teacache-t0.2", "x....x,x....x", [20.0, 21.0]),
     ]
     sweep = _sweep_folder(tmp_path / "calib-sweep", calib_run, rows)
-    oracle = measured_oracle((sweep,), [calib_run])
+    oracle = measured_oracle(measured_static((sweep,), [calib_run]))
     assert oracle == {"6": {"3": "x.x..x", "4": "xx.x.x", "2": "x....x"}}
     other = _sweep_folder(tmp_path / "heldout-sweep", heldout_run, rows)
     with pytest.raises(UserError, match="not a run being fitted; the oracle is chosen on the calibration prompts only"):
-        measured_oracle((other,), [calib_run])
+        measured_static((other,), [calib_run])
     with pytest.raises(UserError, match="no finished sweep here"):
-        measured_oracle((tmp_path / "nothing",), [calib_run])
+        measured_static((tmp_path / "nothing",), [calib_run])
 
 
 def test_the_cost_model_check_tells_a_model_that_ranks_measured_schedules_right_from_one_that_does_not():
@@ -284,10 +284,11 @@ def test_the_cost_model_check_tells_a_model_that_ranks_measured_schedules_right_
     schedules = ["x.x.x.x..x", "x..x.x.x.x", "xx.x.x...x", "x.x..x..xx", "x..x..x..x", "x..x.x...x", "x.x...x..x", "xx...x...x"]
     modelled = [np.mean([decibels(schedule_cost(model.matrix(u), np.array([[c == "x" for c in s]]))) for u in units]) for s in schedules]
     right = pd.DataFrame({"steps": n, "schedule": schedules, "psnr": np.array(modelled) + 7.0})
-    check = check_cost_model(model, units, right)
+    matrices = {u.key: model.matrix(u) for u in units}
+    check = check_cost_model(matrices, units, right)
     assert check["schedules"] == 8 and check["budgets"] == 2  # 5 and 4 computed steps
     assert check["best_is_measured_best"] == 2 and check["worst_loss_db"] == 0 and check["rms_db"] < 1e-9
     budget = right["schedule"].str.count("x")
     flipped = right.assign(psnr=right.groupby(budget)["psnr"].transform(lambda v: v.max() + v.min() - v))  # reversed inside a budget
-    check = check_cost_model(model, units, flipped)
+    check = check_cost_model(matrices, units, flipped)
     assert check["best_is_measured_best"] == 0 and check["worst_loss_db"] > 0 and check["rank_correlation"] == -1.0
