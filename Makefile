@@ -55,13 +55,17 @@ HELDOUT_PROMPTS ?= prompts/heldout.jsonl
 # The oracle is verified by generating: a sweep of the calibration run measures every static schedule (the cost
 # model's among them), and the second fit keeps the best per budget.
 STATIC_BASELINES = --baseline constant --baseline identity --baseline wan21 --baseline uniform
+MODIN_BASELINES = --baseline flux --baseline mlx-qwen  # the borrowed sets on modin: what tune must also match
+# tune then refines the fitted polynomial by generating its schedules on the calibration prompts (calib/tune.py).
+DEMO_TUNE_ROUNDS ?= 60
 
 demo: install
 	$(TEACAL) record $(RUN)/calib --prompts $(CALIB_PROMPTS)
 	$(TEACAL) probe $(RUN)/calib --forecast
 	$(TEACAL) fit $(RUN)/calib --out $(RUN)/calib-preset.json
-	$(TEACAL) sweep $(RUN)/calib --out $(RUN)/calib-sweep --preset $(RUN)/calib-preset.json $(STATIC_BASELINES) --forecast none --target-psnr 35
-	$(TEACAL) fit $(RUN)/calib --out $(RUN)/preset.json --oracle-from $(RUN)/calib-sweep
+	$(TEACAL) sweep $(RUN)/calib --out $(RUN)/calib-sweep --preset $(RUN)/calib-preset.json $(STATIC_BASELINES) $(MODIN_BASELINES) --forecast none --target-psnr 35
+	$(TEACAL) fit $(RUN)/calib --out $(RUN)/fitted-preset.json --oracle-from $(RUN)/calib-sweep
+	$(TEACAL) tune $(RUN)/calib --preset $(RUN)/fitted-preset.json --against $(RUN)/calib-sweep --out $(RUN)/preset.json --rounds $(DEMO_TUNE_ROUNDS)
 	$(TEACAL) record $(RUN)/heldout --prompts $(HELDOUT_PROMPTS)
 	$(TEACAL) sweep $(RUN)/heldout --preset $(RUN)/preset.json --baseline identity --baseline flux --baseline mlx-qwen
 	$(TEACAL) report $(RUN)/heldout
@@ -83,7 +87,13 @@ eval: install
 		$(TEACAL) sweep $(EVAL)/calib --steps $$n --out $(EVAL)/calib-sweep-$$n --preset $(EVAL)/calib-preset.json $(STATIC_BASELINES) \
 			--forecast none || exit 1; \
 	done
-	$(TEACAL) fit $(EVAL)/calib --out $(EVAL)/preset.json $(EVAL_STEPS:%=--oracle-from $(EVAL)/calib-sweep-%)
+	for n in $(EVAL_STEPS); do \
+		$(TEACAL) sweep $(EVAL)/calib --steps $$n --out $(EVAL)/calib-borrowed-$$n --preset $(EVAL)/calib-preset.json $(MODIN_BASELINES) \
+			--oracle none --forecast none || exit 1; \
+	done
+	$(TEACAL) fit $(EVAL)/calib --out $(EVAL)/fitted-preset.json $(EVAL_STEPS:%=--oracle-from $(EVAL)/calib-sweep-%)
+	$(TEACAL) tune $(EVAL)/calib --preset $(EVAL)/fitted-preset.json --out $(EVAL)/preset.json \
+		$(EVAL_STEPS:%=--against $(EVAL)/calib-sweep-%) $(EVAL_STEPS:%=--against $(EVAL)/calib-borrowed-%)
 	$(TEACAL) record $(EVAL)/heldout --prompts $(HELDOUT_PROMPTS) $(EVAL_STEPS:%=--steps %)
 	for n in $(EVAL_STEPS); do \
 		$(TEACAL) sweep $(EVAL)/heldout --steps $$n --out $(EVAL)/sweep-$$n --preset $(EVAL)/preset.json $(EVAL_BASELINES) \

@@ -215,6 +215,28 @@ def fit(
 
 
 @command
+def tune(
+    run: Annotated[Path, typer.Argument(help=RUN_FOLDER + " The calibration run: its prompts are what is generated and measured.")],
+    preset: Annotated[Path, typer.Option(help="Preset JSON written by `teacal fit` on this run (signal temb).")],
+    against: Annotated[list[Path], typer.Option(help="A sweep (--out folder) of this run with the methods to match (borrowed sets, uniform, peers). Repeatable: one per step count.")],
+    out: Annotated[Path, typer.Option("--out", help="Preset JSON to write (never the input preset).")],
+    rounds: Annotated[int, typer.Option(min=0, help="Search rounds; each measures only the schedules not measured before.")] = 150,
+    seed: Annotated[int, typer.Option(help="Seed of the search's random moves.")] = 0,
+    forecast: Annotated[bool, typer.Option(help="Also choose the reuse rule (plain reuse, constant dampings, the probe-fitted rule, dampings per reach measured on the tuned schedules) by generating.")] = True,
+    model_path: Annotated[Path | None, typer.Option(help="Local folder with the weights (real models).", rich_help_panel=DEVICE_PANEL)] = None,
+    lightx2v_config: Annotated[Path | None, typer.Option(help="LightX2V JSON config (default: the recorded one).", rich_help_panel=DEVICE_PANEL)] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP, rich_help_panel=DEVICE_PANEL)] = "auto",
+    dtype: Annotated[Dtype, typer.Option(help=DTYPE_HELP + " Must be the recording's.", rich_help_panel=DEVICE_PANEL)] = "auto",
+) -> None:
+    """Refine the fitted polynomial by generating its schedules on the calibration prompts: keep the one whose measured front best matches every other method's."""
+    from calib.tune import TuneRequest
+    from calib.tune import tune as run_tune
+
+    run_tune(TuneRequest(run=run, preset=preset, against=tuple(against), out=out, rounds=rounds, seed=seed, forecast=forecast, device=device, dtype=dtype,
+                         model_path=model_path, lightx2v_config=lightx2v_config), echo=typer.echo)
+
+
+@command
 def sweep(
     run: Annotated[Path, typer.Argument(help=RUN_FOLDER + " Its prompts, seeds and reference images are what is measured against.")],
     preset: Annotated[Path, typer.Option(help="Preset JSON written by `teacal fit`.", rich_help_panel=CONFIG_PANEL)],

@@ -1,0 +1,413 @@
+"""`teacal tune RUN --preset P --against SWEEP --out P2`: refine the fitted polynomial by generating its schedules on
+the calibration prompts and keeping what measures best.
+
+Why a stage after `fit`: the cost model ranks measured static schedules well (`fit --oracle-from` prints how well),
+but one polynomial with one threshold per budget cannot give the best schedule at every budget, and the model
+overrates some schedules (those that compute the second-to-last step). So the last word goes to measurement. On a
+latent-independent signal (`temb`) TeaCache's schedule at a threshold is the same for every prompt, so the
+polynomial's whole front is a handful of static schedules per step count, each measured once by generating it on
+the run's prompts and comparing with the recorded references.
+
+The search: a seeded (1+1) evolution strategy over the logarithm of the polynomial's values at `degree + 1`
+Chebyshev knots of the signal's calibrated range (the interpolating polynomial is the candidate; one that is not
+positive over the range is skipped). It starts at the fitted coefficients, tries blends toward the identity, then
+random moves, and keeps a candidate when its score improves. The score compares the candidate's measured front with
+the best *other* method that the `--against` sweeps (sweeps of this run, never of held-out prompts) measured at each
+budget, 20% to 75% of the steps: twice the worst gap, plus every shortfall, plus a hundredth of every gap (clipped to
+±5 dB), so that being at par everywhere comes first and being ahead second.
+
+Then the reuse rule (`--forecast`, on by default): the tuned schedules are generated with constant dampings of a
+linear forecast; each schedule's best damping, keyed by the mean sigma reach of its skips, gives a table of knots;
+that table, the constants, the rule fitted from forecast probes and plain reuse are scored by their mean gain over
+plain reuse less twice every loss beyond 0.2 dB, and the best is kept (plain reuse when nothing gains).
+
+Files (its own, in the run folder)::
+
+    tune.json                             its settings (the resume key)
+    tune/<steps>/<schedule>[@<rule>].json one measured static schedule (with a reuse rule): mean PSNR over the run's
+                                          prompts and seeds
+
+A measured schedule is never measured again, by this search or a later one; the search is deterministic, so a killed
+tune replays to where it stopped without generating. Cost: prompts x seeds generations per new schedule; a round
+rarely brings more than a few new ones. It says what it measured, and how long it took, at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from calib.backends import Recording, open_recording, reference_mismatch
+from calib.errors import UserError
+from calib.fit import BUDGETS, measured_oracle, measured_static
+from calib.metrics import psnr, to_tensor
+from calib.progress import progress
+from calib.runfiles import (
+    SWEEP_FILE,
+    aggregate,
+    check_output_file,
+    check_same_settings,
+    load_trace,
+    now_iso,
+    read_json,
+    read_table,
+    settings_hash,
+    unit_name,
+    write_json,
+)
+from calib.simulate import StaticSchedulePolicy, teacache_schedules, threshold_for_speedup, thresholds_for_budgets, unit_series
+from teacache._files import remove_stale_temp_files
+from teacache.forecast import NO_FORECAST, Forecast
+from teacache.preset import Preset, PresetError
+
+TUNE_FILE = "tune.json"
+IDENTICAL_DB = 100.0  # an image identical to its reference (infinite PSNR) counts as this much, as in measured_static
+BLENDS = (0.25, 0.5, 0.75, 1.0)  # the first candidates: the fitted values blended toward the identity's
+STEP_SIZE = 0.35  # the random moves: normal in log-value, each knot moved with probability MOVE_SHARE
+MOVE_SHARE = 0.6
+
+
+@dataclass(frozen=True)
+class TuneRequest:
+    run: Path
+    preset: Path
+    against: tuple[Path, ...]
+    out: Path
+    rounds: int = 150
+    seed: int = 0
+    forecast: bool = True  # also choose the reuse rule by generating (tune_forecast)
+    device: str = "auto"
+    dtype: str = "auto"
+    model_path: Path | None = None
+    lightx2v_config: Path | None = None
+
+
+def schedule_text(schedule) -> str:
+    return "".join("x" if c else "." for c in schedule)
+
+
+def budgets_of(steps: int) -> list[int]:
+    """Computed steps per branch compared: 20% to 75% of the steps, as fit and the issue's bar compare them."""
+    return list(range(math.ceil(BUDGETS[0] * steps), math.floor(BUDGETS[1] * steps) + 1))
+
+
+def others_front(sweeps: tuple[Path, ...]) -> dict[int, pd.DataFrame]:
+    """Per step count: every measured configuration of the other methods (borrowed sets, uniform spacing, peers), as
+    mean computed steps per branch and mean PSNR; calibrated TeaCache, its forecasts and the oracle are left out."""
+    out: dict[int, list[pd.DataFrame]] = {}
+    for folder in sweeps:
+        steps = int(read_json(Path(folder) / SWEEP_FILE)["settings"]["steps"])
+        table = read_table(Path(folder) / "sweep.parquet")
+        per_step = table.loc[table["method"] == "uncached", "calls"].max() / steps  # 2 with CFG
+        view = aggregate(table)
+        view = view[(view["method"] != "uncached") & ~view["label"].str.startswith(("teacache (calibrated)", "oracle"))]
+        out.setdefault(steps, []).append(pd.DataFrame({"label": view["label"], "computed": view["computed"] / per_step, "psnr": view["psnr"]}))
+    return {steps: pd.concat(frames, ignore_index=True) for steps, frames in out.items()}
+
+
+def best_other(front: pd.DataFrame, budget: int) -> tuple[float, str]:
+    """The best mean PSNR any other method reached computing no more than `budget` steps per branch, and which."""
+    ok = front[(front["computed"] <= budget + 1e-9) & np.isfinite(front["psnr"])]
+    if ok.empty:
+        return -math.inf, "none"
+    row = ok.loc[ok["psnr"].idxmax()]
+    return float(row["psnr"]), str(row["label"])
+
+
+def knots_of(preset: Preset) -> np.ndarray:
+    low, high = preset.x_range
+    n = len(preset.coefficients)
+    return np.sort((low + high) / 2 + (high - low) / 2 * np.cos(np.pi * (np.arange(n) + 0.5) / n))
+
+
+def candidate(preset: Preset, knots: np.ndarray, log_values: np.ndarray) -> Preset | None:
+    """The polynomial through exp(log_values) at the knots, or None when it is not positive over the signal's range."""
+    if not np.all(np.isfinite(log_values)):
+        return None
+    coefficients = np.polyfit(knots, np.exp(log_values), len(knots) - 1)
+    low, high = preset.x_range
+    if not np.all(np.isfinite(coefficients)) or np.polyval(coefficients, np.linspace(low, high, 200)).min() <= 0:
+        return None
+    return preset.replace(coefficients=[float(c) for c in coefficients])
+
+
+class Measurer:
+    """Measures static schedules on the run's prompts and seeds, once each (parts in RUN/tune/)."""
+
+    def __init__(self, recording: Recording, preset: Preset, echo=print) -> None:
+        self.recording, self.preset, self.echo = recording, preset.replace(forecast=NO_FORECAST), echo
+        self.pairs = [(item, seed) for item in recording.prompts.items for seed in recording.settings["seeds"]]
+        self.backend = None
+        self.generations = 0
+        self.measured: dict[tuple[int, str], float] = {}
+
+    def part(self, steps: int, schedule: str, forecast: Forecast = NO_FORECAST) -> Path:
+        rule = "" if not forecast.extrapolates else "@" + settings_hash({"axis": forecast.axis, "alpha": [list(k) for k in forecast.alpha]})
+        return self.recording.run / "tune" / str(steps) / f"{schedule.replace('.', '-')}{rule}.json"
+
+    def __call__(self, steps: int, schedule: str, forecast: Forecast = NO_FORECAST) -> float:
+        """Mean PSNR of `schedule` over the run's prompts and seeds, each skipped call formed by `forecast`."""
+        if not forecast.extrapolates:
+            forecast = NO_FORECAST
+        key = (steps, schedule) if not forecast.extrapolates else (steps, schedule, forecast)  # a Forecast hashes without its fit notes
+        if key in self.measured:
+            return self.measured[key]
+        path = self.part(steps, schedule, forecast)
+        if path.exists():
+            self.measured[key] = float(read_json(path)["psnr"])
+            return self.measured[key]
+        if self.backend is None:
+            self._load()
+        run, cfg, size = self.recording.run, self.recording.settings["cfg"], self.recording.size
+        policy_schedule = np.array([c == "x" for c in schedule])
+        preset = self.preset.replace(forecast=forecast)
+        values = {}
+        for item, seed in self.pairs:
+            with self.backend.caching(preset, 0.0, StaticSchedulePolicy(preset, policy_schedule)):
+                generation = self.backend.run(item, seed, steps, cfg, size)
+            name = unit_name(item.id, seed, steps, size)
+            with Image.open(run / "refs" / f"{name}.png") as reference:
+                value = psnr(to_tensor(generation.image), to_tensor(reference.convert("RGB")))
+            values[name] = value if math.isfinite(value) else IDENTICAL_DB
+        self.generations += len(self.pairs)
+        mean = float(np.mean(list(values.values())))
+        write_json(path, {"steps": steps, "schedule": schedule, "forecast": forecast.to_dict(), "psnr": mean, "per_generation": values})
+        self.measured[key] = mean
+        return mean
+
+    def _load(self) -> None:
+        """The model, once, after checking that an uncached run here reproduces the recorded reference."""
+        self.backend = self.recording.load()
+        item, seed = self.pairs[0]
+        steps = self.recording.settings["steps"][0]
+        generation = self.backend.run(item, seed, steps, self.recording.settings["cfg"], self.recording.size)
+        reference = np.load(self.recording.run / "refs" / f"{unit_name(item.id, seed, steps, self.recording.size)}.npy")
+        mismatch = reference_mismatch(generation, reference)
+        if mismatch is not None:
+            raise UserError(f"{self.recording.run}: an uncached run here does not reproduce the recorded reference ({mismatch}); tune on the "
+                            "machine, device and library versions that recorded it, or record again here")
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+
+
+class Search:
+    """Scores polynomials by their measured fronts against the other methods' (see the module notes)."""
+
+    def __init__(self, units: dict, fronts: dict[int, pd.DataFrame], measure: Measurer) -> None:
+        self.units, self.measure = units, measure
+        self.bar = {steps: {b: best_other(fronts[steps], b) for b in budgets_of(steps)} for steps in units}
+
+    def schedules(self, preset: Preset, steps: int) -> list[str]:
+        budgets = budgets_of(steps)
+        unit = self.units[steps]
+        fractions = [b / steps for b in budgets] + [budgets[0] / steps - 0.05]  # and one point below the range
+        thresholds = thresholds_for_budgets([unit], preset, fractions)
+        found = {schedule_text(s[0]) for s in teacache_schedules(unit, preset, thresholds)}
+        return sorted(s for s in found if budgets[0] - 1 <= s.count("x") <= budgets[-1])
+
+    def gaps(self, preset: Preset) -> dict[int, np.ndarray]:
+        out = {}
+        for steps in self.units:
+            measured = [(s.count("x"), self.measure(steps, s)) for s in self.schedules(preset, steps)]
+            front = [max((p for k, p in measured if k <= b), default=-math.inf) for b in budgets_of(steps)]
+            bar = np.array([self.bar[steps][b][0] for b in budgets_of(steps)])
+            out[steps] = np.where(np.isfinite(bar), np.array(front) - bar, np.nan)  # NaN: no other method computes this little
+        return out
+
+    @staticmethod
+    def score(gaps: dict[int, np.ndarray]) -> float:
+        g = np.concatenate(list(gaps.values()))
+        g = np.maximum(g[~np.isnan(g)], -100.0)  # -inf: the candidate has no schedule this cheap, as bad as it gets
+        if g.size == 0:
+            return 0.0
+        return float(2 * min(g.min(), 0.0) + np.minimum(g, 0.0).sum() + 0.01 * np.clip(g, -5, 5).sum())
+
+
+FORECAST_DAMPINGS = (0.15, 0.3, 0.5)  # constant dampings measured on the tuned schedules
+FORECAST_FLOOR_DB = -0.2  # a reuse rule may lose at most this much to plain reuse at any budget
+
+
+def mean_reach(schedule: str, sigma: np.ndarray) -> float:
+    """The mean sigma reach (`Forecast.reach`) of the skipped calls that have a slope (two computed steps before)."""
+    computed = [m for m, c in enumerate(schedule) if c == "x"]
+    reaches = []
+    for m, c in enumerate(schedule):
+        before = [j for j in computed if j < m]
+        if c == "." and len(before) >= 2:
+            reaches.append(Forecast.reach(sigma[before[-2]], sigma[before[-1]], sigma[m]))
+    return float(np.mean(reaches)) if reaches else math.nan
+
+
+def gains_of(measure: Measurer, schedules: dict[int, list[str]], forecast: Forecast) -> dict[int, np.ndarray]:
+    """Per step count and budget: the rule's measured front minus plain reuse's, on the same schedules."""
+    out = {}
+    for steps, found in schedules.items():
+        plain = [(s.count("x"), measure(steps, s)) for s in found]
+        ruled = [(s.count("x"), measure(steps, s, forecast)) for s in found]
+        front = lambda points, b: max((p for k, p in points if k <= b), default=math.nan)  # noqa: E731
+        out[steps] = np.array([front(ruled, b) - front(plain, b) for b in budgets_of(steps)])
+    return out
+
+
+def forecast_score(gains: dict[int, np.ndarray]) -> float:
+    """The mean gain over plain reuse, less twice every loss beyond FORECAST_FLOOR_DB."""
+    g = np.concatenate(list(gains.values()))
+    g = g[np.isfinite(g)]
+    return float(g.mean() + 2 * np.minimum(g - FORECAST_FLOOR_DB, 0).sum()) if g.size else 0.0
+
+
+def tune_forecast(measure: Measurer, search: Search, tuned: Preset, fitted: Forecast, echo=print) -> tuple[Forecast, dict]:
+    """The reuse rule, chosen by generating: constant dampings on the tuned schedules give each schedule its best
+    damping, keyed by the schedule's mean sigma reach; those points, pooled into knots, are one more candidate next to
+    the constants, the probe-fitted rule and plain reuse. The candidate of the best `forecast_score` wins; plain reuse
+    scores 0, so a rule is kept only where it gains on what was measured."""
+    schedules = {steps: search.schedules(tuned, steps) for steps in search.units}
+    candidates: dict[str, Forecast] = {f"linear:{a:g}": Forecast("linear", "step", ((0.0, a),)) for a in FORECAST_DAMPINGS}
+    if fitted.extrapolates:
+        candidates["probe-fitted"] = fitted
+    gains = {name: gains_of(measure, schedules, rule) for name, rule in candidates.items()}
+    points = []
+    for steps, found in schedules.items():
+        sigma = search.units[steps].sigma
+        for s in found:
+            reach = mean_reach(s, sigma)
+            if not math.isfinite(reach):
+                continue
+            values = {0.0: measure(steps, s), **{a: measure(steps, s, candidates[f"linear:{a:g}"]) for a in FORECAST_DAMPINGS}}
+            points.append((reach, max(values, key=values.get)))
+    if points:
+        table = pd.DataFrame(points, columns=["reach", "alpha"]).sort_values("reach")
+        bins = [table.iloc[i] for i in np.array_split(np.arange(len(table)), min(6, len(table)))]
+        knots = tuple((round(float(b["reach"].mean()), 4), round(float(b["alpha"].mean()), 4)) for b in bins if len(b))
+        knots = tuple(k for i, k in enumerate(knots) if i == 0 or k[0] > knots[i - 1][0])
+        if any(a > 0 for _, a in knots):
+            candidates["measured knots"] = Forecast("linear", "step", knots)
+            gains["measured knots"] = gains_of(measure, schedules, candidates["measured knots"])
+    scores = {name: forecast_score(g) for name, g in gains.items()}
+    echo(f"{'reuse rule':<16}{'score':>8}{'mean':>8}{'worst':>8}   gain over plain reuse (dB) on the calibration prompts, budgets 20%..75%")
+    for name, g in gains.items():
+        every = np.concatenate(list(g.values()))
+        echo(f"{name:<16}{scores[name]:>8.2f}{np.nanmean(every):>+8.2f}{np.nanmin(every):>+8.2f}")
+    best = max(scores, key=scores.get)
+    record = {name: {str(steps): [_finite(v) for v in g[steps]] for steps in g} for name, g in gains.items()}
+    if scores[best] <= 0:
+        echo("chose plain reuse: no reuse rule gains over it on what was measured")
+        return NO_FORECAST, {"chosen": "none", "gains_db": record}
+    chosen = candidates[best]
+    echo(f"chose the reuse rule {best}: damping per sigma reach {[list(k) for k in chosen.alpha]}")
+    fit = {"measured_on": "the calibration prompts, by teacal tune", "chosen": best, "gains_db": record,
+           "candidates": {name: [list(k) for k in rule.alpha] for name, rule in candidates.items()}}
+    return Forecast("linear", chosen.axis, chosen.alpha, fit=fit), {"chosen": best, "gains_db": record}
+
+
+def tune(request: TuneRequest, echo=print) -> Preset:
+    if request.rounds < 0:
+        raise UserError(f"--rounds {request.rounds}: expected 0 or more")
+    if not request.against:
+        raise UserError("--against: give at least one sweep of the run (its --out folder) to measure against")
+    out = check_output_file(request.out, "--out", "preset.json")
+    preset_path = Path(request.preset)
+    if preset_path.is_dir():
+        raise UserError(f"--preset {preset_path}: is a folder; give the preset JSON that `teacal fit` wrote")
+    if out.resolve() == preset_path.resolve():
+        raise UserError(f"--out {out}: that is the input preset; tune never edits its inputs, choose another file")
+    preset = Preset.load(preset_path)
+    if preset.signal != "temb":
+        raise UserError(f"--preset {preset_path}: signal {preset.signal}; tune needs a signal that does not depend on the latents (temb), "
+                        "whose schedules are the same for every prompt")
+    if preset.x_range is None:
+        raise UserError(f"--preset {preset_path}: no calibrated domain (x_range); tune refines a preset that `teacal fit` wrote")
+    run = Path(request.run)
+    measured = measured_static(request.against, [run])  # refuses sweeps of other runs: never tune on held-out prompts
+    fronts = others_front(request.against)
+    recording = open_recording(run, request.model_path, request.lightx2v_config, request.device, request.dtype, what="tune")
+    settings = recording.settings
+    preset.require_model(settings["model"])
+    missing = sorted(set(fronts) - set(settings["steps"]))
+    if missing:
+        raise UserError(f"--against: sweeps of {', '.join(map(str, missing))} steps, which {run} did not record")
+    trace = load_trace(run)
+    units = {steps: unit_series(trace[trace["steps"] == steps])[0] for steps in sorted(fronts)}
+    tune_settings = {"record": {k: settings[k] for k in ("model", "backend", "steps", "sizes", "seeds", "cfg", "dtype", "device", "inputs_sha256", "weights")}}
+    check_same_settings(run / TUNE_FILE, tune_settings, "tune", flag="another run folder (record again)",
+                        files={"record.inputs_sha256": f"the recording's prompt set {run / 'inputs'}: other text or images than tuned"})
+    remove_stale_temp_files(run, [TUNE_FILE])
+    for steps in fronts:
+        remove_stale_temp_files(run / "tune" / str(steps))
+    remove_stale_temp_files(out.parent, [out.name])
+    write_json(run / TUNE_FILE, {"kind": "tune", "settings": tune_settings, "updated": now_iso()})
+
+    measure = Measurer(recording, preset, echo)
+    for r in measured.itertuples():  # what the sweeps measured is not generated again
+        measure.measured.setdefault((int(r.steps), r.schedule), float(r.psnr))
+    search = Search(units, fronts, measure)
+    pairs = len(measure.pairs)
+    echo(f"tune {settings['model']}: {request.rounds} rounds at {', '.join(map(str, units))} steps against "
+         f"{', '.join(sorted({label for f in fronts.values() for label in f['label']}))}; each new schedule costs {pairs} generations")
+    started = time.monotonic()
+    knots = knots_of(preset)
+    log_values = np.log(np.polyval(preset.coefficients, knots))
+    rng = np.random.default_rng(request.seed)
+    try:
+        first = search.gaps(preset)
+        best, best_gaps, best_preset = search.score(first), first, preset
+        blends = [(1 - w) * log_values + w * np.log(knots) for w in BLENDS]
+        with progress("tune", request.rounds, echo=None) as advance:
+            for round_ in range(request.rounds):
+                trial = blends.pop(0) if blends else log_values + rng.normal(0, STEP_SIZE, len(knots)) * (rng.random(len(knots)) < MOVE_SHARE)
+                moved = candidate(preset, knots, trial)
+                if moved is not None:
+                    gaps = search.gaps(moved)
+                    score = search.score(gaps)
+                    if score > best + 1e-6:
+                        best, best_gaps, best_preset, log_values = score, gaps, moved, trial
+                        echo(f"round {round_}: worst gap {np.nanmin(np.concatenate(list(gaps.values()))):+.2f} dB, score {score:.3f}")
+                advance()
+        forecast, forecast_record = preset.forecast, {}
+        if request.forecast:
+            forecast, forecast_record = tune_forecast(measure, search, best_preset, preset.forecast, echo)
+    finally:
+        measure.close()
+    minutes = (time.monotonic() - started) / 60
+    echo(f"measured {measure.generations} generations in {minutes:.1f} min")
+    echo(f"{'steps':>5}{'budget':>7}{'fitted':>8}{'tuned':>8}   gap to the best other method (dB), calibration prompts")
+    rows = {}
+    for steps in units:
+        rows[str(steps)] = {}
+        for b, before, after in zip(budgets_of(steps), first[steps], best_gaps[steps], strict=True):
+            label = search.bar[steps][b][1]
+            echo(f"{steps:>5}{b:>7}{before:>+8.2f}{after:>+8.2f}   {label}")
+            rows[str(steps)][str(b)] = {"fitted": _finite(before), "tuned": _finite(after), "best_other": label}
+
+    # The oracle: the best static schedule measured per budget, now with every schedule tune measured.
+    everything = pd.DataFrame([(*key, p) for key, p in measure.measured.items() if len(key) == 2], columns=["steps", "schedule", "psnr"])
+    oracle = dict(preset.calibration.get("oracle", {}))
+    for steps, by_budget in measured_oracle(everything, echo=echo).items():
+        oracle[steps] = {**oracle.get(steps, {}), **by_budget}
+    all_units = unit_series(trace)
+    requested = float(preset.fit.get("requested_speedup", 1.6))
+    threshold, reached = threshold_for_speedup(all_units, best_preset, requested)
+    calibration = dict(preset.calibration, oracle=oracle, oracle_source=f"measured on the calibration prompts: {', '.join(map(str, request.against))} and teacal tune",
+                       tune={"from_coefficients": list(preset.coefficients), "against": [str(p) for p in request.against], "rounds": request.rounds,
+                             "seed": request.seed, "generations": measure.generations, "minutes": round(minutes, 2),
+                             "schedules_measured": len(measure.measured), "gaps_db": rows, "forecast": forecast_record, "date": now_iso()})
+    try:
+        tuned = best_preset.replace(threshold=threshold, calibration=calibration, thresholds=(), forecast=forecast,
+                                    fit=dict(preset.fit, default_threshold_speedup=round(reached, 4)))
+    except PresetError as err:
+        raise UserError(str(err)) from None
+    tuned.save(out)
+    echo(f"tuned coefficients {[float(f'{c:.6g}') for c in tuned.coefficients]}; default threshold {threshold:.4g} (simulated {reached:.2f}x); wrote {out}")
+    return tuned
+
+
+def _finite(value: float) -> float | None:
+    return round(float(value), 3) if math.isfinite(value) else None  # JSON has no NaN or infinity

@@ -1,0 +1,144 @@
+"""`teacal tune` on the tiny model: the tuned polynomial measures at least as well as the fitted one against the other
+methods on the calibration prompts, what it reports is what its schedules give when swept, it resumes without
+generating, and bad input exits 2 before any generation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from calib.cli import app
+from calib.fit import FitRequest, fit
+from calib.sweep import SweepRequest, sweep
+from calib.tune import IDENTICAL_DB, Search, TuneRequest, best_other, budgets_of, others_front, tune
+from teacache.preset import Preset
+
+runner = CliRunner()
+QUIET = dict(echo=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def calibrated(recorded_run, tmp_path_factory):
+    """A copy of the small recording (tune writes its parts into the run), a fitted temb preset, and a sweep of the
+    run against identity and uniform spacing."""
+    base = tmp_path_factory.mktemp("tune")
+    run = base / "run"
+    shutil.copytree(recorded_run, run)
+    preset = base / "fitted.json"
+    fit(FitRequest(runs=(run,), out=preset, signal="temb", target="residual", degree=2, folds=2), **QUIET)
+    against = base / "sweep"
+    sweep(SweepRequest(run=run, preset=preset, out=against, baselines=("identity", "uniform"), oracle="none", forecasts=("none",),
+                       metrics=("psnr",), metrics_explicit=True), **QUIET)
+    lines: list[str] = []
+    tuned = tune(TuneRequest(run=run, preset=preset, against=(against,), out=base / "tuned.json", rounds=12), echo=lines.append)
+    return run, preset, against, tuned, lines
+
+
+def test_the_tuned_polynomial_measures_at_least_as_well_as_the_fitted_one(calibrated):
+    _, preset, _, tuned, lines = calibrated
+    gaps = tuned.calibration["tune"]["gaps_db"]["6"]
+    fitted = {int(b): np.nan if g["fitted"] is None else g["fitted"] for b, g in gaps.items()}
+    after = {int(b): np.nan if g["tuned"] is None else g["tuned"] for b, g in gaps.items()}
+    assert sorted(after) == budgets_of(6)
+    as_dict = {6: np.array([after[b] for b in sorted(after)])}
+    before = {6: np.array([fitted[b] for b in sorted(fitted)])}
+    assert Search.score(as_dict) >= Search.score(before) - 1e-3  # never worse than the fitted polynomial, as measured
+    assert tuned.signal == "temb" and tuned.calibration["tune"]["from_coefficients"] == list(Preset.load(preset).coefficients)
+    assert any(line.startswith("measured ") and " generations in " in line for line in lines)
+
+
+def test_what_tune_reports_is_what_a_sweep_of_the_tuned_preset_measures(calibrated, tmp_path):
+    """The gap tune reports at each budget is the tuned preset's measured front minus the best other method's: a
+    sweep of the tuned preset on the same prompts gives that front (deterministic generation, the same references)."""
+    run, _, against, tuned, _ = calibrated
+    path = tmp_path / "tuned.json"
+    tuned.save(path)
+    table = sweep(SweepRequest(run=run, preset=path, out=tmp_path / "s", oracle="none", forecasts=("none",), metrics=("psnr",), metrics_explicit=True), **QUIET)
+    rows = table[table["method"] == "teacache"].assign(psnr=lambda t: t["psnr"].where(np.isfinite(t["psnr"]), IDENTICAL_DB))
+    per_config = rows.groupby("config").agg(computed=("computed", "mean"), psnr=("psnr", "mean"))
+    others = others_front((against,))[6]
+    for budget, gap in tuned.calibration["tune"]["gaps_db"]["6"].items():
+        if gap["tuned"] is None:
+            continue
+        front = per_config.loc[per_config["computed"] / 2 <= int(budget), "psnr"].max()
+        assert front == pytest.approx(gap["tuned"] + best_other(others, int(budget))[0], abs=2e-3), budget
+
+
+def test_a_second_tune_generates_nothing_and_writes_the_same_polynomial(calibrated, tmp_path):
+    run, preset, against, tuned, _ = calibrated
+    lines: list[str] = []
+    again = tune(TuneRequest(run=run, preset=preset, against=(against,), out=tmp_path / "again.json", rounds=12), echo=lines.append)
+    assert again.coefficients == tuned.coefficients and again.calibration["oracle"] == tuned.calibration["oracle"]
+    assert any(line.startswith("measured 0 generations") for line in lines)
+
+
+def test_the_oracle_after_tune_is_the_best_schedule_measured_per_budget(calibrated):
+    run, _, _, tuned, _ = calibrated
+    measured = {p.stem.replace("-", "."): json.loads(p.read_text())["psnr"] for p in (run / "tune" / "6").glob("*.json")}
+    oracle = tuned.calibration["oracle"]["6"]
+    for schedule, value in measured.items():
+        best = oracle[str(schedule.count("x"))]
+        assert measured.get(best, -np.inf) >= value or best not in measured  # a sweep-measured schedule may be the best
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--preset", "{tmp}", "is a folder"),
+        ("--out", "{preset}", "that is the input preset"),
+        ("--against", "{tmp}/nothing", "no finished sweep here"),
+        ("--rounds", "-1", "Invalid value for '--rounds'"),
+    ],
+)
+def test_bad_tune_input_exits_2_with_one_line_before_any_generation(calibrated, tmp_path, option, value, message):
+    run, preset, against, _, _ = calibrated
+    options = {"--preset": str(preset), "--against": str(against), "--out": str(tmp_path / "out.json")}
+    options[option] = value.format(tmp=tmp_path, preset=preset)
+    before = sorted(p.name for p in (run / "tune" / "6").glob("*.json"))
+    result = runner.invoke(app, ["tune", str(run), *[x for kv in options.items() for x in kv]])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and result.output.count("\n") == 1
+    assert sorted(p.name for p in (run / "tune" / "6").glob("*.json")) == before
+
+
+def test_tune_refuses_a_latent_dependent_signal_and_sweeps_of_other_runs(calibrated, recorded_run, tmp_path):
+    run, preset, against, _, _ = calibrated
+    modin = tmp_path / "modin.json"
+    Preset.load(preset).replace(signal="modin").save(modin)
+    result = runner.invoke(app, ["tune", str(run), "--preset", str(modin), "--against", str(against), "--out", str(tmp_path / "o.json")])
+    assert result.exit_code == 2 and "tune needs a signal that does not depend on the latents" in result.output
+    result = runner.invoke(app, ["tune", str(recorded_run), "--preset", str(preset), "--against", str(against), "--out", str(tmp_path / "o.json")])
+    assert result.exit_code == 2 and "never on held-out ones" in result.output and result.output.count("\n") == 1
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_the_reuse_rule_is_the_best_measured_candidate_and_plain_reuse_when_none_gains(calibrated):
+    """tune measures constant dampings (and dampings per reach) on the tuned schedules and keeps the candidate of the
+    best score; plain reuse scores 0, so a rule that gains nothing is never chosen."""
+    from calib.tune import forecast_score
+
+    _, _, _, tuned, lines = calibrated
+    record = tuned.calibration["tune"]["forecast"]
+    scores = {name: forecast_score({int(s): np.array([np.nan if v is None else v for v in g]) for s, g in by_steps.items()})
+              for name, by_steps in record["gains_db"].items()}
+    assert {"linear:0.15", "linear:0.3", "linear:0.5"} <= set(scores)
+    if record["chosen"] == "none":
+        assert max(scores.values()) <= 0 and not tuned.forecast.extrapolates
+    else:
+        assert scores[record["chosen"]] == max(scores.values()) > 0 and tuned.forecast.extrapolates
+        assert tuned.forecast.fit["chosen"] == record["chosen"]
+    assert any(line.startswith("chose") and "reuse" in line for line in lines)
+
+
+def test_the_mean_reach_of_a_schedule_is_that_of_its_extrapolated_skips():
+    from calib.tune import mean_reach
+
+    sigma = np.array([1.0, 0.9, 0.7, 0.6, 0.4, 0.0])
+    # computed 0, 1, 3, 5: the skip at 2 extrapolates from 0 and 1, reach max(0.1, 0.2) = 0.2; the skip at 4 from
+    # 1 and 3, reach max(0.3, 0.2) = 0.3
+    assert mean_reach("xx.x.x", sigma) == pytest.approx(0.25)
+    assert np.isnan(mean_reach("x....x", sigma))  # no slope before any skip
