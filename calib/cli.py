@@ -221,7 +221,6 @@ def tune(
     against: Annotated[list[Path], typer.Option(help="A sweep (--out folder) of this run with the methods to match (borrowed sets, uniform, peers). Repeatable: one per step count.")],
     out: Annotated[Path, typer.Option("--out", help="Preset JSON to write (never the input preset).")],
     rounds: Annotated[int, typer.Option(min=0, help="Search rounds; each measures only the schedules not measured before.")] = 150,
-    seed: Annotated[int, typer.Option(help="Seed of the search's random moves.")] = 0,
     forecast: Annotated[bool, typer.Option(help="Also choose the reuse rule (plain reuse, constant dampings, the probe-fitted rule, dampings per reach measured on the tuned schedules) by generating.")] = True,
     model_path: Annotated[Path | None, typer.Option(help="Local folder with the weights (real models).", rich_help_panel=DEVICE_PANEL)] = None,
     lightx2v_config: Annotated[Path | None, typer.Option(help="LightX2V JSON config (default: the recorded one).", rich_help_panel=DEVICE_PANEL)] = None,
@@ -232,7 +231,7 @@ def tune(
     from calib.tune import TuneRequest
     from calib.tune import tune as run_tune
 
-    run_tune(TuneRequest(run=run, preset=preset, against=tuple(against), out=out, rounds=rounds, seed=seed, forecast=forecast, device=device, dtype=dtype,
+    run_tune(TuneRequest(run=run, preset=preset, against=tuple(against), out=out, rounds=rounds, forecast=forecast, device=device, dtype=dtype,
                          model_path=model_path, lightx2v_config=lightx2v_config), echo=typer.echo)
 
 
