@@ -52,6 +52,7 @@ from calib.simulate import (
     forced_steps,
     oracle_schedules,
     schedule_cost,
+    schedule_text,
     simulated_front,
     threshold_for_speedup,
     thresholds_for_budgets,
@@ -622,7 +623,7 @@ def fit(request: FitRequest, echo=print) -> Preset:
         same = [u for u in units if u.steps == steps]
         mean = np.mean([plain[chosen.target][u.key].mean(axis=0) for u in same], axis=0)
         forced = forced_steps(Preset(model=model_name, signal="temb", coefficients=[1.0, 0.0], ret_steps=request.ret_steps, cutoff_steps=request.cutoff_steps), steps)
-        oracle[str(steps)] = {str(b): "".join("x" if v else "." for v in s) for b, s in oracle_schedules(mean, forced).items()}
+        oracle[str(steps)] = {str(b): schedule_text(s) for b, s in oracle_schedules(mean, forced).items()}
     oracle_source, measured_check = "cost model", {}
     if measured is not None:
         for steps, by_budget in measured_best.items():

@@ -216,7 +216,9 @@ class CallCounter:
 
     def schedule(self) -> str:
         """The cond branch's steps: x computed, . skipped."""
-        return "".join("x" if r else "." for r in self.ran[:: self.branches])
+        from calib.simulate import schedule_text  # pandas: not at `teacal` start-up, which imports this module
+
+        return schedule_text(self.ran[:: self.branches])
 
     def row(self) -> dict:
         return dict(computed=self.computed, skipped=self.skipped, block_forwards=self.block_forwards, schedule=self.schedule())

@@ -223,6 +223,11 @@ def oracle_schedules(matrix: np.ndarray, forced: np.ndarray) -> dict[int, np.nda
     return out
 
 
+def schedule_text(schedule) -> str:
+    """A schedule as the files and reports write it: x computed, . skipped."""
+    return "".join("x" if c else "." for c in schedule)
+
+
 def uniform_schedule(steps: int, budget: int, forced: np.ndarray | None = None) -> np.ndarray:
     """`budget` computed steps spread evenly over the run, the forced ones (default: the first and the last) included."""
     if forced is None:

@@ -66,6 +66,7 @@ from calib.runfiles import (
 from calib.simulate import (
     StaticSchedulePolicy,
     forced_steps,
+    schedule_text,
     teacache_schedules,
     thresholds_for_budgets,
     uniform_schedule,
@@ -233,10 +234,6 @@ def budgets_of(spec: str, steps: int, forced: int, auto: list[int]) -> list[int]
     if not budgets or budgets[0] < forced or budgets[-1] > steps:
         raise UserError(f"--oracle {spec!r}: budgets must lie between the {forced} forced steps and {steps}")
     return budgets
-
-
-def _schedule_text(schedule) -> str:
-    return "".join("x" if c else "." for c in schedule)
 
 
 @dataclass
@@ -515,7 +512,7 @@ def run_config(backend, config: Config, item, seed: int, steps: int, cfg: float,
             row.update(computed=stats.computed, skipped=stats.skipped, block_forwards=cache.block_forwards(),
                        computed_cond=per_branch.get("cond", {}).get("computed", 0),
                        computed_uncond=per_branch.get("uncond", {}).get("computed", 0),
-                       schedule=_schedule_text(stats.schedule("cond")), outside_domain="; ".join(stats.outside_domain))
+                       schedule=schedule_text(stats.schedule("cond")), outside_domain="; ".join(stats.outside_domain))
     row.update(seconds=generation.denoise_seconds, image=generation.image, latents=generation.latents, generation=generation)
     return row
 

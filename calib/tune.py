@@ -61,7 +61,14 @@ from calib.runfiles import (
     unit_name,
     write_json,
 )
-from calib.simulate import StaticSchedulePolicy, teacache_schedules, threshold_for_speedup, thresholds_for_budgets, unit_series
+from calib.simulate import (
+    StaticSchedulePolicy,
+    schedule_text,
+    teacache_schedules,
+    threshold_for_speedup,
+    thresholds_for_budgets,
+    unit_series,
+)
 from teacache._files import remove_stale_temp_files
 from teacache.forecast import NO_FORECAST, Forecast
 from teacache.preset import Preset, PresetError
@@ -85,12 +92,8 @@ class TuneRequest:
     lightx2v_config: Path | None = None
 
 
-def schedule_text(schedule) -> str:
-    return "".join("x" if c else "." for c in schedule)
-
-
 def budgets_of(steps: int) -> list[int]:
-    """Computed steps per branch compared: 20% to 75% of the steps, as fit and the issue's bar compare them."""
+    """Computed steps per branch compared: 20% to 75% of the steps, the budgets fit compares candidates at."""
     return list(range(math.ceil(BUDGETS[0] * steps), math.floor(BUDGETS[1] * steps) + 1))
 
 
