@@ -111,6 +111,23 @@ def others_front(sweeps: tuple[Path, ...]) -> dict[int, pd.DataFrame]:
     return {steps: pd.concat(frames, ignore_index=True) for steps, frames in out.items()}
 
 
+def check_against_covers_the_run(sweeps: tuple[Path, ...], recording: Recording) -> None:
+    """Tune measures on every prompt and seed of the run; a bar measured on fewer, or without PSNR, is no bar."""
+    pairs = {(item.id, seed) for item in recording.prompts.items for seed in recording.settings["seeds"]}
+    for folder in sweeps:
+        table = read_table(Path(folder) / "sweep.parquet")
+        swept = set(zip(table["prompt_id"], table["seed"], strict=True))
+        if swept != pairs:
+            raise UserError(f"--against {folder}: it measured {len(swept)} of the run's {len(pairs)} (prompt, seed) pairs; sweep all of them "
+                            "(without --prompts) so that tune compares like with like")
+        if not np.isfinite(table.loc[table["method"] != "uncached", "psnr"]).any():
+            raise UserError(f"--against {folder}: no PSNR measured; sweep with the psnr metric")
+    missing = [unit_name(i, s, steps, recording.size) for steps in recording.settings["steps"] for i, s in sorted(pairs)
+               if not (recording.run / "refs" / f"{unit_name(i, s, steps, recording.size)}.png").exists()]
+    if missing:
+        raise UserError(f"{recording.run}: no reference for {missing[0]}; finish `teacal record {recording.run}` first")
+
+
 def best_other(front: pd.DataFrame, budget: int) -> tuple[float, str]:
     """The best mean PSNR any other method reached computing no more than `budget` steps per branch, and which."""
     ok = front[(front["computed"] <= budget + 1e-9) & np.isfinite(front["psnr"])]
@@ -341,6 +358,7 @@ def tune(request: TuneRequest, echo=print) -> Preset:
     missing = sorted(set(fronts) - set(settings["steps"]))
     if missing:
         raise UserError(f"--against: sweeps of {', '.join(map(str, missing))} steps, which {run} did not record")
+    check_against_covers_the_run(request.against, recording)
     trace = load_trace(run)
     units = {steps: unit_series(trace[trace["steps"] == steps])[0] for steps in sorted(fronts)}
     tune_settings = {"record": {k: settings[k] for k in ("model", "backend", "steps", "sizes", "seeds", "cfg", "dtype", "device", "inputs_sha256", "weights")}}

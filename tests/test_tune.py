@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from calib.fit import FitRequest, fit
 from calib.sweep import SweepRequest, sweep
 from calib.tune import IDENTICAL_DB, Search, TuneRequest, best_other, budgets_of, others_front, tune
 from teacache.preset import Preset
+from tests.conftest import SMALL_PROMPTS, write_prompts
 
 runner = CliRunner()
 QUIET = dict(echo=lambda *_: None)
@@ -142,3 +144,19 @@ def test_the_mean_reach_of_a_schedule_is_that_of_its_extrapolated_skips():
     # 1 and 3, reach max(0.3, 0.2) = 0.3
     assert mean_reach("xx.x.x", sigma) == pytest.approx(0.25)
     assert np.isnan(mean_reach("x....x", sigma))  # no slope before any skip
+
+
+def test_tune_refuses_a_sweep_of_part_of_the_prompts_or_without_psnr(calibrated, tmp_path):
+    """Tune measures on every prompt and seed of the run, so the bar must be measured on all of them, with PSNR."""
+    run, preset, _, _, _ = calibrated
+    subset = write_prompts(tmp_path / "one.jsonl", SMALL_PROMPTS[1:2])
+    part = tmp_path / "part-sweep"
+    sweep(SweepRequest(run=run, preset=preset, thresholds="0.5", out=part, oracle="none", prompts=Path(subset), metrics=("psnr",),
+                       metrics_explicit=True), **QUIET)
+    result = runner.invoke(app, ["tune", str(run), "--preset", str(preset), "--against", str(part), "--out", str(tmp_path / "o.json")])
+    assert result.exit_code == 2 and "pairs; sweep all of them" in result.output and result.output.count("\n") == 1
+    no_psnr = tmp_path / "ssim-sweep"
+    sweep(SweepRequest(run=run, preset=preset, thresholds="0.5", out=no_psnr, oracle="none", metrics=("ssim",), metrics_explicit=True), **QUIET)
+    result = runner.invoke(app, ["tune", str(run), "--preset", str(preset), "--against", str(no_psnr), "--out", str(tmp_path / "o.json")])
+    assert result.exit_code == 2 and "no PSNR measured" in result.output
+    assert not (tmp_path / "o.json").exists()
