@@ -47,8 +47,9 @@ bench: install
 bench-real: install
 	$(PY) -m calib.bench real $(BENCH_ARGS)
 
-# The main job on the embedded tiny model (about 15 minutes on 2 CPU cores): record the calibration prompts, probe what
-# skips cost the final image, fit a preset, then measure it on held-out prompts it never saw and write the report.
+# The main job on the embedded tiny model (about 20 minutes on 2 CPU cores): record the calibration prompts, probe what
+# skips cost the final image, fit a preset, tune it by generating on the calibration prompts, then measure it on
+# held-out prompts it never saw and write the report.
 CALIB_PROMPTS   ?= prompts/calib.jsonl
 HELDOUT_PROMPTS ?= prompts/heldout.jsonl
 
@@ -73,7 +74,7 @@ demo: install
 
 # The evidence behind the README's tables: one preset calibrated on prompts/calib.jsonl at 20 and 40 steps, measured on
 # the held-out prompts (never used to calibrate or tune) against every borrowed coefficient set, uniform spacing, the
-# oracle, FirstBlockCache and MagCache, with and without the calibrated forecast. About an hour and a half on 2 CPU cores.
+# oracle, FirstBlockCache and MagCache, with and without the calibrated forecast. About two hours on 2 CPU cores.
 EVAL ?= results/eval
 EVAL_STEPS ?= 20 40
 EVAL_BASELINES = --baseline constant --baseline identity --baseline flux --baseline wan21 --baseline mlx-qwen --baseline uniform
