@@ -11,8 +11,8 @@ the run's prompts and comparing with the recorded references.
 The search: a pattern search over the logarithm of the polynomial's values at `degree + 1` knots where the recorded
 signal lies (the interpolating polynomial is the candidate; one that is not positive over the calibrated range is
 skipped). It starts at the fitted coefficients, moves one knot at a time by ±0.1 and ±0.3, keeps a move when the
-score improves, and halves the moves after a whole pass without gain. It is deterministic. The score compares the candidate's measured front with
-the best *other* method that the `--against` sweeps (sweeps of this run, never of held-out prompts) measured at each
+score improves, and halves the moves after a whole pass without gain. It is deterministic. The score compares the
+candidate's measured front with the best *other* method that the `--against` sweeps (sweeps of this run, never of held-out prompts) measured at each
 budget, 20% to 75% of the steps: twice the worst gap, plus every shortfall, plus a hundredth of every gap (clipped to
 ±5 dB), so that being at par everywhere comes first and being ahead second.
 
@@ -55,6 +55,7 @@ from calib.runfiles import (
     check_same_settings,
     load_trace,
     now_iso,
+    read_array,
     read_json,
     read_table,
     settings_hash,
@@ -97,13 +98,22 @@ def budgets_of(steps: int) -> list[int]:
     return list(range(math.ceil(BUDGETS[0] * steps), math.floor(BUDGETS[1] * steps) + 1))
 
 
-def others_front(sweeps: tuple[Path, ...]) -> dict[int, pd.DataFrame]:
+def others_front(sweeps: tuple[Path, ...], recording: Recording) -> dict[int, pd.DataFrame]:
     """Per step count: every measured configuration of the other methods (borrowed sets, uniform spacing, peers), as
-    mean computed steps per branch and mean PSNR; calibrated TeaCache, its forecasts and the oracle are left out."""
+    mean computed steps per branch and mean PSNR; calibrated TeaCache, its forecasts and the oracle are left out.
+
+    Tune measures on every prompt and seed of the run, so a sweep measured on fewer, or without PSNR, is refused."""
+    pairs = {(item.id, seed) for item in recording.prompts.items for seed in recording.settings["seeds"]}
     out: dict[int, list[pd.DataFrame]] = {}
-    for folder in sweeps:
-        steps = int(read_json(Path(folder) / SWEEP_FILE)["settings"]["steps"])
-        table = read_table(Path(folder) / "sweep.parquet")
+    for folder in map(Path, sweeps):
+        steps = int(read_json(folder / SWEEP_FILE)["settings"]["steps"])
+        table = read_table(folder / "sweep.parquet")
+        swept = set(zip(table["prompt_id"], table["seed"], strict=True))
+        if swept != pairs:
+            raise UserError(f"--against {folder}: it measured {len(swept)} of the run's {len(pairs)} (prompt, seed) pairs; sweep all of them "
+                            "(without --prompts) so that tune compares like with like")
+        if not np.isfinite(table.loc[table["method"] != "uncached", "psnr"]).any():
+            raise UserError(f"--against {folder}: no PSNR measured; sweep with the psnr metric")
         per_step = table.loc[table["method"] == "uncached", "calls"].max() / steps  # 2 with CFG
         view = aggregate(table)
         view = view[(view["method"] != "uncached") & ~view["label"].str.startswith(("teacache (calibrated)", "oracle"))]
@@ -111,21 +121,18 @@ def others_front(sweeps: tuple[Path, ...]) -> dict[int, pd.DataFrame]:
     return {steps: pd.concat(frames, ignore_index=True) for steps, frames in out.items()}
 
 
-def check_against_covers_the_run(sweeps: tuple[Path, ...], recording: Recording) -> None:
-    """Tune measures on every prompt and seed of the run; a bar measured on fewer, or without PSNR, is no bar."""
-    pairs = {(item.id, seed) for item in recording.prompts.items for seed in recording.settings["seeds"]}
-    for folder in sweeps:
-        table = read_table(Path(folder) / "sweep.parquet")
-        swept = set(zip(table["prompt_id"], table["seed"], strict=True))
-        if swept != pairs:
-            raise UserError(f"--against {folder}: it measured {len(swept)} of the run's {len(pairs)} (prompt, seed) pairs; sweep all of them "
-                            "(without --prompts) so that tune compares like with like")
-        if not np.isfinite(table.loc[table["method"] != "uncached", "psnr"]).any():
-            raise UserError(f"--against {folder}: no PSNR measured; sweep with the psnr metric")
-    missing = [unit_name(i, s, steps, recording.size) for steps in recording.settings["steps"] for i, s in sorted(pairs)
-               if not (recording.run / "refs" / f"{unit_name(i, s, steps, recording.size)}.png").exists()]
+def check_references(recording: Recording) -> None:
+    """Every unit of the run has its reference image: tune compares each generation with it."""
+    settings = recording.settings
+    names = [unit_name(item.id, seed, steps, recording.size) for steps in settings["steps"] for item in recording.prompts.items for seed in settings["seeds"]]
+    missing = [name for name in names if not (recording.run / "refs" / f"{name}.png").exists()]
     if missing:
         raise UserError(f"{recording.run}: no reference for {missing[0]}; finish `teacal record {recording.run}` first")
+
+
+def front_at(points: list[tuple[int, float]], budgets: list[int], empty: float) -> np.ndarray:
+    """For each budget, the best value among (computed steps, value) points computing no more; `empty` where none does."""
+    return np.array([max((v for k, v in points if k <= b), default=empty) for b in budgets])
 
 
 def best_other(front: pd.DataFrame, budget: int) -> tuple[float, str]:
@@ -163,12 +170,12 @@ def candidate(preset: Preset, knots: np.ndarray, log_values: np.ndarray) -> Pres
 class Measurer:
     """Measures static schedules on the run's prompts and seeds, once each (parts in RUN/tune/)."""
 
-    def __init__(self, recording: Recording, preset: Preset, echo=print) -> None:
-        self.recording, self.preset, self.echo = recording, preset.replace(forecast=NO_FORECAST), echo
+    def __init__(self, recording: Recording, preset: Preset) -> None:
+        self.recording, self.preset = recording, preset.replace(forecast=NO_FORECAST)
         self.pairs = [(item, seed) for item in recording.prompts.items for seed in recording.settings["seeds"]]
         self.backend = None
         self.generations = 0
-        self.measured: dict[tuple[int, str], float] = {}
+        self.measured: dict[tuple, float] = {}  # (steps, schedule) or (steps, schedule, forecast) -> mean PSNR
 
     def part(self, steps: int, schedule: str, forecast: Forecast = NO_FORECAST) -> Path:
         rule = "" if not forecast.extrapolates else "@" + settings_hash({"axis": forecast.axis, "alpha": [list(k) for k in forecast.alpha]})
@@ -210,7 +217,7 @@ class Measurer:
         item, seed = self.pairs[0]
         steps = self.recording.settings["steps"][0]
         generation = self.backend.run(item, seed, steps, self.recording.settings["cfg"], self.recording.size)
-        reference = np.load(self.recording.run / "refs" / f"{unit_name(item.id, seed, steps, self.recording.size)}.npy")
+        reference = read_array(self.recording.run / "refs" / f"{unit_name(item.id, seed, steps, self.recording.size)}.npy")
         mismatch = reference_mismatch(generation, reference)
         if mismatch is not None:
             raise UserError(f"{self.recording.run}: an uncached run here does not reproduce the recorded reference ({mismatch}); tune on the "
@@ -240,9 +247,8 @@ class Search:
         out = {}
         for steps in self.units:
             measured = [(s.count("x"), self.measure(steps, s)) for s in self.schedules(preset, steps)]
-            front = [max((p for k, p in measured if k <= b), default=-math.inf) for b in budgets_of(steps)]
             bar = np.array([self.bar[steps][b][0] for b in budgets_of(steps)])
-            out[steps] = np.where(np.isfinite(bar), np.array(front) - bar, np.nan)  # NaN: no other method computes this little
+            out[steps] = np.where(np.isfinite(bar), front_at(measured, budgets_of(steps), -math.inf) - bar, np.nan)  # NaN: no other method computes this little
         return out
 
     @staticmethod
@@ -275,8 +281,7 @@ def gains_of(measure: Measurer, schedules: dict[int, list[str]], forecast: Forec
     for steps, found in schedules.items():
         plain = [(s.count("x"), measure(steps, s)) for s in found]
         ruled = [(s.count("x"), measure(steps, s, forecast)) for s in found]
-        front = lambda points, b: max((p for k, p in points if k <= b), default=math.nan)  # noqa: E731
-        out[steps] = np.array([front(ruled, b) - front(plain, b) for b in budgets_of(steps)])
+        out[steps] = front_at(ruled, budgets_of(steps), math.nan) - front_at(plain, budgets_of(steps), math.nan)
     return out
 
 
@@ -351,14 +356,14 @@ def tune(request: TuneRequest, echo=print) -> Preset:
         raise UserError(f"--preset {preset_path}: no calibrated domain (x_range); tune refines a preset that `teacal fit` wrote")
     run = Path(request.run)
     measured = measured_static(request.against, [run])  # refuses sweeps of other runs: never tune on held-out prompts
-    fronts = others_front(request.against)
     recording = open_recording(run, request.model_path, request.lightx2v_config, request.device, request.dtype, what="tune")
     settings = recording.settings
     preset.require_model(settings["model"])
+    fronts = others_front(request.against, recording)
     missing = sorted(set(fronts) - set(settings["steps"]))
     if missing:
         raise UserError(f"--against: sweeps of {', '.join(map(str, missing))} steps, which {run} did not record")
-    check_against_covers_the_run(request.against, recording)
+    check_references(recording)
     trace = load_trace(run)
     units = {steps: unit_series(trace[trace["steps"] == steps])[0] for steps in sorted(fronts)}
     tune_settings = {"record": {k: settings[k] for k in ("model", "backend", "steps", "sizes", "seeds", "cfg", "dtype", "device", "inputs_sha256", "weights")}}
@@ -370,7 +375,7 @@ def tune(request: TuneRequest, echo=print) -> Preset:
     remove_stale_temp_files(out.parent, [out.name])
     write_json(run / TUNE_FILE, {"kind": "tune", "settings": tune_settings, "updated": now_iso()})
 
-    measure = Measurer(recording, preset, echo)
+    measure = Measurer(recording, preset)
     for r in measured.itertuples():  # what the sweeps measured is not generated again
         measure.measured.setdefault((int(r.steps), r.schedule), float(r.psnr))
     search = Search(units, fronts, measure)
@@ -385,7 +390,7 @@ def tune(request: TuneRequest, echo=print) -> Preset:
         first = search.gaps(preset)
         best, best_gaps, best_preset = search.score(first), first, preset
         scale, since_gain = 1.0, 0
-        with progress("tune", request.rounds, echo=None) as advance:
+        with progress("tune", request.rounds) as advance:
             for round_ in range(request.rounds):
                 knot, move = moves[round_ % len(moves)]
                 trial = log_values.copy()

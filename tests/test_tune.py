@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from calib.backends import open_recording
 from calib.cli import app
 from calib.fit import FitRequest, fit
 from calib.sweep import SweepRequest, sweep
@@ -62,7 +63,7 @@ def test_what_tune_reports_is_what_a_sweep_of_the_tuned_preset_measures(calibrat
     table = sweep(SweepRequest(run=run, preset=path, out=tmp_path / "s", oracle="none", forecasts=("none",), metrics=("psnr",), metrics_explicit=True), **QUIET)
     rows = table[table["method"] == "teacache"].assign(psnr=lambda t: t["psnr"].where(np.isfinite(t["psnr"]), IDENTICAL_DB))
     per_config = rows.groupby("config").agg(computed=("computed", "mean"), psnr=("psnr", "mean"))
-    others = others_front((against,))[6]
+    others = others_front((against,), open_recording(run))[6]
     for budget, gap in tuned.calibration["tune"]["gaps_db"]["6"].items():
         if gap["tuned"] is None:
             continue
