@@ -553,9 +553,11 @@ def fit(request: FitRequest, echo=print) -> Preset:
     trace, settings, groups, runs = load_traces(request, echo)
     remove_stale_temp_files(out.parent, [out.name])  # a killed fit's half-written preset
     model_name = settings["model"]
+    # Only ret_steps and cutoff_steps matter here: the cutoff check now, the forced steps of the oracle below.
+    step_rules = Preset(model=model_name, signal="temb", coefficients=[1.0, 0.0], ret_steps=request.ret_steps, cutoff_steps=request.cutoff_steps)
     for steps in settings["steps"]:
         try:
-            Preset(model=model_name, signal="temb", coefficients=[1.0, 0.0], ret_steps=request.ret_steps, cutoff_steps=request.cutoff_steps).resolve_cutoff(steps)
+            step_rules.resolve_cutoff(steps)
         except ValueError as err:
             raise UserError(str(err).replace("preset <memory>: ", "")) from None
     measured = measured_static(request.oracle_from, runs) if request.oracle_from else None  # checked before the fit
@@ -622,7 +624,7 @@ def fit(request: FitRequest, echo=print) -> Preset:
     for steps in steps_list:  # the static ceiling of plain reuse: what sweep runs as the oracle
         same = [u for u in units if u.steps == steps]
         mean = np.mean([plain[chosen.target][u.key].mean(axis=0) for u in same], axis=0)
-        forced = forced_steps(Preset(model=model_name, signal="temb", coefficients=[1.0, 0.0], ret_steps=request.ret_steps, cutoff_steps=request.cutoff_steps), steps)
+        forced = forced_steps(step_rules, steps)
         oracle[str(steps)] = {str(b): schedule_text(s) for b, s in oracle_schedules(mean, forced).items()}
     oracle_source, measured_check = "cost model", {}
     if measured is not None:
