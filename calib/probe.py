@@ -153,12 +153,15 @@ def probe(request: ProbeRequest, echo=print) -> Path:
     todo = [p for p in mine if not (run / "probes" / p.part).exists() or (p.kind == "window" and p.length == 0
             and not (run / "probes" / p.unit / "reference-pixels.npy").exists())]
     checks = {p.unit: p for p in probes if p.kind == "window" and p.length == 0}
+    mine_todo = len(todo)
     todo = _with_checks_first(todo, checks, run)
+    borrowed_checks = len(todo) - mine_todo  # other shards' units' uncached checks, rerun here for their pixels
     per_call = _seconds_per_call(run)
     calls = sum(p.steps for p in todo) * (2 if settings["cfg"] > 1 else 1)
     echo(f"probe {settings['model']}: {len(probes)} generations in all ({request.prompts} prompts x {len(settings['steps'])} step count(s), "
          f"windows {', '.join(map(str, request.windows))}{', forecasts' if request.forecast else ''}, plus one uncached check per unit); shard {shard_index}/{shard_count}: "
-         f"{len(todo)} to run, {len(mine) - len(todo)} done; about {calls * per_call / 60:.1f} min of denoising at the recorded {per_call * 1000:.0f} ms per call")
+         f"{mine_todo} to run, {len(mine) - mine_todo} done"
+         f"{f' (and {borrowed_checks} uncached check(s) of units shared with other shards)' if borrowed_checks else ''}; about {calls * per_call / 60:.1f} min of denoising at the recorded {per_call * 1000:.0f} ms per call")
     write_json(run / PROBE_FILE, {"kind": "probe", "settings": probe_settings, "prompts": request.prompts, "windows": list(request.windows),
                                   "forecast": request.forecast,
                                   "planned": len(probes), "updated": now_iso()})

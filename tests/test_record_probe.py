@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -173,9 +174,13 @@ def test_probe_resumes_and_shards_to_the_same_table(probed, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     processes = [subprocess.Popen([*TEACAL, "probe", str(copy), "--prompts", "2", "--window", "1", "--window", "2", "--shard", f"{i}/2"], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    counts = []
     for process in processes:
-        _, err = process.communicate(timeout=300)
+        out, err = process.communicate(timeout=300)
         assert process.returncode == 0, err
+        counts.append(re.search(r"(\d+) generations in all.*: (\d+) to run, (\d+) done", out).groups())
+    # the shards split the plan: their counts add up, whatever uncached checks they share
+    assert sum(int(c[1]) for c in counts) == int(counts[0][0]) and {c[2] for c in counts} == {"0"}
     if not (copy / "probes.parquet").exists():  # the shard that finished first could not merge yet
         probe(ProbeRequest(run=copy, prompts=2, windows=(1, 2)), echo=lambda *_: None)
     columns = ["prompt_id", "first", "length", "latent_rel_l1", "psnr"]
