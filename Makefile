@@ -64,7 +64,7 @@ demo: install
 	$(TEACAL) record $(RUN)/calib --prompts $(CALIB_PROMPTS)
 	$(TEACAL) probe $(RUN)/calib --forecast
 	$(TEACAL) fit $(RUN)/calib --out $(RUN)/calib-preset.json
-	$(TEACAL) sweep $(RUN)/calib --out $(RUN)/calib-sweep --preset $(RUN)/calib-preset.json $(STATIC_BASELINES) $(MODIN_BASELINES) --forecast none --target-psnr 35
+	$(TEACAL) sweep $(RUN)/calib --out $(RUN)/calib-sweep --preset $(RUN)/calib-preset.json $(STATIC_BASELINES) $(MODIN_BASELINES) --forecast none
 	$(TEACAL) fit $(RUN)/calib --out $(RUN)/fitted-preset.json --oracle-from $(RUN)/calib-sweep
 	$(TEACAL) tune $(RUN)/calib --preset $(RUN)/fitted-preset.json --against $(RUN)/calib-sweep --out $(RUN)/preset.json --rounds $(DEMO_TUNE_ROUNDS)
 	$(TEACAL) record $(RUN)/heldout --prompts $(HELDOUT_PROMPTS)

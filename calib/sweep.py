@@ -314,6 +314,14 @@ def plan(request: SweepRequest, echo=print) -> Plan:
     for name in request.baselines:
         (statics if name in STATIC else baselines).append(name if name in STATIC else load_baseline(name, preset))
     forecasts = [parse_forecast(spec, preset) for spec in dict.fromkeys(request.forecasts)]
+    target_flag = "--target-lpips" if request.target_lpips is not None else "--target-psnr" if request.target_psnr is not None else None
+    if target_flag is not None:  # the recommended preset runs with its own reuse rule: only that rule's measurements may choose it
+        own_rule = parse_forecast("preset", preset)[0]
+        if "teacache" not in methods:
+            raise UserError(f"{target_flag}: recommends a threshold of calibrated TeaCache; add --method teacache")
+        if own_rule not in [label for label, _ in forecasts]:
+            raise UserError(f"{target_flag}: the recommended preset runs with its own reuse rule ({own_rule}), which this sweep does not "
+                            f"measure (--forecast {', '.join(label for label, _ in forecasts)}); add --forecast preset")
     out = check_output_folder(request.out or run, "--out")
 
     # -- configurations ---------------------------------------------------------------------------------------------
@@ -563,7 +571,7 @@ def summary(table: pd.DataFrame) -> str:
 def recommend(table: pd.DataFrame, preset: Preset, save_to: Path, preset_path: Path, metric: str, target: float, echo=print) -> float | None:
     """The calibrated threshold with the fewest computed calls that meets `target` on the mean and on the worst prompt,
     written with the measured table as a new preset (never over the input preset)."""
-    view = aggregate(table[(table["method"] == "teacache") & (table["forecast"] == ("calibrated" if preset.forecast.extrapolates else "none"))])
+    view = aggregate(table[(table["method"] == "teacache") & (table["forecast"] == parse_forecast("preset", preset)[0])])
     if metric == "lpips":
         ok = view[(view["lpips"] <= target) & (view["lpips_worst"] <= target)]
     else:

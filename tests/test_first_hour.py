@@ -160,6 +160,18 @@ def test_bad_sweep_values_exit_2_before_any_generation(recorded_run, preset, tmp
     assert not (tmp_path / "o").exists()
 
 
+def test_a_recommendation_needs_the_presets_own_reuse_rule_in_the_sweep(recorded_run, preset, tmp_path):
+    # It used to sweep for minutes, then say "no threshold meets psnr >= 20" whatever the quality: the recommendation
+    # looked only at the preset's own rule (here a forecast), which `--forecast none` never measured.
+    forecasting = tmp_path / "forecasting.json"
+    forecasting.write_text(json.dumps({**json.loads(Path(preset).read_text()), "forecast": {"rule": "linear", "axis": "step", "alpha": [[0.0, 0.3]]}}))
+    sweep = ["sweep", str(recorded_run), "--preset", str(forecasting), "--thresh", "0.1", "--oracle", "none", "--out", str(tmp_path / "o"), "--target-psnr", "20"]
+    one_error_line(runner.invoke(app, [*sweep, "--forecast", "none"]),
+                   "--target-psnr: the recommended preset runs with its own reuse rule (calibrated), which this sweep does not measure (--forecast none); add --forecast preset")
+    one_error_line(runner.invoke(app, [*sweep, "--method", "fbcache"]), "--target-psnr: recommends a threshold of calibrated TeaCache; add --method teacache")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("damage", ["empty", "truncated"])
 def test_fit_and_report_on_an_unreadable_trace_name_the_file(recorded_run, tmp_path, damage):
     run = tmp_path / "run"
