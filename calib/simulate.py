@@ -305,16 +305,18 @@ def simulated_front(units: list[UnitSeries], model: CostModel, preset: Preset, t
     return frame.groupby("threshold", as_index=False).mean()
 
 
-def thresholds_for_budgets(units: list[UnitSeries], preset: Preset, budgets, probe_units: int = 3) -> list[float]:
+def thresholds_for_budgets(units: list[UnitSeries], preset: Preset, budgets) -> list[float]:
     """For each budget (fraction of calls computed), the threshold whose simulated schedules compute the most without
-    exceeding it.
+    exceeding it, on average over the units.
 
     The threshold -> computed-calls map is a step function, not always monotone, whose steps a fixed grid misses (and
     whose place depends on the coefficients' scale). A log grid is refined by bisection wherever neighbouring
-    thresholds differ by more than one computed step, on the first `probe_units` units (with `temb` every unit has
-    the same schedule). Thresholds that give the same schedules are returned once.
+    thresholds differ by more than one computed step. With `temb` every unit has the same schedule, so one unit
+    stands for all; a signal read from the latents (`modin`) gives each prompt its own, so all of them are averaged:
+    a sample of three put the mean of 24 prompts above the budget (16.1 calls for 16), and the front had no point there.
+    Thresholds that give the same schedules are returned once.
     """
-    sample = units[:probe_units]
+    sample = units[:1] if preset.signal == "temb" else units
     resolution = 1.0 / max(u.steps for u in sample)
     seen: dict[float, float] = {}
 

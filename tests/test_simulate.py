@@ -89,12 +89,12 @@ def test_sensitivity_transfers_to_another_step_count_through_sigma():
     assert np.allclose(s40[::2][:-1] / s20[:-1], 0.5, rtol=0.06)
 
 
-def _trace(x: np.ndarray) -> pd.DataFrame:
+def _trace(x: np.ndarray, prompt_id: str = "p") -> pd.DataFrame:
     n = len(x)
     rows = []
     for branch in ("cond", "uncond"):
         for step in range(n):
-            rows.append(dict(prompt_id="p", seed=0, steps=n, width=16, height=16, step=step, branch=branch, timestep=1000 * (1 - step / n),
+            rows.append(dict(prompt_id=prompt_id, seed=0, steps=n, width=16, height=16, step=step, branch=branch, timestep=1000 * (1 - step / n),
                              sigma=1 - step / n, x_temb=x[step], x_modin=x[step], y_output=0.1, y_residual=0.1, seconds=0.01))
     return pd.DataFrame(rows)
 
@@ -109,3 +109,18 @@ def test_thresholds_for_budgets_reach_every_computed_count():
     counts = {int(teacache_schedules(unit, preset, [t])[0, 0].sum()) for t in thresholds}
     reachable = {int(teacache_schedules(unit, preset, [t])[0, 0].sum()) for t in np.geomspace(1e-4, 10, 4000)}
     assert {k for k in range(3, 17) if k in reachable} <= counts
+
+
+def test_thresholds_for_an_adaptive_signal_keep_the_mean_over_every_prompt_within_each_budget():
+    """With `modin` each prompt has its own schedule: the threshold for a budget must not put the prompts' mean above
+    it, or the sweep's front has no point at that budget (it fell back to one a step below)."""
+    rng = np.random.default_rng(3)
+    units = [unit_series(_trace(np.concatenate([[np.nan], rng.uniform(0.02, 0.3, 19) * scale]), f"p{i}"))[0]
+             for i, scale in enumerate([0.5, 0.7, 1.0, 1.0, 1.4, 2.0])]
+    preset = Preset(model="m", signal="modin", coefficients=[1.0, 0.0], ret_steps=1, cutoff_steps=-1, branch_mode="shared")
+    budgets = [k / 20 for k in range(3, 17)]
+    fractions = [float(np.mean([teacache_schedules(u, preset, [t]).mean() for u in units]))
+                 for t in thresholds_for_budgets(units, preset, budgets)]
+    for budget in budgets:  # a point within one computed step below every budget, none above the largest
+        assert any(budget - 1 / 20 < f <= budget + 1e-9 for f in fractions), (budget, sorted(fractions))
+    assert max(fractions) <= max(budgets) + 1e-9
