@@ -242,6 +242,11 @@ def uniform_schedule(steps: int, budget: int, forced: np.ndarray | None = None) 
     return schedule
 
 
+# Signals read from the timestep alone: their recorded distances depend neither on skipped steps nor on the prompt, so
+# a simulated schedule is exact and the same for every unit.
+EXACT_SIGNALS = ("temb",)
+
+
 # -- TeaCache's own schedules ------------------------------------------------------------------------------------
 def teacache_schedules(unit: UnitSeries, preset: Preset, thresholds) -> np.ndarray:
     """``[thresholds, branches, n]``: what TeaCache computes, from the unit's recorded distances (see module notes)."""
@@ -316,7 +321,7 @@ def thresholds_for_budgets(units: list[UnitSeries], preset: Preset, budgets) -> 
     a sample of three put the mean of 24 prompts above the budget (16.1 calls for 16), and the front had no point there.
     Thresholds that give the same schedules are returned once.
     """
-    sample = units[:1] if preset.signal == "temb" else units
+    sample = units[:1] if preset.signal in EXACT_SIGNALS else units
     resolution = 1.0 / max(u.steps for u in sample)
     seen: dict[float, float] = {}
 

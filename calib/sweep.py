@@ -64,6 +64,7 @@ from calib.runfiles import (
     write_table,
 )
 from calib.simulate import (
+    EXACT_SIGNALS,
     StaticSchedulePolicy,
     forced_steps,
     schedule_text,
@@ -76,7 +77,6 @@ from teacache._files import atomic_write, remove_stale_temp_files
 from teacache.forecast import NO_FORECAST, Forecast
 from teacache.preset import Preset, PresetError
 
-EXACT_SIGNALS = ("temb",)  # signals whose recorded distances do not depend on skipped steps
 AUTO_BUDGETS = (0.15, 0.8)  # `--thresh auto`: a threshold for every computed-call count in this share of the calls
 MAX_CONFIGS = 400  # more than this many configurations needs --yes
 

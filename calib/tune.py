@@ -63,6 +63,7 @@ from calib.runfiles import (
     write_json,
 )
 from calib.simulate import (
+    EXACT_SIGNALS,
     StaticSchedulePolicy,
     schedule_text,
     teacache_schedules,
@@ -349,7 +350,7 @@ def tune(request: TuneRequest, echo=print) -> Preset:
     if out.resolve() == preset_path.resolve():
         raise UserError(f"--out {out}: that is the input preset; tune never edits its inputs, choose another file")
     preset = Preset.load(preset_path)
-    if preset.signal != "temb":
+    if preset.signal not in EXACT_SIGNALS:
         raise UserError(f"--preset {preset_path}: signal {preset.signal}; tune needs a signal that does not depend on the latents (temb), "
                         "whose schedules are the same for every prompt")
     if preset.x_range is None:
