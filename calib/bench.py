@@ -5,8 +5,8 @@ runs diffusers' `QwenImageTransformer2DModel` at Qwen-Image's published dimensio
 random bf16 weights, on the target + reference tokens of a 1024² edit; without CUDA it runs at reduced layers,
 width and tokens, as a smoke test. Both print:
 
-(a) overhead per transformer call at threshold 0 (every call computed) against the plain call, signals temb and
-    modin; target <= 2%
+(a) overhead per transformer call at threshold 0 (every call computed) against the plain call, each signal (temb,
+    modin, sigma); target <= 2%
 (b) a cached run's wall-time speedup as a fraction of the ideal ratio (calls / computed calls); target >= 0.85
 (c) recording's overhead per call against a plain run (`calib.record.TraceRecorder`, as `teacal record` observes,
     reuse errors against the last max_gap calls included); target <= 5%
@@ -41,7 +41,7 @@ from calib.backends import HookedTransformerBackend, resolve_device, resolve_dty
 from calib.backends.loop import Conditioning, denoise, qwen_scheduler
 from calib.record import RecordRequest, TraceRecorder
 from calib.simulate import StaticSchedulePolicy
-from teacache.preset import Preset
+from teacache.preset import SIGNALS, Preset
 
 PROMPT = "make the suit red"
 # What a recording really pays: `teacal record`'s defaults (--max-gap 16, --residual-tokens 64).
@@ -206,7 +206,7 @@ def measure(
         with cached():
             return run()
 
-    variants = [("plain", run), ("temb@0", at_zero(base)), ("modin@0", at_zero(base.replace(signal="modin")))]
+    variants = [("plain", run), *((f"{signal}@0", at_zero(base.replace(signal=signal))) for signal in SIGNALS)]
     variants += [(recorded_name(gap), recorded(gap)) for gap in gaps] + [("plain again", run)]
     started = time.perf_counter()
     run()  # warm-up: first-call allocations stay out of every timing; its time sizes the repeats
@@ -256,7 +256,7 @@ def report(measured: Measured, cached_label: str, gaps: Sequence[int], echo: Cal
     echo(f"plain transformer call: {m.fastest(('plain', 'plain again')) / m.calls * 1000:.1f} ms ({m.calls} calls a run); "
          f"plain denoising loop: {m.loop['plain']:.3f} s; {m.repeats} interleaved repeat(s)")
     echo(f"noise floor: the same plain calls, timed as two series, differ by {pct(m.overhead('plain again', 'plain'))}")
-    for signal in ("temb", "modin"):
+    for signal in SIGNALS:
         echo(f"(a) TeaCache overhead per call at threshold 0, signal {signal}: {pct(m.overhead(signal + '@0'))}  (target <= 2%)")
     speedup = m.loop["plain"] / m.loop["cached"]
     echo(f"(b) cached speedup {speedup:.2f}x at {cached_label}, ideal {m.ideal:.2f}x: "

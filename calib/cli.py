@@ -35,7 +35,7 @@ from calib.peers import GRIDS, METHODS  # noqa: E402
 
 # Choices, as `--help` shows them (kept in step with teacache.preset.SIGNALS/BRANCH_MODES and calib.fit.LOSSES by tests).
 Model = Literal[tuple(MODELS)]  # type: ignore[valid-type]
-Signal = Literal["auto", "temb", "modin"]
+Signal = Literal["auto", "temb", "modin", "sigma"]
 Target = Literal["auto", "residual", "output"]
 BranchMode = Literal["auto", "per-branch", "shared"]
 Loss = Literal["linear", "soft_l1", "huber", "cauchy"]

@@ -11,7 +11,7 @@ Layout of a run folder (one *unit* is one generation: prompt, seed, step count a
                                     [steps, branches, tokens, channels]: fit evaluates reuse rules (forecasts) on it
 
 The trace has one row per (unit, step, branch): the candidate signals' rel-L1 against the branch's previous call
-(`x_temb`, `x_modin`), the output's and residual's (`y_output`, `y_residual`), and the reuse errors of every gap up to
+(`x_temb`, `x_modin`, `x_sigma`), the output's and residual's (`y_output`, `y_residual`), and the reuse errors of every gap up to
 `--max-gap` (`r_output_<k>`, `r_residual_<k>`): what a call skipped k steps after a computed one really substitutes.
 """
 

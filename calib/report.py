@@ -168,7 +168,7 @@ def fit_figure(trace: pd.DataFrame, preset: Preset, settings: dict, path: Path) 
 
 
 def steps_figure(trace: pd.DataFrame, settings: dict, preset: Preset | None, path: Path) -> Path:
-    columns = [("y_output", "output"), ("y_residual", "block residual"), ("x_temb", "signal temb"), ("x_modin", "signal modin")]
+    columns = [("y_output", "output"), ("y_residual", "block residual"), ("x_temb", "signal temb"), ("x_modin", "signal modin"), ("x_sigma", "signal sigma")]
     gain = (preset.calibration.get("cost_model", {}).get("gain") or {}) if preset is not None else {}
     fig, axes = plt.subplots(1, len(columns) + bool(gain), figsize=(4 * (len(columns) + bool(gain)), 4))
     for ax, (column, name) in zip(axes, columns, strict=False):

@@ -20,6 +20,7 @@ from PIL import Image
 
 from calib.errors import UserError
 from teacache._files import atomic_write
+from teacache.preset import SIGNALS
 
 RUN_FILE = "run.json"
 SWEEP_FILE = "sweep.json"
@@ -29,7 +30,7 @@ PROBE_FILE = "probe.json"
 # image_rmse: of the float image (before 8-bit rounding) against the reference's, what the cost model predicts
 PROBE_COLUMNS = ["prompt_id", "seed", "steps", "width", "height", "kind", "first", "length", "budget", "alpha", "latent_rel_l1", "image_rmse", "psnr", "seconds"]
 UNIT_COLUMNS = ["prompt_id", "seed", "steps", "width", "height"]  # one generation; its steps are a series per branch
-TRACE_COLUMNS = [*UNIT_COLUMNS, "step", "branch", "timestep", "sigma", "x_temb", "x_modin", "y_output", "y_residual", "seconds"]
+TRACE_COLUMNS = [*UNIT_COLUMNS, "step", "branch", "timestep", "sigma", *(f"x_{s}" for s in SIGNALS), "y_output", "y_residual", "seconds"]
 REUSE_TARGETS = ("output", "residual")
 
 

@@ -16,7 +16,7 @@ The cost model
     step's latent error on about half as strongly as a middle step's. Without probes, ``s = 1, γ = 0``.
 
 * `teacache_schedules`: what TeaCache would decide, feeding recorded distances to the same `TeaCachePolicy` the
-  runtimes use. Exact for `temb` (the timestep embedding does not depend on the latents); an estimate for `modin`.
+  runtimes use. Exact for `temb` and `sigma` (read from the timestep alone, not the latents); an estimate for `modin`.
 * `oracle_schedules`: for every budget at once, the static schedule of least cost (dynamic programming).
 * `uniform_schedule`: evenly spaced computed steps, the simplest static schedule.
 """
@@ -31,7 +31,7 @@ import pandas as pd
 
 from teacache.forecast import NO_FORECAST, Forecast
 from teacache.policy import TeaCachePolicy
-from teacache.preset import Preset
+from teacache.preset import SIGNALS, Preset
 
 BRANCH_ORDER = ("cond", "uncond")  # the order the pipelines call them in each step
 UNIT = ["prompt_id", "seed", "steps", "width", "height"]
@@ -67,7 +67,7 @@ def unit_series(trace: pd.DataFrame, groups: dict[str, str] | None = None) -> li
         n = int(key[2])
         rows = {b: unit[unit["branch"] == b].sort_values("step") for b in branches}
         sigma = rows[branches[0]]["sigma"].to_numpy(float)
-        x = {s: np.stack([rows[b][f"x_{s}"].to_numpy(float) for b in branches]) for s in ("temb", "modin")}
+        x = {s: np.stack([rows[b][f"x_{s}"].to_numpy(float) for b in branches]) for s in SIGNALS}
         reuse = {}
         for target in ("residual", "output"):
             e = np.full((len(branches), n, max_gap + 1), np.nan)
@@ -244,7 +244,7 @@ def uniform_schedule(steps: int, budget: int, forced: np.ndarray | None = None) 
 
 # Signals read from the timestep alone: their recorded distances depend neither on skipped steps nor on the prompt, so
 # a simulated schedule is exact and the same for every unit.
-EXACT_SIGNALS = ("temb",)
+EXACT_SIGNALS = ("temb", "sigma")
 
 
 # -- TeaCache's own schedules ------------------------------------------------------------------------------------

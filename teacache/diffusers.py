@@ -79,12 +79,15 @@ def target_temb(block: torch.nn.Module, temb: torch.Tensor) -> torch.Tensor:
     return temb.chunk(2, dim=0)[0] if getattr(block, "zero_cond_t", False) else temb
 
 
-def compute_signal(kind: str, block: torch.nn.Module, hidden_states: torch.Tensor, temb: torch.Tensor, n_target: int) -> torch.Tensor:
+def compute_signal(kind: str, block: torch.nn.Module, hidden_states: torch.Tensor, temb: torch.Tensor, n_target: int, sigma: float) -> torch.Tensor:
     """The TeaCache signal at block 0, over the target tokens only.
 
     `temb`: silu of the timestep embedding (what every block's `img_mod` sees first).
     `modin`: block 0's modulated image input, exactly what enters `transformer_blocks[0].attn` for the target.
+    `sigma`: the timestep the transformer received (t / 1000), as a one-element CPU tensor: its rel-L1 is |Δσ| / σ.
     """
+    if kind == "sigma":
+        return torch.tensor([sigma], dtype=torch.float64)
     temb = target_temb(block, temb)
     if kind == "temb":
         return F.silu(temb)
@@ -245,7 +248,7 @@ class TeaCacheHeadBlockHook(ModelHook):
         runtime = self.runtime
         state = runtime.state_manager.get_state()
         kinds = SIGNALS if runtime.observers else (runtime.policy.preset.signal,)
-        state.signals = {kind: compute_signal(kind, module, hidden_states, temb, state.n_target) for kind in kinds}
+        state.signals = {kind: compute_signal(kind, module, hidden_states, temb, state.n_target, state.sigma) for kind in kinds}
         signal = state.signals[runtime.policy.preset.signal]
         computed = runtime.policy.decide(state.step, runtime.state_manager.context.name, signal)
         if not computed and (state.cache.empty or state.cache.last.residual.shape != hidden_states.shape):

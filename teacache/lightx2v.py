@@ -38,6 +38,7 @@ How one call runs (`QwenImageTeaCachingTransformerInfer.infer`)
       ``modin``: block 0's modulated image input, computed with block 0's own ``img_mod``/``img_norm1`` weights
       and LightX2V's ``_modulate`` (under block/phase ``cpu_offload`` a device copy of block 0's ``img_mod`` is
       made once per request; ``lazy_load`` keeps it on disk, so ``modin`` is refused there);
+      ``sigma``: the timestep the transformer receives (`timestep_input`), a one-element CPU tensor;
     * branch: ``scheduler.infer_condition`` (True: "cond", False: "uncond"); each branch has its own state;
     * decision: `teacache.policy.TeaCachePolicy`, the one place the rule is written;
     * computed: the block stack runs and ``output - input`` is kept as the branch's residual, on the device, or on
@@ -54,7 +55,7 @@ Request boundaries and logs
 Parallelism
     ``cfg_parallel``: rank 0 runs only the cond branch and rank 1 only the uncond branch; each rank keeps the state
     of its own branch. In ``shared`` branch mode both ranks see the same image-stream signal and so decide alike.
-    ``seq_parallel``: every rank holds a slice of the tokens. ``temb`` is the same on every rank, so the decision
+    ``seq_parallel``: every rank holds a slice of the tokens. ``temb`` and ``sigma`` are the same on every rank, so the decision
     is too. For ``modin`` each rank keeps its slice of the target tokens, and the rel-L1 all-reduces its two sums
     (``sum|a - b|`` and ``sum|b|``) over the sequence-parallel group: every rank gets the rel-L1 of the full tensor
     and takes the same decision, without gathering the signal.
@@ -76,7 +77,7 @@ import torch.distributed as dist
 from teacache.forecast import ResidualCache
 from teacache.lightx2v_config import config_keys, has_inline_keys, preset_from_keys
 from teacache.policy import TeaCacheCall, TeaCachePolicy, TeaCacheStats, rel_l1
-from teacache.preset import Preset, PresetError, check_threshold
+from teacache.preset import SIGNALS, Preset, PresetError, check_threshold
 
 INSTALL_HINT = "LightX2V (github.com/ModelTC/LightX2V, installed from its git repository or a checkout on PYTHONPATH) and its dependencies"
 PLATFORM_HINT = "Set PLATFORM to an available platform; on a machine without an accelerator install integrations/lightx2v/cpu_platform and set PLATFORM=cpu"
@@ -304,10 +305,12 @@ class QwenImageTeaCachingTransformerInfer(QwenImageTransformerInfer):
         # zero_cond_t (2511): rows are [target t, reference t=0]; the target's is the first, as in diffusers.
         return temb[:1] if self.zero_cond_t else temb
 
-    def signals(self, block_weights, pre_infer_out, kinds: tuple[str, ...] = ("temb", "modin")) -> dict[str, torch.Tensor]:
+    def signals(self, block_weights, pre_infer_out, kinds: tuple[str, ...] = SIGNALS) -> dict[str, torch.Tensor]:
         """The candidate TeaCache signals of this call, over the target tokens, as `teacache.diffusers` defines them."""
         temb = self._target_temb(pre_infer_out)
         out: dict[str, torch.Tensor] = {}
+        if "sigma" in kinds:
+            out["sigma"] = torch.tensor([timestep_input(self.scheduler)], dtype=torch.float64)
         if "temb" in kinds:
             out["temb"] = temb
         if "modin" in kinds:
@@ -345,7 +348,7 @@ class QwenImageTeaCachingTransformerInfer(QwenImageTransformerInfer):
     def infer(self, block_weights, pre_infer_out):
         self._begin_call()
         step, branch = self.scheduler.step_index, BRANCHES[bool(self.scheduler.infer_condition)]
-        kinds = ("temb", "modin") if self.observers else (self.preset.signal,)
+        kinds = SIGNALS if self.observers else (self.preset.signal,)
         signals = self.signals(block_weights, pre_infer_out, kinds)
         computed = self.policy.decide(step, branch, signals[self.preset.signal])
         self._warn_outside_domain()

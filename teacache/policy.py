@@ -102,7 +102,7 @@ class TeaCacheCall:
     branch: str
     sigma: float  # the timestep the transformer received, t / 1000
     computed: bool
-    signals: dict[str, torch.Tensor]  # every candidate signal ("temb", "modin") when observed
+    signals: dict[str, torch.Tensor]  # every candidate signal (teacache.preset.SIGNALS) when observed
     residual: torch.Tensor  # block-stack output - input (on a skipped call: the residual that was added)
     prediction: torch.Tensor | None  # the transformer's output for this branch (None where the runtime cannot see it)
     seconds: float | None = None  # the call's wall time, device synchronised (measured only while observed)

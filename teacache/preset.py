@@ -20,7 +20,10 @@ from teacache._files import atomic_write
 from teacache.forecast import NO_FORECAST, Forecast, ForecastError
 
 PRESET_FORMAT = "teacal-preset/1"
-SIGNALS = ("temb", "modin")
+# temb: the timestep embedding; modin: block 0's modulated image input; sigma: the timestep the transformer receives
+# (t / 1000), whose rel-L1 is |Δσ| / σ. temb and sigma are functions of the schedule alone; sigma's distance grows
+# monotonically towards the end of a flow-matching schedule, where temb's (Qwen-Image, 40 steps) repeats early values.
+SIGNALS = ("temb", "modin", "sigma")
 BRANCH_MODES = ("per-branch", "shared")
 
 

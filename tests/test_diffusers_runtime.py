@@ -52,7 +52,7 @@ def generate(tiny, image, seed=0, steps=STEPS, cfg=4.0):
     return tiny.generate(PROMPT, image, seed=seed, steps=steps, cfg=cfg).image
 
 
-@pytest.mark.parametrize("signal", ["temb", "modin"])
+@pytest.mark.parametrize("signal", ["temb", "modin", "sigma"])
 def test_threshold_zero_is_bit_identical_to_uncached(tiny, reference_image, signal):
     plain = generate(tiny, reference_image)
     with teacache(tiny.transformer, preset(signal=signal), threshold=0.0):
@@ -60,6 +60,21 @@ def test_threshold_zero_is_bit_identical_to_uncached(tiny, reference_image, sign
         stats = teacache_stats(tiny.transformer)
     assert np.array_equal(pixels(plain), pixels(cached))
     assert stats.skipped == 0 and stats.computed == 2 * STEPS
+
+
+def test_the_sigma_signal_skips_early_and_computes_late_whatever_the_latents(tiny, reference_image):
+    """|Δσ|/σ grows along a flow-matching schedule: accumulated, it computes more often towards the end, and the
+    schedule depends on the step count alone (the same for every seed and both CFG branches)."""
+    schedules = []
+    for seed in (0, 5):
+        with teacache(tiny.transformer, preset(signal="sigma"), threshold=0.25):
+            generate(tiny, reference_image, seed=seed)
+            stats = teacache_stats(tiny.transformer)
+        schedules += [stats.schedule("cond"), stats.schedule("uncond")]
+    assert all(s == schedules[0] for s in schedules)
+    computed = [i for i, c in enumerate(schedules[0]) if c]
+    gaps = np.diff(computed)
+    assert 2 < len(computed) < STEPS and gaps[0] > 1 and (np.diff(gaps) <= 0).all(), schedules[0]
 
 
 def test_huge_threshold_computes_only_forced_steps_and_runs_no_blocks_otherwise(tiny, reference_image):

@@ -188,7 +188,7 @@ def test_threshold_comes_from_config_or_preset(tl, tiny_dir, tmp_path):
 
 
 @pytest.mark.lightx2v
-@pytest.mark.parametrize("signal", ["temb", "modin"])
+@pytest.mark.parametrize("signal", ["temb", "modin", "sigma"])
 def test_threshold_zero_gives_the_uncached_latents_exactly(tl, tiny_dir, tmp_path, request_inputs, signal):
     plain, _, _ = run(build(tiny_dir), request_inputs)
     lx = build(tiny_dir, feature_caching="Tea", teacache_preset=str(make_preset(tmp_path, signal=signal)), teacache_thresh=0.0)
@@ -199,7 +199,7 @@ def test_threshold_zero_gives_the_uncached_latents_exactly(tl, tiny_dir, tmp_pat
 
 
 @pytest.mark.lightx2v
-@pytest.mark.parametrize("signal", ["temb", "modin"])
+@pytest.mark.parametrize("signal", ["temb", "modin", "sigma"])
 def test_skipped_call_adds_its_own_branch_residual(tl, tiny_dir, tmp_path, request_inputs, signal):
     lx = build(tiny_dir, feature_caching="Tea", teacache_preset=str(make_preset(tmp_path, signal=signal, threshold=SKIPPING)), teacache_thresh=None)
     calls = []
@@ -365,7 +365,7 @@ def _diffusers_calls(calls, latents_at, timesteps, request_inputs, dtype, fp32_t
     handles = [b.register_forward_hook(lambda m, a, out: current["blocks"].append(out[1][0])) for b in transformer.transformer_blocks]
 
     def head_hook(module, args, kwargs):
-        current["signals"] = {k: compute_signal(k, module, kwargs["hidden_states"], kwargs["temb"], h * w)[0] for k in ("temb", "modin")}
+        current["signals"] = {k: compute_signal(k, module, kwargs["hidden_states"], kwargs["temb"], h * w, 0.0)[0] for k in ("temb", "modin")}
 
     handles.append(transformer.transformer_blocks[0].register_forward_pre_hook(head_hook, with_kwargs=True))
     results = []
@@ -1099,11 +1099,11 @@ def test_lightx2v_trace_matches_the_diffusers_backend(tiny_backend, prompt_items
         (lx, lx_image), (df, df_image) = frames["lightx2v", item.id], frames["diffusers", item.id]
         assert list(lx.columns) == trace_columns(4) and set(TRACE_COLUMNS) <= set(lx.columns)
         assert lx[["prompt_id", "seed", "step", "branch"]].equals(df[["prompt_id", "seed", "step", "branch"]])
-        values = ["x_temb", "x_modin", "y_output", "y_residual"]
+        values = ["x_temb", "x_modin", "x_sigma", "y_output", "y_residual"]
         # each branch's first step has no previous value: null on both, never 0; every later value is finite
         assert lx[lx["step"] == 0][values].isna().all().all() and df[df["step"] == 0][values].isna().all().all()
         assert np.isfinite(lx[lx["step"] > 0][values].to_numpy()).all()
-        np.testing.assert_allclose(lx[["timestep", "sigma"]], df[["timestep", "sigma"]], rtol=1e-6)
+        np.testing.assert_allclose(lx[["timestep", "sigma", "x_sigma"]], df[["timestep", "sigma", "x_sigma"]], rtol=1e-6)
         later = lx["step"] > 0
         worst = {c: _rel_diff(lx[later][c], df[later][c]) for c in values}
         for column, value in worst.items():
@@ -1292,7 +1292,7 @@ def test_record_and_sweep_run_lightx2vs_full_runner_on_tiny_weights(runner_dir, 
     assert set(TRACE_COLUMNS) <= set(trace.columns)
     assert len(trace) == 2 * RUNNER_STEPS * 2 and not trace.duplicated(["prompt_id", "seed", "step", "branch"]).any()
     assert set(trace["branch"]) == {"cond", "uncond"} and set(trace["step"]) == set(range(RUNNER_STEPS))
-    values = ["x_temb", "x_modin", "y_output", "y_residual"]
+    values = ["x_temb", "x_modin", "x_sigma", "y_output", "y_residual"]
     assert trace[trace["step"] == 0][values].isna().all().all()  # every branch of every prompt starts afresh
     later = trace[trace["step"] > 0][values].to_numpy()
     assert np.isfinite(later).all() and (later > 0).all()

@@ -48,10 +48,10 @@ def presets(draw) -> Preset:
     domain = {}
     if draw(st.booleans()):
         low = draw(st.floats(0, 0.5))
-        domain["x_range"] = {draw(st.sampled_from(["temb", "modin"])): [low, low + draw(st.floats(0, 0.5))]}
+        domain["x_range"] = {draw(st.sampled_from(["temb", "modin", "sigma"])): [low, low + draw(st.floats(0, 0.5))]}
     if draw(st.booleans()):
         domain["steps"] = sorted(draw(st.lists(st.integers(2, 30), min_size=1, max_size=3)))
-    signal = draw(st.sampled_from(["temb", "modin"]))
+    signal = draw(st.sampled_from(["temb", "modin", "sigma"]))
     if "x_range" in domain and draw(st.booleans()):  # mostly the preset's own signal's range
         domain["x_range"] = {signal: next(iter(domain["x_range"].values()))}
     return Preset(

@@ -69,7 +69,7 @@ def test_record_and_sweep_through_the_stock_edit_plus_pipeline(folders, tmp_path
     trace = pd.read_parquet(run / "trace.parquet")
     assert list(trace.columns) == trace_columns(3)
     assert len(trace) == len(EDITS) * STEPS * 2 and not trace.duplicated(["prompt_id", "seed", "step", "branch"]).any()
-    values = ["x_temb", "x_modin", "y_output", "y_residual"]
+    values = ["x_temb", "x_modin", "x_sigma", "y_output", "y_residual"]
     assert trace[trace["step"] == 0][values].isna().all().all()  # each branch starts afresh
     later = trace[trace["step"] > 0][values].to_numpy()
     assert np.isfinite(later).all() and (later > 0).all()

@@ -25,18 +25,23 @@ from tests.conftest import SMALL_PROMPTS, pixels, write_prompts
 runner = CliRunner()
 TEACAL = [sys.executable, "-m", "calib.cli"]
 SMALL_ARGS = ["--steps", "6", "--size", "64x64", "--max-gap", "4"]
-COLUMNS = ["prompt_id", "seed", "steps", "step", "branch", "x_temb", "x_modin", "y_output", "y_residual", *reuse_columns(4)]
+COLUMNS = ["prompt_id", "seed", "steps", "step", "branch", "x_temb", "x_modin", "x_sigma", "y_output", "y_residual", *reuse_columns(4)]
 
 
 def test_trace_follows_the_contract(recorded_run):
     trace = load_trace(recorded_run)
     assert list(trace.columns) == ["prompt_id", "seed", "steps", "width", "height", "step", "branch", "timestep", "sigma", "x_temb", "x_modin",
-                                   "y_output", "y_residual", *reuse_columns(4), "seconds"]
+                                   "x_sigma", "y_output", "y_residual", *reuse_columns(4), "seconds"]
     assert len(trace) == len(SMALL_PROMPTS) * 2 * 6 * 2  # prompts x seeds x steps x branches
     first = trace[trace["step"] == 0]
-    assert first[["x_temb", "x_modin", "y_output", "y_residual"]].isna().all().all()  # null, never 0
+    assert first[["x_temb", "x_modin", "x_sigma", "y_output", "y_residual"]].isna().all().all()  # null, never 0
     later = trace[trace["step"] > 0]
-    assert later[["x_temb", "x_modin", "y_output", "y_residual"]].notna().all().all()
+    assert later[["x_temb", "x_modin", "x_sigma", "y_output", "y_residual"]].notna().all().all()
+    # the sigma signal's distance is the noise level's relative step, |Δσ| / σ, growing towards the end of the schedule
+    for _, series in trace.groupby(["prompt_id", "seed", "branch"]):
+        sigma = series["sigma"].to_numpy()
+        assert np.allclose(series["x_sigma"].to_numpy()[1:], np.abs(np.diff(sigma)) / sigma[:-1], rtol=1e-6)
+        assert (np.diff(series["x_sigma"].to_numpy()[1:]) > 0).all()
     assert (later["y_output"] > 0).all()
     # a gap of k steps exists from step k on, and a longer skip substitutes more
     for k in (2, 3, 4):

@@ -65,7 +65,7 @@ def test_cost_is_sensitivity_times_reuse_error_times_compounding():
     reuse = np.full((1, n, 3), np.nan)
     reuse[0, 1:, 1] = [0.1, 0.2, 0.3, 0.4]  # e(m, m-1)
     reuse[0, 2:, 2] = [0.5, 0.6, 0.7]  # e(m, m-2)
-    unit = UnitSeries(("p", 0, n, 16, 16), "p", ("cond",), sigma, {"temb": np.zeros((1, n)), "modin": np.zeros((1, n))},
+    unit = UnitSeries(("p", 0, n, 16, 16), "p", ("cond",), sigma, {"temb": np.zeros((1, n)), "modin": np.zeros((1, n)), "sigma": np.zeros((1, n))},
                       {"residual": reuse, "output": reuse})
     gain = [1.0, 2.0, 3.0, 4.0, 5.0]
     model = CostModel(gain={n: {"sigma": list(sigma), "gain": gain}}, gamma=0.5)
@@ -95,7 +95,7 @@ def _trace(x: np.ndarray, prompt_id: str = "p") -> pd.DataFrame:
     for branch in ("cond", "uncond"):
         for step in range(n):
             rows.append(dict(prompt_id=prompt_id, seed=0, steps=n, width=16, height=16, step=step, branch=branch, timestep=1000 * (1 - step / n),
-                             sigma=1 - step / n, x_temb=x[step], x_modin=x[step], y_output=0.1, y_residual=0.1, seconds=0.01))
+                             sigma=1 - step / n, x_temb=x[step], x_modin=x[step], x_sigma=x[step], y_output=0.1, y_residual=0.1, seconds=0.01))
     return pd.DataFrame(rows)
 
 
