@@ -4,7 +4,7 @@ the calibration prompts and keeping what measures best.
 Why a stage after `fit`: the cost model ranks measured static schedules well (`fit --oracle-from` prints how well),
 but one polynomial with one threshold per budget cannot give the best schedule at every budget, and the model
 overrates some schedules (those that compute the second-to-last step). So the last word goes to measurement. On a
-latent-independent signal (`temb`) TeaCache's schedule at a threshold is the same for every prompt, so the
+latent-independent signal (`temb`, `sigma`) TeaCache's schedule at a threshold is the same for every prompt, so the
 polynomial's whole front is a handful of static schedules per step count, each measured once by generating it on
 the run's prompts and comparing with the recorded references.
 
@@ -45,7 +45,7 @@ from PIL import Image
 
 from calib.backends import Recording, open_recording, reference_mismatch
 from calib.errors import UserError
-from calib.fit import BUDGETS, measured_oracle, measured_static
+from calib.fit import BUDGETS, knots_of, measured_oracle, measured_static, pattern_search
 from calib.metrics import psnr, to_tensor
 from calib.progress import progress
 from calib.runfiles import (
@@ -77,7 +77,6 @@ from teacache.preset import Preset, PresetError
 
 TUNE_FILE = "tune.json"
 IDENTICAL_DB = 100.0  # an image identical to its reference (infinite PSNR) counts as this much, as in measured_static
-MOVES = (0.1, -0.1, 0.3, -0.3)  # one knot's log-value moved by this much, every knot in turn; halved after a pass without gain
 
 
 @dataclass(frozen=True)
@@ -143,29 +142,6 @@ def best_other(front: pd.DataFrame, budget: int) -> tuple[float, str]:
         return -math.inf, "none"
     row = ok.loc[ok["psnr"].idxmax()]
     return float(row["psnr"]), str(row["label"])
-
-
-def knots_of(preset: Preset, units: list) -> np.ndarray:
-    """`degree + 1` knots where the recorded signal lies (its 5%..95% quantiles over every step of `units`, clamped
-    into the calibrated range): a move of one knot changes the weight of the steps whose signal is near it."""
-    low, high = preset.x_range
-    x = np.concatenate([u.x[preset.signal][0] for u in units])
-    x = np.clip(x[np.isfinite(x)], low, high)
-    knots = np.unique(np.round(np.quantile(x, np.linspace(0.05, 0.95, len(preset.coefficients))), 6))
-    if len(knots) < len(preset.coefficients):  # a signal with too few distinct values: spread over the range
-        knots = np.linspace(low, high, len(preset.coefficients))
-    return knots
-
-
-def candidate(preset: Preset, knots: np.ndarray, log_values: np.ndarray) -> Preset | None:
-    """The polynomial through exp(log_values) at the knots, or None when it is not positive over the signal's range."""
-    if not np.all(np.isfinite(log_values)):
-        return None
-    coefficients = np.polyfit(knots, np.exp(log_values), len(knots) - 1)
-    low, high = preset.x_range
-    if not np.all(np.isfinite(coefficients)) or np.polyval(coefficients, np.linspace(low, high, 200)).min() <= 0:
-        return None
-    return preset.replace(coefficients=[float(c) for c in coefficients])
 
 
 class Measurer:
@@ -351,7 +327,7 @@ def tune(request: TuneRequest, echo=print) -> Preset:
         raise UserError(f"--out {out}: that is the input preset; tune never edits its inputs, choose another file")
     preset = Preset.load(preset_path)
     if preset.signal not in EXACT_SIGNALS:
-        raise UserError(f"--preset {preset_path}: signal {preset.signal}; tune needs a signal that does not depend on the latents (temb), "
+        raise UserError(f"--preset {preset_path}: signal {preset.signal}; tune needs a signal that does not depend on the latents ({', '.join(EXACT_SIGNALS)}), "
                         "whose schedules are the same for every prompt")
     if preset.x_range is None:
         raise UserError(f"--preset {preset_path}: no calibrated domain (x_range); tune refines a preset that `teacal fit` wrote")
@@ -386,27 +362,13 @@ def tune(request: TuneRequest, echo=print) -> Preset:
     started = time.monotonic()
     knots = knots_of(preset, list(units.values()))
     log_values = np.log(np.maximum(np.polyval(preset.coefficients, knots), 1e-12))
-    moves = [(k, d) for d in MOVES for k in range(len(knots))]
     try:
-        first = search.gaps(preset)
-        best, best_gaps, best_preset = search.score(first), first, preset
-        scale, since_gain = 1.0, 0
+        def improved(round_: int, moved: Preset, score: float) -> None:
+            echo(f"round {round_}: worst gap {np.nanmin(np.concatenate(list(search.gaps(moved).values()))):+.2f} dB, score {score:.3f}")
+
         with progress("tune", request.rounds) as advance:
-            for round_ in range(request.rounds):
-                knot, move = moves[round_ % len(moves)]
-                trial = log_values.copy()
-                trial[knot] += move * scale
-                moved = candidate(preset, knots, trial)
-                since_gain += 1
-                if moved is not None:
-                    gaps = search.gaps(moved)
-                    score = search.score(gaps)
-                    if score > best + 1e-6:
-                        best, best_gaps, best_preset, log_values, since_gain = score, gaps, moved, trial, 0
-                        echo(f"round {round_}: worst gap {np.nanmin(np.concatenate(list(gaps.values()))):+.2f} dB, score {score:.3f}")
-                if since_gain >= len(moves):
-                    scale, since_gain = scale / 2, 0
-                advance()
+            best_preset, _ = pattern_search(preset, knots, log_values, lambda p: search.score(search.gaps(p)), request.rounds, advance, improved)
+        first, best_gaps = search.gaps(preset), search.gaps(best_preset)  # measured already: no generation
         forecast, forecast_record = preset.forecast, {}
         if request.forecast:
             forecast, forecast_record = tune_forecast(measure, search, best_preset, preset.forecast, echo)

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from calib.cli import app
-from calib.fit import FitRequest, Windows, fit, fit_polynomial, group_folds, skip_windows, transform
+from calib.fit import FitRequest, Windows, fit, fit_polynomial, group_folds, search_shape, simulated_gaps, skip_windows, transform
 from calib.simulate import CostModel, UnitSeries
 from teacache.diffusers import apply_teacache, remove_teacache, teacache_stats
 from teacache.policy import TeaCachePolicy
@@ -49,7 +49,7 @@ def _window_sum_unit(p_true: np.ndarray, n: int = 14, seed: int = 0) -> UnitSeri
             j = m - k
             before = per_step[j + 1 : m].sum()
             e[0, m, k] = (before + per_step[m]) ** 2 - before**2
-    return UnitSeries(("p", seed, n, 16, 16), f"p{seed}", ("cond",), np.linspace(1, 0.05, n), {"temb": x[None], "modin": x[None]},
+    return UnitSeries(("p", seed, n, 16, 16), f"p{seed}", ("cond",), np.linspace(1, 0.05, n), {"temb": x[None], "modin": x[None], "sigma": x[None]},
                       {"residual": e, "output": e})
 
 
@@ -110,11 +110,21 @@ def test_fit_writes_a_preset_the_runtime_applies(fitted, tiny, reference_image):
         remove_teacache(tiny.transformer)
 
 
-def test_fit_chooses_by_simulated_held_out_quality(fitted):
-    preset, _, _ = fitted
-    candidates = [c for c in preset.fit["candidates"] if c["degree"] == 2]
+def test_fit_chooses_by_simulated_quality(fitted):
+    preset, _, lines = fitted
+    # the signal: each signal's best candidate, simulated against the oracle on every prompt (the timestep-only
+    # signals after the shape search, which never loses to the fitted polynomial it starts from)
+    signals = preset.fit["signals"]
+    assert set(signals) == {"temb", "modin", "sigma"} and preset.signal == max(signals, key=lambda s: signals[s]["db"])
+    for name in ("temb", "sigma"):
+        assert 2 * signals[name]["worst_db"] + signals[name]["db"] >= 2 * signals[name]["fitted_worst_db"] + signals[name]["fitted_db"] - 1e-6
+    assert signals["modin"]["db"] == signals["modin"]["fitted_db"]
+    assert list(preset.coefficients) == signals[preset.signal]["coefficients"]
+    # within the signal, the candidate closest to the oracle on held-out prompts (cross-validated)
+    candidates = [c for c in preset.fit["candidates"] if c["degree"] == 2 and c["signal"] == preset.signal]
     best = max(candidates, key=lambda c: c["db_vs_oracle_heldout"])
-    assert (preset.signal, preset.calibration["target"], preset.calibration["transform"]) == (best["signal"], best["target"], best["transform"])
+    assert (preset.calibration["target"], preset.calibration["transform"]) == (best["target"], best["transform"])
+    assert any(line.startswith("sigma ") for line in lines) and any("shape search" in line for line in lines)
 
 
 def _copy_run(src: Path, dst: Path, edit=None) -> Path:
@@ -292,3 +302,28 @@ def test_the_cost_model_check_tells_a_model_that_ranks_measured_schedules_right_
     flipped = right.assign(psnr=right.groupby(budget)["psnr"].transform(lambda v: v.max() + v.min() - v))  # reversed inside a budget
     check = check_cost_model(matrices, units, flipped)
     assert check["best_is_measured_best"] == 0 and check["worst_loss_db"] > 0 and check["rank_correlation"] == -1.0
+
+
+def test_the_shape_search_moves_the_computed_steps_to_where_skipping_costs():
+    """On a timestep-only signal each step has a fixed distance, so the polynomial only weighs steps. A polynomial that
+    weighs the early steps (decreasing in |Δσ|/σ) when the late ones are the costly skips is far from the oracle;
+    the simulated search finds an increasing one and closes most of the gap."""
+    n = 20
+    sigma = np.linspace(1.0, 0.05, n)
+    x = np.full(n, np.nan)
+    x[1:] = np.abs(np.diff(sigma)) / sigma[:-1]
+    late = np.linspace(0.01, 0.2, n)  # a skip late in the schedule costs 20x one early
+    reuse = np.full((1, n, n), np.nan)
+    for m in range(1, n):
+        reuse[0, m, 1 : m + 1] = late[m] * np.arange(1, m + 1)
+    units = [UnitSeries(("p", seed, n, 16, 16), f"p{seed}", ("cond",), sigma, {"temb": x[None], "modin": x[None], "sigma": x[None]},
+                        {"residual": reuse, "output": reuse}) for seed in range(2)]
+    matrices = {u.key: CostModel().matrix(u) for u in units}
+    low, high = float(np.nanmin(x)), float(np.nanmax(x))
+    decreasing = Preset(model="m", signal="sigma", coefficients=[-1.0, 1.0], ret_steps=1, cutoff_steps=-1, branch_mode="shared",
+                        domain={"x_range": {"sigma": [low, high]}})
+    searched, fitted_gaps, gaps = search_shape(decreasing, units, matrices)
+    assert np.array_equal(fitted_gaps, simulated_gaps(decreasing, units, matrices))
+    assert np.mean(gaps) > np.mean(fitted_gaps) + 1.0 and np.min(gaps) > np.min(fitted_gaps)
+    weights = np.polyval(searched.coefficients, np.linspace(low, high, 50))
+    assert weights.min() > 0 and weights[-1] > weights[0]  # it now weighs the late steps more
