@@ -194,7 +194,7 @@ def probe(
 def fit(
     runs: Annotated[list[Path], typer.Argument(help="Run folders written by `teacal record` (one model and setting).")],
     out: Annotated[Path, typer.Option("--out", help="Preset JSON to write, e.g. presets/my-model.json.")],
-    signal: Annotated[Signal, typer.Option(help="auto: the best held-out candidate.")] = "auto",
+    signal: Annotated[Signal, typer.Option(help="auto: each signal's best cross-validated candidate (temb and sigma after the simulated shape search), the one whose simulated front is closest to the oracle.")] = "auto",
     degree: Annotated[int, typer.Option(min=1, max=8, help="Polynomial degree (upstream TeaCache uses 4).")] = 4,
     target: Annotated[Target, typer.Option(help="Which reuse error the cost model weighs: the block residual's (what a skip substitutes) or the output's; auto tries both.")] = "auto",
     branch_mode: Annotated[BranchMode, typer.Option(help="shared: one decision per step for both CFG branches; auto picks it when the signal is the same in both.")] = "auto",

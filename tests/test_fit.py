@@ -327,3 +327,14 @@ def test_the_shape_search_moves_the_computed_steps_to_where_skipping_costs():
     assert np.mean(gaps) > np.mean(fitted_gaps) + 1.0 and np.min(gaps) > np.min(fitted_gaps)
     weights = np.polyval(searched.coefficients, np.linspace(low, high, 50))
     assert weights.min() > 0 and weights[-1] > weights[0]  # it now weighs the late steps more
+
+
+def test_the_cli_offers_exactly_the_signals_targets_modes_and_losses_fit_knows():
+    from typing import get_args
+
+    from calib.cli import BranchMode, Loss, Signal, Target
+    from calib.fit import LOSSES, TARGETS
+    from teacache.preset import BRANCH_MODES, SIGNALS
+
+    assert get_args(Signal) == ("auto", *SIGNALS) and get_args(Target) == ("auto", *TARGETS)
+    assert get_args(BranchMode) == ("auto", *BRANCH_MODES) and get_args(Loss) == LOSSES
