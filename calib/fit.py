@@ -305,6 +305,11 @@ def candidate(preset: Preset, knots: np.ndarray, log_values: np.ndarray) -> Pres
     return preset.replace(coefficients=[float(c) for c in coefficients])
 
 
+def log_values_at(preset: Preset, knots: np.ndarray) -> np.ndarray:
+    """The logarithm of the preset's polynomial at the knots: where `candidate` and `pattern_search` start from it."""
+    return np.log(np.maximum(np.polyval(preset.coefficients, knots), 1e-12))
+
+
 def pattern_search(start: Preset, knots: np.ndarray, log_values: np.ndarray, score: Callable[[Preset], float], trials: int,
                    advance: Callable[[], None], on_gain: Callable[[int, Preset, float], None] = lambda *_: None) -> tuple[Preset, float]:
     """The deterministic search of tune (on generations) and of fit's shape search (on the cost model): each trial
@@ -354,20 +359,27 @@ def search_shape(preset: Preset, units: list[UnitSeries], matrices: dict) -> tup
     (`SHAPE_POWERS`); then tune's pattern search over the log-values at the knots, `SHAPE_TRIALS` polynomials, on the
     cost model instead of generations. Returns the best preset, and the fitted and the best polynomial's gaps.
     """
+    simulated: dict[tuple[float, ...], np.ndarray] = {}  # each polynomial's front is simulated once
+
+    def gaps_of(candidate_preset: Preset) -> np.ndarray:
+        if candidate_preset.coefficients not in simulated:
+            simulated[candidate_preset.coefficients] = simulated_gaps(candidate_preset, units, matrices)
+        return simulated[candidate_preset.coefficients]
+
     knots = knots_of(preset, units)
-    fitted_gaps = simulated_gaps(preset, units, matrices)
+    fitted_gaps = gaps_of(preset)
     best, best_preset = shape_score(fitted_gaps), preset
-    log_values = np.log(np.maximum(np.polyval(preset.coefficients, knots), 1e-12))
+    log_values = log_values_at(preset, knots)
     low, high = preset.x_range
     grid = np.geomspace(max(low, 1e-6), high, 64)
     for power in SHAPE_POWERS:  # x**p in the preset's degree, relative error least squares over the calibrated range
         shaped = preset.replace(coefficients=[float(c) for c in np.polyfit(grid, grid**power, len(knots) - 1, w=grid**-power)])
-        if np.polyval(shaped.coefficients, grid).min() > 0 and shape_score(gaps := simulated_gaps(shaped, units, matrices)) > best:
+        if np.polyval(shaped.coefficients, grid).min() > 0 and shape_score(gaps := gaps_of(shaped)) > best:
             best, best_preset = shape_score(gaps), shaped
-            log_values = np.log(np.maximum(np.polyval(shaped.coefficients, knots), 1e-12))
+            log_values = log_values_at(shaped, knots)
     with progress(f"fit: shape search, {preset.signal}", SHAPE_TRIALS) as advance:
-        best_preset, _ = pattern_search(best_preset, knots, log_values, lambda p: shape_score(simulated_gaps(p, units, matrices)), SHAPE_TRIALS, advance)
-    return best_preset, fitted_gaps, simulated_gaps(best_preset, units, matrices)
+        best_preset, _ = pattern_search(best_preset, knots, log_values, lambda p: shape_score(gaps_of(p)), SHAPE_TRIALS, advance)
+    return best_preset, fitted_gaps, gaps_of(best_preset)
 
 
 # -- the cost model from probes ---------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from PIL import Image
 
 from calib.backends import Recording, open_recording, reference_mismatch
 from calib.errors import UserError
-from calib.fit import BUDGETS, knots_of, measured_oracle, measured_static, pattern_search
+from calib.fit import BUDGETS, knots_of, log_values_at, measured_oracle, measured_static, pattern_search
 from calib.metrics import psnr, to_tensor
 from calib.progress import progress
 from calib.runfiles import (
@@ -361,7 +361,7 @@ def tune(request: TuneRequest, echo=print) -> Preset:
          f"{', '.join(sorted({label for f in fronts.values() for label in f['label']}))}; each new schedule costs {pairs} generations")
     started = time.monotonic()
     knots = knots_of(preset, list(units.values()))
-    log_values = np.log(np.maximum(np.polyval(preset.coefficients, knots), 1e-12))
+    log_values = log_values_at(preset, knots)
     try:
         def improved(round_: int, moved: Preset, score: float) -> None:
             echo(f"round {round_}: worst gap {np.nanmin(np.concatenate(list(search.gaps(moved).values()))):+.2f} dB, score {score:.3f}")
