@@ -54,7 +54,8 @@ CALIB_PROMPTS   ?= prompts/calib.jsonl
 HELDOUT_PROMPTS ?= prompts/heldout.jsonl
 
 # The oracle is verified by generating: a sweep of the calibration run measures every static schedule (the cost
-# model's among them), and the second fit keeps the best per budget.
+# model's among them), and the second fit keeps the best per budget, and the next two as runners-up that the held-out
+# sweep generates too (its report's oracle is the best static schedule measured there).
 STATIC_BASELINES = --baseline constant --baseline identity --baseline wan21 --baseline uniform
 MODIN_BASELINES = --baseline flux --baseline mlx-qwen  # the borrowed sets on modin: what tune must also match
 # tune then refines the fitted polynomial by generating its schedules on the calibration prompts (calib/tune.py).

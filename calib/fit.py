@@ -51,6 +51,7 @@ from calib.runfiles import (
     read_json,
     read_prompt_rows,
     read_table,
+    static_configs,
 )
 from calib.simulate import (
     EXACT_SIGNALS,
@@ -504,6 +505,9 @@ def forecast_from_probes(units: list[UnitSeries], probes: pd.DataFrame | None) -
 
 
 # -- the oracle, verified by generating -------------------------------------------------------------------------------
+ORACLE_CANDIDATES = 3  # schedules per budget a sweep generates as oracle candidates: the calibration's best and runners-up
+
+
 def measured_static(sweeps: tuple[Path, ...], runs: list[Path]) -> pd.DataFrame:
     """Every static schedule that sweeps of the calibration runs measured on all their prompts: steps, schedule, mean
     PSNR over the prompts. Only sweeps of the runs being fitted are accepted: what is measured on held-out prompts
@@ -520,39 +524,38 @@ def measured_static(sweeps: tuple[Path, ...], runs: list[Path]) -> pd.DataFrame:
             raise UserError(f"--oracle-from {folder}: it measured {measured_run}, which is not a run being fitted; "
                             "the oracle is chosen on the calibration prompts only, never on held-out ones")
         table = read_table(table_path)
-        static = table[(table["method"] != "uncached") & (table["forecast"].fillna("none") == "none") & table["schedule"].notna()]
-        if "computed_uncond" in static:  # one schedule for both branches
-            static = static[static["computed_uncond"].isna() | (static["computed_cond"] == static["computed_uncond"])]
-        generations = int((table["method"] == "uncached").sum())  # one uncached row per (prompt, seed)
-        for _, group in static.groupby("config", sort=False):
-            if group["schedule"].nunique() != 1 or len(group) != generations:
-                continue  # adaptive (another schedule per prompt) or not measured on every prompt
-            psnr = group["psnr"].where(np.isfinite(group["psnr"]), 100.0).mean()  # identical images: 100 dB, as good as it gets
-            rows.append((int(info["settings"]["steps"]), group["schedule"].iloc[0], float(psnr)))
+        schedules = static_configs(table)
+        psnr = table["psnr"].where(np.isfinite(table["psnr"]), 100.0)  # identical images: 100 dB, as good as it gets
+        means = psnr[table["config"].isin(schedules.index)].groupby(table["config"]).mean()
+        rows += [(int(info["settings"]["steps"]), schedules[config], float(value)) for config, value in means.items()]
     if not rows:
         raise UserError(f"--oracle-from {', '.join(map(str, sweeps))}: no static schedule measured on every prompt")
     frame = pd.DataFrame(rows, columns=["steps", "schedule", "psnr"])
     return frame.groupby(["steps", "schedule"], as_index=False)["psnr"].max()
 
 
-def measured_oracle(measured: pd.DataFrame, echo=print) -> dict[str, dict[str, str]]:
+def measured_oracle(measured: pd.DataFrame, echo=print) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, list[str]]]]:
     """The best *measured* static schedule per step count and budget, from sweeps of the calibration runs
-    (`measured_static`).
+    (`measured_static`), and the runners-up: the next ORACLE_CANDIDATES - 1 by mean PSNR.
 
     The cost model's schedule (dynamic programming) is a candidate among others: a sweep of the calibration run measures
     it next to every other static schedule (calibrated TeaCache on a latent-independent signal, the borrowed sets on
     it, uniform spacing). The oracle at a budget is the candidate of the best mean PSNR over the calibration prompts,
-    so there it is at or above every static method by construction, and it was verified by generating.
+    so there it is at or above every static method by construction, and it was verified by generating. Why runners-up:
+    on other prompts near-equal schedules change places, so a sweep generates them too and its report's oracle is the
+    best static schedule measured on the prompts it swept.
     """
-    table = measured.assign(budget=measured["schedule"].str.count("x"))
-    best = table.sort_values("psnr").groupby(["steps", "budget"]).tail(1)
-    out: dict[str, dict[str, str]] = {}
-    for steps, rows in best.groupby("steps"):
-        rows = rows.sort_values("budget")
+    table = measured.assign(budget=measured["schedule"].str.count("x")).sort_values(["psnr", "schedule"], ascending=[False, True])
+    ranked = table.groupby(["steps", "budget"], sort=True).head(ORACLE_CANDIDATES)
+    best: dict[str, dict[str, str]] = {}
+    runners_up: dict[str, dict[str, list[str]]] = {}
+    for steps, rows in ranked.groupby("steps"):
+        tops = rows.groupby("budget", sort=True).head(1)
         echo(f"oracle at {steps} steps, verified by generating on the calibration prompts: "
-             + ", ".join(f"{r.budget} steps {r.psnr:.1f} dB" for r in rows.itertuples()))
-        out[str(steps)] = {str(r.budget): r.schedule for r in rows.itertuples()}
-    return out
+             + ", ".join(f"{r.budget} steps {r.psnr:.1f} dB" for r in tops.itertuples()))
+        best[str(steps)] = {str(r.budget): r.schedule for r in tops.itertuples()}
+        runners_up[str(steps)] = {str(b): list(g["schedule"].iloc[1:]) for b, g in rows.groupby("budget", sort=True) if len(g) > 1}
+    return best, runners_up
 
 
 def check_cost_model(matrices: dict, units: list[UnitSeries], measured: pd.DataFrame) -> dict:
@@ -678,7 +681,7 @@ def fit(request: FitRequest, echo=print) -> Preset:
         except ValueError as err:
             raise UserError(str(err).replace("preset <memory>: ", "")) from None
     measured = measured_static(request.oracle_from, runs) if request.oracle_from else None  # checked before the fit
-    measured_best = measured_oracle(measured, echo=echo) if measured is not None else {}
+    measured_best, runners_up = measured_oracle(measured, echo=echo) if measured is not None else ({}, {})
     units = unit_series(trace, groups)
     n_groups = len({u.group for u in units})
     if n_groups < 2:
@@ -802,7 +805,7 @@ def fit(request: FitRequest, echo=print) -> Preset:
             "target": chosen.target, "transform": chosen.transform, "loss": request.loss,
             "cost_model": {"probed": model.probed, "gamma": round(model.gamma, 6), "gain": model.gain, "measured_check": measured_check,
                            "forecast_ratio": [list(k) for k in model.forecast_ratio]},
-            "oracle": oracle, "oracle_source": oracle_source, "versions": library_versions(), "date": now_iso(),
+            "oracle": oracle, "oracle_runners_up": runners_up, "oracle_source": oracle_source, "versions": library_versions(), "date": now_iso(),
         },
         fit={
             "r2_heldout": _rounded(best.r2), "mae_heldout": _rounded(best.mae), "db_vs_oracle_heldout": _rounded(best.db_gap), "folds": k,

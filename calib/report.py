@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from calib.errors import UserError  # noqa: E402
-from calib.runfiles import SWEEP_FILE, aggregate, load_run, load_trace, read_json, read_table  # noqa: E402
+from calib.runfiles import SWEEP_FILE, aggregate, load_run, load_trace, read_json, read_table, static_configs  # noqa: E402
 from teacache._files import atomic_write, remove_stale_temp_files  # noqa: E402
 from teacache.preset import Preset  # noqa: E402
 
@@ -34,6 +34,7 @@ METHOD_STYLE = {
     "baseline": dict(marker="s", lw=1.2, ls="--"),
     "oracle": dict(marker="*", lw=1.5, ls=":", color="black"),
     "static": dict(marker="d", lw=1.0, ls=":", color="grey"),
+    "oracle pick": dict(marker="x", lw=1.0, ls="--", color="black"),
 }
 WEAK_R2 = 0.5
 EQUAL_CALLS_SHARE = (0.2, 0.75)  # the equal-calls table covers these shares of the calls
@@ -97,7 +98,7 @@ def pareto(view: pd.DataFrame, metric: str, x: str, settings: dict, steps: int, 
         edge = front(group, x, metric, more_x_is_better)
         ax.plot(edge[x], edge[metric], label=label, **METHOD_STYLE.get(method, dict(marker="^", lw=1.2)))
         for r in edge.itertuples():
-            text = f"{r.threshold:.3g}" if method in ("teacache", "baseline") else f"k={int(r.budget)}" if method in ("oracle", "static") else ""
+            text = f"{r.threshold:.3g}" if method in ("teacache", "baseline") else f"k={int(r.budget)}" if method in ("oracle", "oracle pick", "static") else ""
             if text and method in ("teacache", "oracle"):
                 labels.append((getattr(r, x), getattr(r, metric), text))
     identical = view[~np.isfinite(view[metric]) & (view["method"] != "uncached")] if metric == "psnr" else view.iloc[:0]
@@ -115,6 +116,21 @@ def pareto(view: pd.DataFrame, metric: str, x: str, settings: dict, steps: int, 
     fig.tight_layout()  # the final layout first: labels are placed where they will be drawn
     _label_points(ax, labels)
     return _save(fig, path)
+
+
+def with_measured_oracle(view: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """The oracle as a ceiling of static schedules on the prompts this sweep measured: every static configuration
+    measured here (the preset's oracle candidates, uniform spacing, TeaCache or a borrowed set on a timestep-only
+    signal) joins the oracle's rows, so its front is, at each budget, the best static schedule measured on these
+    prompts. The calibration's own pick keeps a line of its own ("oracle pick"): on prompts it was not chosen on,
+    another static schedule can beat it. The runners-up appear only through the ceiling."""
+    static = static_configs(table).index
+    if static.empty:
+        return view
+    ceiling = view[view["config"].isin(static)].assign(method="oracle", label=f"oracle (best of {len(static)} static schedules measured on these prompts)")
+    ceiling["budget"] = ceiling["config"].map(table.groupby("config")["computed_cond"].first())  # computed steps per branch
+    pick = view[(view["method"] == "oracle") & view["config"].str.fullmatch(r"oracle-k\d+")].assign(method="oracle pick")
+    return pd.concat([view[view["method"] != "oracle"], pick, ceiling], ignore_index=True)
 
 
 def equal_calls(view: pd.DataFrame, metric: str, calls_per_generation: int) -> pd.DataFrame:
@@ -156,7 +172,7 @@ def fit_figure(trace: pd.DataFrame, preset: Preset, settings: dict, path: Path) 
     ax.hist(x, bins=40, weights=np.full(len(x), 1.0 / len(x)) * max(1e-12, float(np.polyval(preset.coefficients, grid).max())) * 3,
             color="C0", alpha=0.35, label=f"recorded x ({len(x)} calls), distribution")
     fit = preset.fit
-    quality = f"held-out R² {_num(fit.get('r2_heldout'))}, {_num(fit.get('db_vs_oracle_heldout'), '+.2f')} dB against the oracle" if fit else "no fit quality recorded"
+    quality = f"held-out R² {_num(fit.get('r2_heldout'))}, {_num(fit.get('db_vs_oracle_heldout'), '+.2f')} dB against the cost model's oracle" if fit else "no fit quality recorded"
     target = preset.calibration.get("target", "?")
     calibrated = f"calibrated range {preset.x_range[0]:.3g}..{preset.x_range[1]:.3g}" if preset.x_range else "no calibrated range"
     ax.set_xlabel(f"x: rel-L1 of signal '{preset.signal}' between steps (curve over {low:.3g}..{high:.3g}; {calibrated})")
@@ -266,7 +282,8 @@ def report(run: str | Path, preset_path: str | None = None, echo=print) -> Path:
         lines.append(f"Preset `{preset_path}`: signal `{preset.signal}`, coefficients {[round(c, 6) for c in preset.coefficients]}, "
                      f"branch mode {preset.branch_mode}, ret_steps {preset.ret_steps}, cutoff_steps {preset.cutoff_steps}, forecast "
                      f"{preset.forecast.rule}, default threshold {preset.threshold:g}; held-out R² {_num(fit.get('r2_heldout'), '.4f')}, "
-                     f"simulated {_num(fit.get('db_vs_oracle_heldout'), '+.2f')} dB against the oracle on held-out prompts.\n")
+                     f"simulated {_num(fit.get('db_vs_oracle_heldout'), '+.2f')} dB against the cost model's oracle on held-out folds of the "
+                     "calibration prompts.\n")
         r2 = fit.get("r2_heldout")
         if r2 is not None and r2 < WEAK_R2:
             weak = (f"held-out R² {r2:.2f} is below {WEAK_R2}: the polynomial explains little of what skips cost. Record more prompts "
@@ -277,21 +294,23 @@ def report(run: str | Path, preset_path: str | None = None, echo=print) -> Path:
             lines.append(f"**Outside the calibrated domain**: {'; '.join(preset.outside_domain(steps))}.\n")
     if sweep_table is not None:
         view = aggregate(sweep_table)
+        fronts = with_measured_oracle(view, sweep_table)
         calls = int(sweep_table.loc[sweep_table["method"] == "uncached", "calls"].max())
-        figures.append(("Pareto: speed against PSNR", pareto(view, "psnr", "speedup", settings, steps, folder / "pareto_psnr.png")))
-        figures.append(("Equal compute: computed calls against PSNR", pareto(view, "psnr", "computed", settings, steps, folder / "calls_psnr.png")))
-        figures.append(("Pareto: speed against LPIPS", pareto(view, "lpips", "speedup", settings, steps, folder / "pareto_lpips.png")))
+        figures.append(("Pareto: speed against PSNR", pareto(fronts, "psnr", "speedup", settings, steps, folder / "pareto_psnr.png")))
+        figures.append(("Equal compute: computed calls against PSNR", pareto(fronts, "psnr", "computed", settings, steps, folder / "calls_psnr.png")))
+        figures.append(("Pareto: speed against LPIPS", pareto(fronts, "lpips", "speedup", settings, steps, folder / "pareto_lpips.png")))
         figures.append(("Skip map", skipmap_figure(sweep_table, settings, steps, folder / "skipmap.png")))
         if view["lpips"].isna().all():
             lines.append("LPIPS was not measured (AlexNet weights unavailable); the LPIPS chart is omitted.\n")
         lines.append("## Each method at equal computed calls\n")
         lines.append("Mean PSNR over the prompts (worst prompt in brackets), dB: each method's best configuration that computes no more "
-                     "calls than the budget (its measured front).\n")
-        lines.append(_markdown(equal_calls(view, "psnr", calls)))
+                     "calls than the budget (its measured front). The oracle is the best static schedule measured on these prompts "
+                     "(a ceiling that sees their results, not a method); its pick is the schedule the calibration chose.\n")
+        lines.append(_markdown(equal_calls(fronts, "psnr", calls)))
         for metric, name in (("ssim", "SSIM"), ("lpips", "LPIPS")):
             if view[metric].notna().any():
                 lines.append(f"\n{name} at the same budgets (worst prompt in brackets):\n")
-                lines.append(_markdown(equal_calls(view, metric, calls)))
+                lines.append(_markdown(equal_calls(fronts, metric, calls)))
         table = view[["label", "config", "threshold", "budget", "computed", "predicted", "calls", "speedup", "ideal_speedup", "lpips", "lpips_worst", "psnr", "psnr_worst", "ssim"]]
         table = _without_unmeasured_lpips(table)
         lines.append("\n## Measured configurations\n")
@@ -299,7 +318,7 @@ def report(run: str | Path, preset_path: str | None = None, echo=print) -> Path:
                      "process as its configurations); `same` = every image identical to the uncached one.\n")
         lines.append(_markdown(table))
         lines.append("\n## Best speedup at equal quality\n")
-        lines.append(_markdown(_without_unmeasured_lpips(best_at_quality(view)), ".2f"))
+        lines.append(_markdown(_without_unmeasured_lpips(best_at_quality(fronts)), ".2f"))
     else:
         lines.append(f"No sweep yet: run `teacal sweep {run} --preset P ...` for speed and quality.\n")
     written = [(title, path) for title, path in figures if path is not None]

@@ -336,3 +336,17 @@ def aggregate(table: pd.DataFrame) -> pd.DataFrame:
     view["speedup"] = view["uncached_seconds"] / view["seconds"]
     view.loc[view["identical"], ["psnr", "psnr_worst"]] = np.inf
     return view
+
+
+def static_configs(table: pd.DataFrame) -> pd.Series:
+    """The configurations of a sweep table that are static schedules: plain reuse, one schedule for both CFG branches,
+    the same schedule on every generation the sweep measured (an oracle or uniform schedule, and TeaCache or a borrowed
+    set on a timestep-only signal). Adaptive ones (another schedule per prompt) and forecasts are left out. Returns each
+    one's schedule, indexed by config."""
+    rows = table[(table["method"] != "uncached") & (table["forecast"].fillna("none") == "none") & table["schedule"].notna()]
+    if "computed_uncond" in rows:  # one schedule for both branches
+        rows = rows[rows["computed_uncond"].isna() | (rows["computed_cond"] == rows["computed_uncond"])]
+    generations = int((table["method"] == "uncached").sum())  # one uncached row per (prompt, seed)
+    per_config = rows.groupby("config", sort=False)["schedule"].agg(["nunique", "size", "first"])
+    static = per_config[(per_config["nunique"] == 1) & (per_config["size"] == generations)]
+    return static["first"].rename("schedule")

@@ -1,8 +1,9 @@
 """`teacal sweep RUN`: what each configuration buys, measured against the recorded uncached references.
 
 For one recorded step count and every (prompt, seed) of the run, it generates with every configuration (calibrated
-TeaCache at each threshold and reuse rule, uncalibrated coefficient sets, static schedules: the oracle of the
-preset's cost model and uniform spacing; and the peer caches of `calib.peers`) through the runtime users get,
+TeaCache at each threshold and reuse rule, uncalibrated coefficient sets, static schedules: the preset's oracle
+candidates (per budget, its calibration's best schedule and the runners-up) and uniform spacing; and the peer caches
+of `calib.peers`) through the runtime users get,
 and compares each image with the reference: LPIPS, PSNR, SSIM.
 
 Measured like with like
@@ -350,13 +351,17 @@ def plan(request: SweepRequest, echo=print) -> Plan:
         raise UserError(f"--oracle {request.oracle}: preset {preset.source} holds no oracle schedules for {steps} steps (fit it on a recording of {steps} steps)")
     probed = preset.calibration.get("cost_model", {}).get("probed", False)
     if preset.calibration.get("oracle_source", "cost model").startswith("measured"):
-        oracle_label = "oracle (best static schedule measured on the calibration prompts)"
+        oracle_label = "oracle pick (best static schedule measured on the calibration prompts)"
     else:
-        oracle_label = f"oracle (best static schedule, {'probed' if probed else 'recorded reuse'} cost model)"
+        oracle_label = f"oracle pick (best static schedule, {'probed' if probed else 'recorded reuse'} cost model)"
+    runners_up = preset.calibration.get("oracle_runners_up", {}).get(str(steps), {})
     for k in budgets:
         if str(k) in oracle:
             configs.append(Config(f"oracle-k{k}", "oracle", oracle_label, budget=k, preset=preset.replace(forecast=NO_FORECAST),
                                   schedule=tuple(c == "x" for c in oracle[str(k)])))
+        for rank, schedule in enumerate(runners_up.get(str(k), []), start=2):  # the report's oracle is the best measured here
+            configs.append(Config(f"oracle-k{k}-{rank}", "oracle", "oracle candidates (runners-up on the calibration prompts)", budget=k,
+                                  preset=preset.replace(forecast=NO_FORECAST), schedule=tuple(c == "x" for c in schedule)))
     for name in statics:
         configs += [Config(f"{name}-k{k}", "static", f"static: {name} spacing", budget=k, preset=preset.replace(forecast=NO_FORECAST),
                            schedule=tuple(bool(b) for b in uniform_schedule(steps, k, forced))) for k in auto_budgets]

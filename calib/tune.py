@@ -387,13 +387,15 @@ def tune(request: TuneRequest, echo=print) -> Preset:
 
     # The oracle: the best static schedule measured per budget, now with every schedule tune measured.
     everything = pd.DataFrame([(*key, p) for key, p in measure.measured.items() if len(key) == 2], columns=["steps", "schedule", "psnr"])
-    oracle = dict(preset.calibration.get("oracle", {}))
-    for steps, by_budget in measured_oracle(everything, echo=echo).items():
+    oracle, runners_up = dict(preset.calibration.get("oracle", {})), dict(preset.calibration.get("oracle_runners_up", {}))
+    best, next_best = measured_oracle(everything, echo=echo)
+    for steps, by_budget in best.items():
         oracle[steps] = {**oracle.get(steps, {}), **by_budget}
+        runners_up[steps] = {**{b: s for b, s in runners_up.get(steps, {}).items() if b not in by_budget}, **next_best.get(steps, {})}
     all_units = unit_series(trace)
     requested = float(preset.fit.get("requested_speedup", 1.6))
     threshold, reached = threshold_for_speedup(all_units, best_preset, requested)
-    calibration = dict(preset.calibration, oracle=oracle, oracle_source=f"measured on the calibration prompts: {', '.join(map(str, request.against))} and teacal tune",
+    calibration = dict(preset.calibration, oracle=oracle, oracle_runners_up=runners_up, oracle_source=f"measured on the calibration prompts: {', '.join(map(str, request.against))} and teacal tune",
                        tune={"from_coefficients": list(preset.coefficients), "against": [str(p) for p in request.against], "rounds": request.rounds,
                              "generations": measure.generations, "minutes": round(minutes, 2),
                              "schedules_measured": len(measure.measured), "gaps_db": rows, "forecast": forecast_record, "date": now_iso()})

@@ -271,8 +271,9 @@ def test_the_measured_oracle_is_the_best_static_schedule_measured_on_the_calibra
         ("teacache", "teacache-t0.2", "x....x,x....x", [20.0, 21.0]),
     ]
     sweep = _sweep_folder(tmp_path / "calib-sweep", calib_run, rows)
-    oracle = measured_oracle(measured_static((sweep,), [calib_run]))
+    oracle, runners_up = measured_oracle(measured_static((sweep,), [calib_run]))
     assert oracle == {"6": {"3": "x.x..x", "4": "xx.x.x", "2": "x....x"}}
+    assert runners_up == {"6": {"3": ["xx...x", "x..x.x"]}}  # by mean PSNR: 31.0, then 29.5
     other = _sweep_folder(tmp_path / "heldout-sweep", heldout_run, rows)
     with pytest.raises(UserError, match="not a run being fitted; the oracle is chosen on the calibration prompts only"):
         measured_static((other,), [calib_run])

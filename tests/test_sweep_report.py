@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import calib.report as report_module
 from calib.cli import app
 from calib.fit import FitRequest, fit
 from calib.metrics import Metrics
+from calib.runfiles import aggregate, static_configs
 from calib.sweep import SweepRequest, parse_thresholds, sweep
 from teacache.preset import Preset
 from tests.conftest import SMALL_PROMPTS, write_prompts
@@ -277,6 +279,38 @@ def test_report_writes_readable_figures_and_the_equal_calls_table(swept, monkeyp
     text = (folder / "report.md").read_text()
     assert "Each method at equal computed calls" in text and "| computed calls |" in text and "static: uniform spacing" in text
     assert "Best speedup at equal quality" in text and "teacache-t0.5" in text and "oracle-k" in text
+
+
+def test_the_report_oracle_is_the_best_static_schedule_measured_on_the_swept_prompts(recorded_run, temb_preset, tmp_path):
+    """The sweep generates the preset's oracle runners-up beside its pick; the report's oracle is, at every budget, at
+    or above every static configuration measured (the pick, the runners-up, uniform spacing, TeaCache and a borrowed
+    set on temb), and the pick keeps its own column."""
+    preset = json.loads(temb_preset.read_text())
+    pick = preset["calibration"]["oracle"]["6"]["3"]
+    others = [s for s in ("xx...x", "x..x.x", "x.x..x", "x...xx") if s != pick][:2]
+    preset["calibration"]["oracle_runners_up"] = {"6": {"3": others}}
+    path = tmp_path / "with-runners-up.json"
+    path.write_text(json.dumps(preset))
+    table = sweep(SweepRequest(run=recorded_run, preset=path, thresholds="0.1,0.5,2", oracle="3,4", out=tmp_path / "o", baselines=("identity", "uniform"),
+                               metrics=("psnr",)), echo=lambda *_: None)
+    runners = table[table["config"].isin(["oracle-k3-2", "oracle-k3-3"])]
+    assert sorted(runners.groupby("config")["schedule"].first()) == sorted(others) and (runners["computed_cond"] == 3).all()
+    result = runner.invoke(app, ["report", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "o" / "report" / "report.md").read_text()
+    section = text.split("## Each method at equal computed calls")[1].splitlines()
+    first = next(i for i, line in enumerate(section) if line.startswith("|"))
+    rows = [line.strip(" |").split(" | ") for line in itertools.takewhile(lambda line: line.startswith("|"), section[first:])]
+    equal = pd.DataFrame(rows[2:], columns=rows[0])  # the PSNR table: its head, a rule, a row per budget
+    oracle = next(c for c in equal.columns if c.startswith("oracle (best of"))
+    assert "oracle pick (best static schedule, recorded reuse cost model)" in equal.columns
+    static = aggregate(table)
+    static = static[static["config"].isin(static_configs(table).index)]
+    calls = [int(c.split(" of ")[0]) for c in equal["computed calls"]]
+    for budget, value in zip(calls, equal[oracle], strict=True):
+        below = static[static["computed"] <= budget]
+        if not below.empty:
+            assert float(value.split(" ")[0]) == pytest.approx(below["psnr"].replace(np.inf, np.nan).max(), abs=0.006)
 
 
 def test_nan_in_the_trace_is_refused_before_any_run(recorded_run, temb_preset, tmp_path):

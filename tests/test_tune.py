@@ -86,6 +86,12 @@ def test_the_oracle_after_tune_is_the_best_schedule_measured_per_budget(calibrat
     for schedule, value in measured.items():
         best = oracle[str(schedule.count("x"))]
         assert measured.get(best, -np.inf) >= value or best not in measured  # a sweep-measured schedule may be the best
+    # the runners-up, which sweeps generate beside the pick: the next best measured at the same budget, best first
+    assert tuned.calibration["oracle_runners_up"]["6"]
+    for budget, schedules in tuned.calibration["oracle_runners_up"]["6"].items():
+        assert 1 <= len(schedules) <= 2 and all(s.count("x") == int(budget) and s != oracle[budget] for s in schedules)
+        values = [measured[s] for s in schedules if s in measured]
+        assert values == sorted(values, reverse=True) and all(v <= measured.get(oracle[budget], np.inf) for v in values)
 
 
 @pytest.mark.parametrize(
