@@ -249,6 +249,14 @@ def oracle_db(train: list[UnitSeries], test: list[UnitSeries], matrices: dict, f
     return np.array(out)
 
 
+def gap_to_oracle(preset: Preset, train: list[UnitSeries], test: list[UnitSeries], matrices: dict, steps: int) -> np.ndarray:
+    """At each budget of `steps`: the modelled dB on `test` of the preset's front (thresholds placed on `train`) minus
+    that of `train`'s best static schedules."""
+    budgets = budget_grid(steps)
+    front = simulated_front(test, None, preset, thresholds_for_budgets(train, preset, budgets), matrices)
+    return db_at_budgets(front, budgets) - oracle_db(train, test, matrices, forced_steps(preset, steps), budgets)
+
+
 def evaluate(candidate: Candidate, units: list[UnitSeries], matrices: dict, windows: Windows, groups: np.ndarray, k: int,
              loss: str, model: str, ret_steps: int, cutoff_steps: int) -> Scored:
     """Cross-validated by prompt: the fitted quantity's held-out error and the simulated held-out dB gap to the oracle."""
@@ -271,11 +279,7 @@ def evaluate(candidate: Candidate, units: list[UnitSeries], matrices: dict, wind
         for steps in sorted({u.steps for u in test}):
             test_n = [u for u in test if u.steps == steps]
             train_n = [u for u in train if u.steps == steps] or train
-            budgets = budget_grid(steps)
-            front = simulated_front(test_n, None, preset, thresholds_for_budgets(train_n, preset, budgets), matrices)
-            ours = db_at_budgets(front, budgets)
-            best = oracle_db(train_n, test_n, matrices, forced_steps(preset, steps), budgets)
-            gaps.append(ours - best)
+            gaps.append(gap_to_oracle(preset, train_n, test_n, matrices, steps))
     done = np.isfinite(predicted)
     gap = np.concatenate(gaps) if gaps else np.array([np.nan])
     return Scored(candidate, r2(y[done], predicted[done]) if done.any() else float("nan"),
@@ -339,9 +343,7 @@ def simulated_gaps(preset: Preset, units: list[UnitSeries], matrices: dict) -> n
     gaps = []
     for steps in sorted({u.steps for u in units}):
         same = [u for u in units if u.steps == steps]
-        budgets = budget_grid(steps)
-        front = simulated_front(same, None, preset, thresholds_for_budgets(same, preset, budgets), matrices)
-        gap = db_at_budgets(front, budgets) - oracle_db(same, same, matrices, forced_steps(preset, steps), budgets)
+        gap = gap_to_oracle(preset, same, same, matrices, steps)
         gaps.append(np.where(np.isfinite(gap), gap, MISSING_DB))
     return np.concatenate(gaps)
 
