@@ -355,13 +355,24 @@ def plan(request: SweepRequest, echo=print) -> Plan:
     else:
         oracle_label = f"oracle pick (best static schedule, {'probed' if probed else 'recorded reuse'} cost model)"
     runners_up = preset.calibration.get("oracle_runners_up", {}).get(str(steps), {})
+
+    def oracle_schedule(text, where: str, k: int) -> tuple[bool, ...]:
+        """A schedule the preset holds, checked before anything runs: a hand-edited one must not fail mid-sweep."""
+        if not isinstance(text, str) or set(text) - {"x", "."} or len(text) != steps or text.count("x") != k or text[:1] != "x":
+            raise UserError(f"preset {preset.source}: calibration.{where}[{steps}][{k}] = {text!r}: expected {steps} characters of x "
+                            f"(computed) and . (skipped), {k} of them x, the first one x")
+        return tuple(c == "x" for c in text)
+
     for k in budgets:
         if str(k) in oracle:
             configs.append(Config(f"oracle-k{k}", "oracle", oracle_label, budget=k, preset=preset.replace(forecast=NO_FORECAST),
-                                  schedule=tuple(c == "x" for c in oracle[str(k)])))
-        for rank, schedule in enumerate(runners_up.get(str(k), []), start=2):  # the report's oracle is the best measured here
+                                  schedule=oracle_schedule(oracle[str(k)], "oracle", k)))
+        listed = runners_up.get(str(k), [])
+        if not isinstance(listed, list):
+            raise UserError(f"preset {preset.source}: calibration.oracle_runners_up[{steps}][{k}] = {listed!r}: expected a list of schedules")
+        for rank, schedule in enumerate(listed, start=2):  # the report's oracle is the best measured here
             configs.append(Config(f"oracle-k{k}-{rank}", "oracle", "oracle candidates (runners-up on the calibration prompts)", budget=k,
-                                  preset=preset.replace(forecast=NO_FORECAST), schedule=tuple(c == "x" for c in schedule)))
+                                  preset=preset.replace(forecast=NO_FORECAST), schedule=oracle_schedule(schedule, "oracle_runners_up", k)))
     for name in statics:
         configs += [Config(f"{name}-k{k}", "static", f"static: {name} spacing", budget=k, preset=preset.replace(forecast=NO_FORECAST),
                            schedule=tuple(bool(b) for b in uniform_schedule(steps, k, forced))) for k in auto_budgets]

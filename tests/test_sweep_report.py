@@ -143,6 +143,19 @@ def test_bad_sweep_input_exits_2_with_one_line_before_any_run(recorded_run, temb
     assert not (tmp_path / "o" / "sweep").exists()
 
 
+@pytest.mark.parametrize(("where", "schedule"), [("oracle", "x.x"), ("oracle", "..xx.x"), ("oracle_runners_up", ["xxxx.x"]), ("oracle_runners_up", "x..x.x")])
+def test_a_malformed_oracle_schedule_in_the_preset_is_refused_before_any_run(recorded_run, temb_preset, tmp_path, where, schedule):
+    """A hand-edited preset whose oracle schedule has another length, budget or first step exits 2 with one line."""
+    preset = json.loads(temb_preset.read_text())
+    preset["calibration"].setdefault(where, {}).setdefault("6", {})["3"] = schedule
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(preset))
+    result = runner.invoke(app, ["sweep", str(recorded_run), "--preset", str(path), "--thresh", "0.1", "--oracle", "3", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert f"calibration.{where}[6][3] = " in result.output and result.output.count("\n") == 1
+    assert not (tmp_path / "o" / "sweep").exists()
+
+
 def test_preset_for_another_model_is_refused_before_any_run(recorded_run, temb_preset, tmp_path):
     other = tmp_path / "other.json"
     Preset.load(temb_preset).replace(model="qwen-image-edit-2511").save(other)
