@@ -47,7 +47,7 @@ bench: install
 bench-real: install
 	$(PY) -m calib.bench real $(BENCH_ARGS)
 
-# The main job on the embedded tiny model (about 17 minutes on 2 idle CPU cores, 17.3 measured with the install): record the calibration prompts, probe what
+# The main job on the embedded tiny model (about 18 minutes on 2 idle CPU cores, 17.8 measured with the install): record the calibration prompts, probe what
 # skips cost the final image, fit a preset, tune it by generating on the calibration prompts, then measure it on
 # held-out prompts it never saw and write the report.
 CALIB_PROMPTS   ?= prompts/calib.jsonl
