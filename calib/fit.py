@@ -377,8 +377,8 @@ def search_shape(preset: Preset, units: list[UnitSeries], matrices: dict) -> tup
     grid = np.geomspace(max(low, 1e-6), high, 64)
     for power in SHAPE_POWERS:  # x**p in the preset's degree, relative error least squares over the calibrated range
         shaped = preset.replace(coefficients=[float(c) for c in np.polyfit(grid, grid**power, len(knots) - 1, w=grid**-power)])
-        if np.polyval(shaped.coefficients, grid).min() > 0 and shape_score(gaps := gaps_of(shaped)) > best:
-            best, best_preset = shape_score(gaps), shaped
+        if np.polyval(shaped.coefficients, grid).min() > 0 and (score := shape_score(gaps_of(shaped))) > best:
+            best, best_preset = score, shaped
             log_values = log_values_at(shaped, knots)
     with progress(f"fit: shape search, {preset.signal}", SHAPE_TRIALS) as advance:
         best_preset, _ = pattern_search(best_preset, knots, log_values, lambda p: shape_score(gaps_of(p)), SHAPE_TRIALS, advance)

@@ -26,7 +26,7 @@ import pandas as pd  # noqa: E402
 from calib.errors import UserError  # noqa: E402
 from calib.runfiles import SWEEP_FILE, aggregate, load_run, load_trace, read_json, read_table, static_configs  # noqa: E402
 from teacache._files import atomic_write, remove_stale_temp_files  # noqa: E402
-from teacache.preset import Preset  # noqa: E402
+from teacache.preset import SIGNALS, Preset  # noqa: E402
 
 QUALITY_LEVELS = (("psnr", 30.0), ("psnr", 35.0), ("psnr", 40.0), ("psnr", 45.0), ("psnr", 50.0), ("lpips", 0.05), ("lpips", 0.1))
 METHOD_STYLE = {
@@ -184,7 +184,7 @@ def fit_figure(trace: pd.DataFrame, preset: Preset, settings: dict, path: Path) 
 
 
 def steps_figure(trace: pd.DataFrame, settings: dict, preset: Preset | None, path: Path) -> Path:
-    columns = [("y_output", "output"), ("y_residual", "block residual"), ("x_temb", "signal temb"), ("x_modin", "signal modin"), ("x_sigma", "signal sigma")]
+    columns = [("y_output", "output"), ("y_residual", "block residual"), *((f"x_{s}", f"signal {s}") for s in SIGNALS)]
     gain = (preset.calibration.get("cost_model", {}).get("gain") or {}) if preset is not None else {}
     fig, axes = plt.subplots(1, len(columns) + bool(gain), figsize=(4 * (len(columns) + bool(gain)), 4))
     for ax, (column, name) in zip(axes, columns, strict=False):
