@@ -221,7 +221,9 @@ class CallCounter:
         return schedule_text(self.ran[:: self.branches])
 
     def row(self) -> dict:
-        return dict(computed=self.computed, skipped=self.skipped, block_forwards=self.block_forwards, schedule=self.schedule())
+        per_branch = [sum(self.ran[b :: self.branches]) for b in range(self.branches)]
+        return dict(computed=self.computed, skipped=self.skipped, block_forwards=self.block_forwards, schedule=self.schedule(),
+                    computed_cond=per_branch[0], computed_uncond=per_branch[1] if self.branches > 1 else 0)
 
     def close(self) -> None:
         for handle in self._handles:

@@ -97,10 +97,10 @@ def pareto(view: pd.DataFrame, metric: str, x: str, settings: dict, steps: int, 
         method = group["method"].iloc[0]
         edge = front(group, x, metric, more_x_is_better)
         ax.plot(edge[x], edge[metric], label=label, **METHOD_STYLE.get(method, dict(marker="^", lw=1.2)))
-        for r in edge.itertuples():
-            text = f"{r.threshold:.3g}" if method in ("teacache", "baseline") else f"k={int(r.budget)}" if method in ("oracle", "oracle pick", "static") else ""
-            if text and method in ("teacache", "oracle"):
-                labels.append((getattr(r, x), getattr(r, metric), text))
+        if method in ("teacache", "oracle"):  # labelled: TeaCache's thresholds, the oracle's budgets (steps per branch)
+            value = "threshold" if method == "teacache" else "budget"
+            labels += [(getattr(r, x), getattr(r, metric), f"{v:.3g}" if method == "teacache" else f"k={int(v)}")
+                       for r in edge.itertuples() if math.isfinite(v := getattr(r, value))]
     identical = view[~np.isfinite(view[metric]) & (view["method"] != "uncached")] if metric == "psnr" else view.iloc[:0]
     base = view[view["method"] == "uncached"]
     if len(base) and x == "speedup":

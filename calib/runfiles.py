@@ -338,12 +338,17 @@ def aggregate(table: pd.DataFrame) -> pd.DataFrame:
     return view
 
 
+# The methods whose schedules TeaCache's runtime runs with plain reuse: the oracle's candidates. A peer cache (MagCache,
+# FirstBlockCache, ...) may skip the same calls on every prompt, but it is not TeaCache's schedule: never a candidate.
+SCHEDULE_METHODS = ("teacache", "baseline", "oracle", "static")
+
+
 def static_configs(table: pd.DataFrame) -> pd.Series:
     """The configurations of a sweep table that are static schedules: plain reuse, one schedule for both CFG branches,
     the same schedule on every generation the sweep measured (an oracle or uniform schedule, and TeaCache or a borrowed
-    set on a timestep-only signal). Adaptive ones (another schedule per prompt) and forecasts are left out. Returns each
-    one's schedule, indexed by config."""
-    rows = table[(table["method"] != "uncached") & (table["forecast"].fillna("none") == "none") & table["schedule"].notna()]
+    set on a timestep-only signal). Adaptive ones (another schedule per prompt), forecasts and peer caches are left
+    out. Returns each one's schedule, indexed by config."""
+    rows = table[table["method"].isin(SCHEDULE_METHODS) & (table["forecast"].fillna("none") == "none") & table["schedule"].notna()]
     if "computed_uncond" in rows:  # one schedule for both branches
         rows = rows[rows["computed_uncond"].isna() | (rows["computed_cond"] == rows["computed_uncond"])]
     generations = int((table["method"] == "uncached").sum())  # one uncached row per (prompt, seed)

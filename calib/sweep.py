@@ -56,6 +56,7 @@ from calib.runfiles import (
     now_iso,
     read_array,
     read_json,
+    read_table,
     resolve_shard,
     settings_hash,
     unit_name,
@@ -424,6 +425,7 @@ def sweep(request: SweepRequest, echo=print) -> pd.DataFrame:
         remove_stale_temp_files(out / "refs")
     seeds = p.recording.settings["seeds"]
     pairs = [(item, seed) for item in p.items for seed in seeds]
+    check_same_pairs(out, pairs)
     shard_index, shard_count = resolve_shard(request.shard)
     parts = out / "sweep"
     runnable = [c for c in p.configs if p.runs_as.get(c.id, c.id) == c.id]
@@ -466,7 +468,7 @@ def sweep(request: SweepRequest, echo=print) -> pd.DataFrame:
     if not done:
         echo("other shards still have generations to run; the last one to finish merges sweep.parquet")
         return pd.DataFrame()
-    table = merge(parts, p, pairs)
+    table = with_earlier_sweeps(merge(parts, p, pairs), out, echo)
     write_table(out / "sweep.parquet", table)
     echo(summary(table))
     echo(f"wrote {out / 'sweep.parquet'}")
@@ -474,6 +476,32 @@ def sweep(request: SweepRequest, echo=print) -> pd.DataFrame:
     if target is not None:
         recommend(table, Preset.load(request.preset), request.save_preset or out / "recommended-preset.json", Path(request.preset), *target, echo=echo)
     return table
+
+
+def with_earlier_sweeps(table: pd.DataFrame, out: Path, echo=print) -> pd.DataFrame:
+    """One folder, one table: the configurations that earlier sweeps into `out` measured (another --method, --baseline
+    or --thresh, under the same settings, which `check_same_settings` holds to) stay in it beside this sweep's."""
+    path = out / "sweep.parquet"
+    if not path.exists():
+        return table
+    earlier = read_table(path)
+    kept = earlier[~earlier["config"].isin(table["config"])]
+    if kept.empty:
+        return table
+    echo(f"{path} keeps {kept['config'].nunique()} configurations that earlier sweeps here measured ({', '.join(sorted(kept['label'].unique()))})")
+    return pd.concat([table, kept.reindex(columns=table.columns)], ignore_index=True)
+
+
+def check_same_pairs(out: Path, pairs: list[tuple]) -> None:
+    """A sweep into a folder whose table measured other (prompt, seed) pairs would mix prompt sets in one table."""
+    path = out / "sweep.parquet"
+    if not path.exists():
+        return
+    earlier = read_table(path)
+    measured = set(zip(earlier["prompt_id"], earlier["seed"].astype(int), strict=True))
+    if measured != {(item.id, int(seed)) for item, seed in pairs}:
+        raise UserError(f"{path}: measured other prompts or seeds ({len(measured)} pairs) than this sweep ({len(pairs)}); one table holds one "
+                        "prompt set: sweep into another --out")
 
 
 def sweep_pair(backend, p: Plan, item, seed: int, configs: list[Config], metrics: Metrics, peer_data: dict, request: SweepRequest,

@@ -66,12 +66,13 @@ def test_never_skip_is_the_uncached_image_and_skips_count_up(method, tiny, item,
     with peers.applied(tiny.transformer, method, peers.NEVER_SKIP[method], STEPS, CFG, mag_ratios=ratios) as counter:
         image = tiny.run(item, 0, STEPS, CFG, SIZE).image
     assert np.array_equal(pixels(image), pixels(uncached))
-    assert counter.row() == dict(computed=CALLS, skipped=0, block_forwards=CALLS * blocks, schedule="x" * STEPS)
+    assert counter.row() == dict(computed=CALLS, skipped=0, block_forwards=CALLS * blocks, schedule="x" * STEPS, computed_cond=STEPS, computed_uncond=STEPS)
 
     params, blocks_on_skip = AGGRESSIVE[method]
     with peers.applied(tiny.transformer, method, params, STEPS, CFG, mag_ratios=ratios) as counter:
         tiny.run(item, 0, STEPS, CFG, SIZE)
     assert counter.skipped > 0 and counter.computed + counter.skipped == CALLS
+    assert counter.row()["computed_cond"] + counter.row()["computed_uncond"] == counter.computed  # each branch's calls, as TeaCache's rows
     assert counter.block_forwards == counter.computed * blocks + counter.skipped * blocks_on_skip
     assert counter.schedule()[0] == "x" and len(counter.schedule()) == STEPS
     # Removed after the generation: the next plain run is the uncached image again.

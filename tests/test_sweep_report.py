@@ -390,3 +390,60 @@ def test_the_uncached_configuration_runs_plain(tiny, monkeypatch):
     assert np.array_equal(uncached["latents"], bare.latents) and np.array_equal(zero["latents"], bare.latents)
     assert uncached["computed"] == 2 * steps and uncached["block_forwards"] == 2 * steps * tiny.num_blocks
     assert _teacache_hooks(tiny.transformer) == []
+
+
+def _equal_calls_columns(report_md: Path) -> list[str]:
+    section = report_md.read_text().split("## Each method at equal computed calls")[1].splitlines()
+    head = next(line for line in section if line.startswith("| computed calls"))
+    return head.strip(" |").split(" | ")[1:]
+
+
+# Each shape of table a sweep writes: one method, peers only (no TeaCache, no oracle), the oracle's static schedules
+# alone beside a peer, one prompt. The report draws every one and names every method it holds.
+TABLE_SHAPES = {
+    "teacache only": dict(methods=("teacache",), oracle="none"),
+    "peers only": dict(methods=("fbcache", "magcache"), oracle="none", peer_grids={"--fbcache-thresh": "0.2", "--magcache-thresh": "0.1"}),
+    "a peer and the oracle": dict(methods=("magcache",), oracle="3,4", peer_grids={"--magcache-thresh": "0.1"}),
+    "one prompt": dict(methods=("teacache", "fbcache"), oracle="auto", peer_grids={"--fbcache-thresh": "0.2"}),
+}
+
+
+@pytest.mark.parametrize("shape", list(TABLE_SHAPES))
+def test_report_draws_every_shape_of_table_a_sweep_writes(shape, recorded_run, temb_preset, tmp_path):
+    options = dict(TABLE_SHAPES[shape])
+    if shape == "one prompt":
+        options["prompts"] = Path(write_prompts(tmp_path / "one.jsonl", SMALL_PROMPTS[:1]))
+    table = sweep(SweepRequest(run=recorded_run, preset=temb_preset, thresholds="0.1,0.5", out=tmp_path / "o", metrics=("psnr",), **options),
+                  echo=lambda *_: None)
+    result = runner.invoke(app, ["report", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    columns = _equal_calls_columns(tmp_path / "o" / "report" / "report.md")
+    labels = set(table.loc[table["method"] != "uncached", "label"])
+    assert labels - {"oracle candidates (runners-up on the calibration prompts)"} <= {c for c in columns if not c.startswith("oracle (best of")}
+    assert (tmp_path / "o" / "report" / "calls_psnr.png").exists()
+
+
+def test_sweeps_of_one_method_each_into_one_folder_report_every_method(recorded_run, temb_preset, tmp_path):
+    """The issue's four commands: a sweep per method into the same folder, then the report. Each sweep keeps what the
+    earlier ones measured there; a sweep of other prompts into that folder is refused before anything is written."""
+    out = tmp_path / "o"
+    args = ["sweep", str(recorded_run), "--preset", str(temb_preset), "--thresh", "0:0.4:0.2", "--metrics", "psnr", "--out", str(out)]
+    tables = []
+    for method in ("teacache", "fbcache", "magcache"):
+        result = runner.invoke(app, [*args, "--method", method])
+        assert result.exit_code == 0, result.output
+        tables.append(pd.read_parquet(out / "sweep.parquet"))
+    assert set(tables[-1]["method"]) == {"uncached", "teacache", "oracle", "fbcache", "magcache"}
+    first = tables[0][tables[0]["method"] == "teacache"].reset_index(drop=True)
+    kept = tables[-1][tables[-1]["method"] == "teacache"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(first, kept.astype(first.dtypes))  # the first sweep's rows, as measured
+    result = runner.invoke(app, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    columns = _equal_calls_columns(out / "report" / "report.md")
+    assert {"teacache (calibrated)", "FirstBlockCache (diffusers)", "MagCache (diffusers)"} <= set(columns)
+
+    before = (out / "sweep.parquet").read_bytes()
+    one = write_prompts(tmp_path / "one.jsonl", SMALL_PROMPTS[:1])
+    result = runner.invoke(app, [*args, "--method", "fbcache", "--prompts", one])
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "sweep into another --out" in result.output, result.output
+    assert (out / "sweep.parquet").read_bytes() == before
