@@ -149,8 +149,8 @@ compare: install
 
 # Retrain the embedded tiny model (about 20 min on one CPU thread): calib/weights/, docs/tiny/ (loss, edit success, samples).
 train-tiny: install
-	$(PY) -m calib.tiny.train train --out calib/tiny/weights/tiny-qwen-image-edit.safetensors --docs docs/tiny
-	$(PY) -m calib.tiny.train evaluate --docs docs/tiny
+	$(PY) -m calib.training.tiny train --out calib/tiny/weights/tiny-qwen-image-edit.safetensors --docs docs/tiny
+	$(PY) -m calib.training.tiny evaluate --docs docs/tiny
 
 # Regenerate integrations/lightx2v/qwen_image_tea.patch from a LightX2V tree where it is applied and edited:
 #   make lightx2v-patch LIGHTX2V_TEA=/path/to/patched/LightX2V   (the patch is a plain `git diff` against f8aee98)

@@ -12,7 +12,7 @@ from calib.backends import tiny
 from calib.models import get_model
 from calib.tiny import model as tiny_model
 from calib.tiny import shapes as S
-from calib.tiny.train import _single_frame_convs, _to_pixels, _vae_moments
+from calib.training.common import single_frame_convs, to_pixels, vae_moments
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +65,12 @@ def test_edit_metric_accepts_the_intended_targets_and_rejects_the_sources():
 def test_training_runs_the_vae_as_the_stock_forward_does():
     _, vae = tiny_model.build_tiny(0)
     rng = np.random.default_rng(0)
-    pixels = _to_pixels([S.render(S.sample_scene(rng)) for _ in range(2)])
+    pixels = to_pixels([S.render(S.sample_scene(rng)) for _ in range(2)])
     with torch.no_grad():
         stock_latents = vae.encode(pixels).latent_dist.mode()
         stock_images = vae.decode(stock_latents).sample
-        with _single_frame_convs():
-            latents, _ = _vae_moments(vae, pixels)
+        with single_frame_convs():
+            latents, _ = vae_moments(vae, pixels)
             images = vae.decoder(vae.post_quant_conv(latents)).clamp(-1, 1)
     torch.testing.assert_close(latents, stock_latents, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(images, stock_images, atol=1e-5, rtol=1e-4)

@@ -1,14 +1,14 @@
-"""tiny-qwen-image-edit: diffusers' real Qwen-Image classes at toy size, runnable offline on a CPU.
+"""The embedded models (tiny-qwen-image-edit, scenes-qwen-image-edit): diffusers' real Qwen-Image classes at toy size,
+runnable offline on a CPU.
 
 It goes through every code path the real model does: `QwenImageTransformer2DModel` blocks and hooks,
 `zero_cond_t` reference modulation (as in 2511), target + reference tokens with two `img_shapes` entries,
 and norm-rescaled true CFG in two `cache_context` branches. There is no text encoder offline, so prompt
 embeddings are derived deterministically from the prompt's words.
 
-By default it loads the weights shipped in `calib/tiny/weights/`: trained by `make train-tiny`
-(`calib.tiny.train`) to edit the scenes of `calib.tiny.shapes` ("make the red circle blue", "remove the green
-star", ...) at 48x48. `TinyQwenImageEdit(weights=None, seed=s)` builds the same architecture with random
-weights instead.
+By default it loads the weights shipped in `calib/tiny/weights/` (`calib.tiny.model.EMBEDDED`: the tiny model edits
+the shapes of `calib.tiny.shapes` at 48x48, the scenes model the open-ended scenes of `calib.tiny.scenes` at 64x64).
+`TinyQwenImageEdit(weights=None, seed=s)` builds the same architecture with random weights instead.
 """
 
 from __future__ import annotations
@@ -23,24 +23,26 @@ from PIL import Image
 
 from calib.backends import Generation, HookedTransformerBackend, synchronize
 from calib.backends.loop import Conditioning, denoise, pack, qwen_scheduler, unpack
-from calib.tiny.model import DEFAULT_SIZE, DEFAULT_WEIGHTS, VAE_CONFIG, build_tiny, embed_text, load_tiny
+from calib.tiny.model import DEFAULT_SIZE, TINY, Embedded, build, embed_text, load
 
 
 class TinyQwenImageEdit(HookedTransformerBackend):
-    """Runs the tiny model; `transformer` is the module that caches and recorders hook into."""
+    """Runs an embedded model; `transformer` is the module that caches and recorders hook into."""
 
-    vae_scale_factor = 2 ** len(VAE_CONFIG["temperal_downsample"])
-    model_name = "tiny-qwen-image-edit"
+    vae_scale_factor = TINY.vae_scale_factor  # both embedded models downsample 4x
 
     def __init__(
         self,
         seed: int = 0,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
-        weights: str | Path | None = DEFAULT_WEIGHTS,
+        weights: str | Path | None = "shipped",
+        model: Embedded = TINY,
     ) -> None:
-        """`weights`: a file written by `calib.tiny.train` (default: the shipped one), or None for random weights from `seed`."""
-        self.transformer, self.vae = build_tiny(seed) if weights is None else load_tiny(weights)
+        """`weights`: a file written by `calib.training` (default: the model's shipped one), or None for random weights from `seed`."""
+        self.model_name, self.text_dim = model.name, model.text_dim
+        weights = model.weights if weights == "shipped" else weights
+        self.transformer, self.vae = build(model, seed) if weights is None else load(weights)
         for module in (self.transformer, self.vae):
             module.to(device)
             if dtype != torch.float32:  # .to(dtype) warns even when it changes nothing
@@ -75,8 +77,8 @@ class TinyQwenImageEdit(HookedTransformerBackend):
         return mean, std
 
     def conditioning(self, prompt: str, negative_prompt: str = "") -> Conditioning:
-        embeds, mask = embed_text(prompt)
-        neg_embeds, neg_mask = embed_text(negative_prompt)
+        embeds, mask = embed_text(prompt, self.text_dim)
+        neg_embeds, neg_mask = embed_text(negative_prompt, self.text_dim)
         to = dict(device=self.device)
         return Conditioning(embeds.to(**to, dtype=self.dtype), mask.to(**to), neg_embeds.to(**to, dtype=self.dtype), neg_mask.to(**to))
 

@@ -326,7 +326,7 @@ def edit_success(edit: Edit, output: Image.Image | np.ndarray) -> dict:
 
 # -- prompt sets ------------------------------------------------------------------------------------------
 
-HELD_OUT_SEED = 20_260_806  # the tiny model's own evaluation scenes; training draws from its own seed (see calib.tiny.train)
+HELD_OUT_SEED = 20_260_806  # the tiny model's own evaluation scenes; training draws from its own seed (see calib.training.tiny)
 # The prompt sets of the TeaCache calibration (prompts/calib.jsonl) and of its held-out measurement
 # (prompts/heldout.jsonl): distinct seeds, and nothing is ever tuned on the held-out one.
 CALIBRATION_SEED = 11
