@@ -240,7 +240,7 @@ def sweep(
     run: Annotated[Path, typer.Argument(help=RUN_FOLDER + " Its prompts, seeds and reference images are what is measured against.")],
     preset: Annotated[Path, typer.Option(help="Preset JSON written by `teacal fit`.", rich_help_panel=CONFIG_PANEL)],
     thresh: Annotated[str, typer.Option(help="Thresholds of TeaCache and the baselines: auto (for each method, one per computed-call count from 15% to 80% of the calls, from its own simulated schedules), START:STOP[:STEP] or a comma list.", rich_help_panel=CONFIG_PANEL)] = "auto",
-    baseline: Annotated[list[str] | None, typer.Option(help="Uncalibrated coefficients (constant, identity, flux, wan21, mlx-qwen, or a JSON file), or the static schedule uniform. Repeatable.", rich_help_panel=CONFIG_PANEL)] = None,
+    baseline: Annotated[list[str] | None, typer.Option(help="Uncalibrated coefficients (constant, identity, flux, wan21, mlx-qwen, or a JSON file), or a static schedule: uniform (evenly spaced), lemica (LeMiCa's three published Qwen-Image schedules; mapped by sigma at other than 50 steps). Repeatable.", rich_help_panel=CONFIG_PANEL)] = None,
     forecast: Annotated[list[str] | None, typer.Option(help="Reuse rules for calibrated TeaCache: preset (its own), none, calibrated, linear:ALPHA[:sigma]. Repeatable: one front each.", rich_help_panel=CONFIG_PANEL)] = None,
     steps: Annotated[int | None, typer.Option(help="Which recorded step count to sweep (needed when the run holds several).", rich_help_panel=CONFIG_PANEL)] = None,
     oracle: Annotated[str, typer.Option(help="Oracle static schedules: auto (budgets of the thresholds), none, or step budgets like 8,10,12.", rich_help_panel=CONFIG_PANEL)] = "auto",

@@ -67,8 +67,11 @@ from calib.runfiles import (
 )
 from calib.simulate import (
     EXACT_SIGNALS,
+    LEMICA,
+    LEMICA_STEPS,
     StaticSchedulePolicy,
     forced_steps,
+    lemica_schedule,
     schedule_text,
     teacache_schedules,
     thresholds_for_budgets,
@@ -90,7 +93,7 @@ BASELINES: dict[str, tuple[list[float], str | None]] = {
     "wan21": ([2.39676752e03, -1.31110545e03, 2.01331979e02, -8.29855975e00, 1.37887774e-01], "temb"),
     "mlx-qwen": ([45.1442944188745, -52.91131412057809, 17.078368811436963, 0.10393043235768819, 0.0], "modin"),
 }
-STATIC = ("uniform",)  # static schedules that take no coefficients: evenly spaced computed steps
+STATIC = ("uniform", "lemica")  # static schedules that take no coefficients: evenly spaced; LeMiCa's published three
 
 
 def parse_thresholds(spec: str) -> list[float] | None:
@@ -375,8 +378,7 @@ def plan(request: SweepRequest, echo=print) -> Plan:
             configs.append(Config(f"oracle-k{k}-{rank}", "oracle", "oracle candidates (runners-up on the calibration prompts)", budget=k,
                                   preset=preset.replace(forecast=NO_FORECAST), schedule=oracle_schedule(schedule, "oracle_runners_up", k)))
     for name in statics:
-        configs += [Config(f"{name}-k{k}", "static", f"static: {name} spacing", budget=k, preset=preset.replace(forecast=NO_FORECAST),
-                           schedule=tuple(bool(b) for b in uniform_schedule(steps, k, forced))) for k in auto_budgets]
+        configs += static_schedule_configs(name, preset.replace(forecast=NO_FORECAST), units[0].sigma, forced, auto_budgets)
     configs += [Config(s.id, s.method, s.label, threshold=s.threshold, params=s.params) for s in peer_settings]
     if len(configs) > MAX_CONFIGS and not request.yes:
         raise UserError(f"{len(configs)} configurations x {len(items) * len(seeds)} generations each: pass --yes to run them, or a coarser --thresh")
@@ -398,6 +400,20 @@ def plan(request: SweepRequest, echo=print) -> Plan:
         "lightx2v_config_sha256": settings.get("lightx2v_config_sha256"),
     }
     return Plan(recording, steps, cfg, size, items, configs, runs_as, predicted, metric_names, out, sweep_settings)
+
+
+def static_schedule_configs(name: str, preset: Preset, sigma: np.ndarray, forced: np.ndarray, budgets: list[int]) -> list[Config]:
+    """`--baseline uniform` (evenly spaced, at every auto budget) or `--baseline lemica` (LeMiCa's three published
+    schedules, mapped by sigma at step counts other than 50: `calib.simulate.lemica_schedule`)."""
+    if name == "uniform":
+        return [Config(f"uniform-k{k}", "static", "static: uniform spacing", budget=k, preset=preset,
+                       schedule=tuple(bool(b) for b in uniform_schedule(len(sigma), k, forced))) for k in budgets]
+    from calib.backends.loop import qwen_sigmas, shift_of
+
+    published_sigma = qwen_sigmas(LEMICA_STEPS, shift_of(sigma))
+    schedules = {tuple(bool(b) for b in lemica_schedule(speed, sigma, published_sigma)): speed for speed in LEMICA}
+    return [Config(f"lemica-{speed}", "static", "static: LeMiCa (published Qwen-Image schedules)", budget=sum(schedule), preset=preset,
+                   schedule=schedule) for schedule, speed in schedules.items()]
 
 
 def _predicted(units, config: Config) -> pd.DataFrame:

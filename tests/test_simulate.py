@@ -124,3 +124,23 @@ def test_thresholds_for_an_adaptive_signal_keep_the_mean_over_every_prompt_withi
     for budget in budgets:  # a point within one computed step below every budget, none above the largest
         assert any(budget - 1 / 20 < f <= budget + 1e-9 for f in fractions), (budget, sorted(fractions))
     assert max(fractions) <= max(budgets) + 1e-9
+
+
+def test_lemica_is_published_at_50_steps_and_mapped_by_sigma_at_other_counts():
+    from calib.backends.loop import qwen_sigmas, shift_of
+    from calib.simulate import LEMICA, lemica_schedule
+
+    mu = 0.49
+    fifty = qwen_sigmas(50, mu)
+    for name, steps in LEMICA.items():
+        assert np.flatnonzero(lemica_schedule(name, fifty, fifty)).tolist() == list(steps)
+    twenty = qwen_sigmas(20, mu)
+    published = qwen_sigmas(50, shift_of(twenty))  # the run's own shift, recovered from its sigmas
+    np.testing.assert_allclose(published, fifty, atol=1e-5)
+    for name, steps in LEMICA.items():
+        schedule = lemica_schedule(name, twenty, published)
+        assert schedule[0] and schedule[-1] and schedule.sum() <= len(steps)
+        for m in np.flatnonzero(schedule)[1:-1]:  # each computed step is, of its neighbours, the nearest in sigma to a published one
+            assert any(abs(twenty[m] - fifty[s]) <= min(abs(twenty[m + d] - fifty[s]) for d in (-1, 1)) for s in steps)
+    slow = lemica_schedule("slow", twenty, published)
+    assert slow[:8].all() and slow[8:].mean() < 0.6  # dense early, as published (steps 0-19 of 50)

@@ -447,3 +447,13 @@ def test_sweeps_of_one_method_each_into_one_folder_report_every_method(recorded_
     result = runner.invoke(app, [*args, "--method", "fbcache", "--prompts", one])
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "sweep into another --out" in result.output, result.output
     assert (out / "sweep.parquet").read_bytes() == before
+
+
+def test_baseline_lemica_runs_the_published_schedules_mapped_to_the_recorded_steps(recorded_run, temb_preset, tmp_path):
+    table = sweep(SweepRequest(run=recorded_run, preset=temb_preset, thresholds="0.5", out=tmp_path / "o", baselines=("lemica",), oracle="none",
+                               methods=(), metrics=("psnr",)), echo=lambda *_: None)
+    lemica = table[table["config"].str.startswith("lemica-")]
+    assert set(lemica["label"]) == {"static: LeMiCa (published Qwen-Image schedules)"} and set(lemica["method"]) == {"static"}
+    schedules = lemica.groupby("config")["schedule"].first()
+    assert all(s[0] == "x" and s[-1] == "x" and len(s) == 6 for s in schedules)  # 6 recorded steps: mapped, first and last computed
+    assert (lemica["computed_cond"] == lemica["budget"]).all() and (lemica["computed_cond"] == lemica["computed_uncond"]).all()

@@ -36,6 +36,27 @@ def qwen_scheduler() -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER_CONFIG)
 
 
+def qwen_sigmas(steps: int, mu: float) -> np.ndarray:
+    """The sigma of each of `steps` steps, as the Qwen pipelines set them (linear, shifted by `mu`, stretched to the terminal)."""
+    scheduler = qwen_scheduler()
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    return scheduler.sigmas[:-1].double().numpy()
+
+
+def shift_of(sigmas: np.ndarray) -> float:
+    """The shift `mu` under which the Qwen scheduler gives these sigmas (a recorded run's): bisection, since a larger
+    shift spends more steps at high noise and so raises every sigma."""
+    sigmas = np.asarray(sigmas, float)
+    low, high = -4.0, 4.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        if qwen_sigmas(len(sigmas), mid).mean() < sigmas.mean():
+            low = mid
+        else:
+            high = mid
+    return (low + high) / 2
+
+
 @dataclass
 class Conditioning:
     prompt_embeds: torch.Tensor
