@@ -27,21 +27,25 @@ _require_toolkit()
 
 import click  # noqa: E402
 import typer  # noqa: E402
-from typer.core import TyperGroup  # noqa: E402
+from typer.core import TyperCommand, TyperGroup  # noqa: E402
 
+from calib.configs import MAX_CONFIGS, STATIC  # noqa: E402
 from calib.errors import UserError  # noqa: E402
+from calib.fit import LOSSES, TARGETS  # noqa: E402
+from calib.metrics import METRICS  # noqa: E402
 from calib.models import DEFAULT_MODEL, MODELS  # noqa: E402
-from calib.peers import GRIDS, METHODS  # noqa: E402
+from calib.peers import METHODS, grid_keys  # noqa: E402
+from teacache.preset import BRANCH_MODES, SIGNALS  # noqa: E402
 
-# Choices, as `--help` shows them (kept in step with teacache.preset.SIGNALS/BRANCH_MODES and calib.fit.LOSSES by tests).
+# Choices, as `--help` shows them, from the modules that own them.
 Model = Literal[tuple(MODELS)]  # type: ignore[valid-type]
-Signal = Literal["auto", "temb", "modin", "sigma"]
-Target = Literal["auto", "residual", "output"]
-BranchMode = Literal["auto", "per-branch", "shared"]
-Loss = Literal["linear", "soft_l1", "huber", "cauchy"]
+Signal = Literal[("auto", *SIGNALS)]  # type: ignore[valid-type]
+Target = Literal[("auto", *TARGETS)]  # type: ignore[valid-type]
+BranchMode = Literal[("auto", *BRANCH_MODES)]  # type: ignore[valid-type]
+Loss = Literal[LOSSES]  # type: ignore[valid-type]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Backend = Literal["diffusers", "lightx2v"]
-Metric = Enum("Metric", {name: name for name in ("lpips", "psnr", "ssim")}, type=str)  # Enums: typer lists take no Literal
+Metric = Enum("Metric", {name: name for name in METRICS}, type=str)  # Enums: typer lists take no Literal
 Method = Enum("Method", {name: name for name in METHODS}, type=str)
 
 
@@ -82,15 +86,38 @@ app = typer.Typer(
     cls=_OneLineErrors,
     help=(
         "teacal: calibrate TeaCache for Qwen-Image(-Edit) and measure what each threshold buys.\n\n"
-        "The main job: `teacal record RUN` (uncached runs, per-step signals) -> `teacal fit RUN --out P` (rescale "
-        "polynomial -> preset JSON) -> `teacal sweep RUN --preset P` (speed against LPIPS/PSNR/SSIM) -> "
-        "`teacal report RUN` (Pareto curves). Every command names its run folder first. `make demo` runs them all "
-        "on the embedded tiny model."
+        "The main job: `teacal record RUN --prompts CALIB` (uncached runs, per-step signals), `teacal probe RUN` (what a skip "
+        "costs the final image), `teacal fit RUN --out P` (the rescale polynomial -> preset JSON); then on held-out prompts "
+        "`teacal record HELD --prompts HELDOUT` and `teacal sweep HELD --preset P` (speed against LPIPS/PSNR/SSIM, beside "
+        "borrowed sets and peers) and `teacal report HELD` (Pareto curves). `teacal tune` refines a preset by generating on "
+        "the calibration prompts. Every command names its run folder first; `make demo` runs the main job on the embedded "
+        "tiny model."
     ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"teacal {version('teacal')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False) -> None:
+    pass
+
+
+class _Command(TyperCommand):
+    """Usage lines as the README writes them: `teacal record [OPTIONS] RUN` (typer braces required arguments)."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [piece.replace("{", "").replace("}", "") for piece in super().collect_usage_pieces(ctx)]
 
 
 def fail(message: str) -> None:
@@ -113,7 +140,7 @@ def command(function):
             typer.echo("interrupted: finished files are kept; rerun the same command to resume", err=True)
             raise typer.Exit(130) from None
 
-    return app.command()(wrapper)
+    return app.command(cls=_Command, context_settings={"max_content_width": 120})(wrapper)
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -128,7 +155,7 @@ def parse_size(size: str) -> tuple[int, int]:
 
 RUN_FOLDER = "Run folder written by `teacal record` (trace/, refs/, run.json)."
 MODEL_PANEL, GENERATION_PANEL, DEVICE_PANEL = "Model", "Generation", "Device and scale"
-CONFIG_PANEL, MEASURE_PANEL, PEER_PANEL = "What to measure", "How to measure", "Peer caches: their grids"
+CONFIG_PANEL, MEASURE_PANEL = "What to measure", "How to measure"
 DEVICE_HELP = "auto (cuda when present; cuda:LOCAL_RANK under torchrun), cpu or cuda[:N]."
 DTYPE_HELP = "auto: bf16 on CUDA, fp32 on CPU."
 
@@ -144,7 +171,7 @@ def models() -> None:
 
 @command
 def record(
-    run: Annotated[Path, typer.Argument(help="Run folder to write (trace/, refs/, run.json); rerun the same command to resume.")],
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="Run folder to write (trace/, refs/, run.json); rerun the same command to resume.")],
     model: Annotated[Model, typer.Option(help="Model from `teacal models`.", rich_help_panel=MODEL_PANEL)] = DEFAULT_MODEL,
     backend: Annotated[Backend | None, typer.Option(help="Default: the model's own. lightx2v needs --model-path and --lightx2v-config.", rich_help_panel=MODEL_PANEL)] = None,
     model_path: Annotated[Path | None, typer.Option(help="Local folder with the weights (diffusers layout); never downloads. Required with --backend lightx2v.", rich_help_panel=MODEL_PANEL)] = None,
@@ -172,10 +199,10 @@ def record(
 
 @command
 def probe(
-    run: Annotated[Path, typer.Argument(help=RUN_FOLDER + " Probes go in its probes/ and probes.parquet.")],
+    run: Annotated[Path, typer.Argument(metavar="RUN", help=RUN_FOLDER + " Probes go in its probes/ and probes.parquet.")],
     prompts: Annotated[int, typer.Option(min=1, help="How many of the run's prompts to probe (the first ones; first seed, every step count).")] = 4,
     window: Annotated[list[int] | None, typer.Option(help="Window lengths to skip; repeat for several (default: 1, 4 and 8). Single steps give the sensitivity, longer windows the compounding.")] = None,
-    forecast: Annotated[bool, typer.Option(help="Also measure the reuse rule (linear forecasts of several dampings on evenly spaced schedules), for a calibrated forecast.")] = False,
+    forecast: Annotated[bool, typer.Option("--forecast", help="Also measure the reuse rule (linear forecasts of several dampings on evenly spaced schedules), for a calibrated forecast.")] = False,
     model_path: Annotated[Path | None, typer.Option(help="Local folder with the weights (real models).", rich_help_panel=DEVICE_PANEL)] = None,
     lightx2v_config: Annotated[Path | None, typer.Option(help="LightX2V JSON config (default: the recorded one).", rich_help_panel=DEVICE_PANEL)] = None,
     device: Annotated[str, typer.Option(help=DEVICE_HELP, rich_help_panel=DEVICE_PANEL)] = "auto",
@@ -192,7 +219,7 @@ def probe(
 
 @command
 def fit(
-    runs: Annotated[list[Path], typer.Argument(help="Run folders written by `teacal record` (one model and setting).")],
+    runs: Annotated[list[Path], typer.Argument(metavar="RUN...", help="Run folders written by `teacal record` (one model and setting).")],
     out: Annotated[Path, typer.Option("--out", help="Preset JSON to write, e.g. presets/my-model.json.")],
     signal: Annotated[Signal, typer.Option(help="auto: each signal's best cross-validated candidate (temb and sigma after the simulated shape search), the one whose simulated front is closest to the oracle.")] = "auto",
     degree: Annotated[int, typer.Option(min=1, max=8, help="Polynomial degree (upstream TeaCache uses 4).")] = 4,
@@ -203,7 +230,7 @@ def fit(
     ret_steps: Annotated[int, typer.Option(min=0, help="First steps always computed.")] = 1,
     cutoff_steps: Annotated[int, typer.Option(help="First step always computed again at the end; negative counts from the end.")] = -1,
     speedup: Annotated[float, typer.Option(min=1.0, help="The default threshold is the one simulated to reach this speedup.")] = 1.6,
-    partial: Annotated[bool, typer.Option(help="Fit an unfinished recording anyway (it says how much is missing).")] = False,
+    partial: Annotated[bool, typer.Option("--partial", help="Fit an unfinished recording anyway (it says how much is missing).")] = False,
     oracle_from: Annotated[list[Path] | None, typer.Option(help="A sweep (--out folder) of these runs: the oracle becomes the best static schedule it measured per budget, the cost model's among them. Repeatable.")] = None,
 ) -> None:
     """Fit the rescale polynomial (np.poly1d order) to what skips cost, with scipy; write a preset with its provenance, domain and fit quality."""
@@ -216,12 +243,12 @@ def fit(
 
 @command
 def tune(
-    run: Annotated[Path, typer.Argument(help=RUN_FOLDER + " The calibration run: its prompts are what is generated and measured.")],
+    run: Annotated[Path, typer.Argument(metavar="RUN", help=RUN_FOLDER + " The calibration run: its prompts are what is generated and measured.")],
     preset: Annotated[Path, typer.Option(help="Preset JSON written by `teacal fit` on this run (signal temb).")],
     against: Annotated[list[Path], typer.Option(help="A sweep (--out folder) of this run with the methods to match (borrowed sets, uniform, peers). Repeatable: one per step count.")],
     out: Annotated[Path, typer.Option("--out", help="Preset JSON to write (never the input preset).")],
     rounds: Annotated[int, typer.Option(min=0, help="Search rounds; each measures only the schedules not measured before.")] = 150,
-    forecast: Annotated[bool, typer.Option(help="Also choose the reuse rule (plain reuse, constant dampings, the probe-fitted rule, dampings per reach measured on the tuned schedules) by generating.")] = True,
+    forecast: Annotated[bool, typer.Option("--forecast/--no-forecast", help="Also choose the reuse rule (plain reuse, constant dampings, the probe-fitted rule, dampings per reach measured on the tuned schedules) by generating.")] = True,
     model_path: Annotated[Path | None, typer.Option(help="Local folder with the weights (real models).", rich_help_panel=DEVICE_PANEL)] = None,
     lightx2v_config: Annotated[Path | None, typer.Option(help="LightX2V JSON config (default: the recorded one).", rich_help_panel=DEVICE_PANEL)] = None,
     device: Annotated[str, typer.Option(help=DEVICE_HELP, rich_help_panel=DEVICE_PANEL)] = "auto",
@@ -237,50 +264,42 @@ def tune(
 
 @command
 def sweep(
-    run: Annotated[Path, typer.Argument(help=RUN_FOLDER + " Its prompts, seeds and reference images are what is measured against.")],
+    run: Annotated[Path, typer.Argument(metavar="RUN", help=RUN_FOLDER + " Its prompts, seeds and references are what is measured against.")],
     preset: Annotated[Path, typer.Option(help="Preset JSON written by `teacal fit`.", rich_help_panel=CONFIG_PANEL)],
-    thresh: Annotated[str, typer.Option(help="Thresholds of TeaCache and the baselines: auto (for each method, one per computed-call count from 15% to 80% of the calls, from its own simulated schedules), START:STOP[:STEP] or a comma list.", rich_help_panel=CONFIG_PANEL)] = "auto",
-    baseline: Annotated[list[str] | None, typer.Option(help="Uncalibrated coefficients (constant, identity, flux, wan21, mlx-qwen, or a JSON file), or a static schedule: uniform (evenly spaced), lemica (LeMiCa's three published Qwen-Image schedules; mapped by sigma at other than 50 steps). Repeatable.", rich_help_panel=CONFIG_PANEL)] = None,
-    forecast: Annotated[list[str] | None, typer.Option(help="Reuse rules for calibrated TeaCache: preset (its own), none, calibrated, linear:ALPHA[:sigma]. Repeatable: one front each.", rich_help_panel=CONFIG_PANEL)] = None,
-    steps: Annotated[int | None, typer.Option(help="Which recorded step count to sweep (needed when the run holds several).", rich_help_panel=CONFIG_PANEL)] = None,
-    oracle: Annotated[str, typer.Option(help="Oracle static schedules: auto (budgets of the thresholds), none, or step budgets like 8,10,12.", rich_help_panel=CONFIG_PANEL)] = "auto",
-    method: Annotated[list[Method] | None, typer.Option(help="Caches to measure on the same prompts, seeds and references; repeatable (default: teacache). dbcache needs `pip install 'teacal\\[peers]'`.", rich_help_panel=CONFIG_PANEL)] = None,
-    out: Annotated[Path | None, typer.Option(help="Folder for sweep.parquet, its parts and a recommended preset (default: the run folder).", rich_help_panel=MEASURE_PANEL)] = None,
-    prompts: Annotated[Path | None, typer.Option(help="Sweep only these prompts (a subset of the recorded set; default: all).", rich_help_panel=MEASURE_PANEL)] = None,
+    thresh: Annotated[str, typer.Option(help="TeaCache's and the borrowed sets' thresholds: auto (each its own, one per budget from 15% to 80% of the calls), START:STOP[:STEP] or a comma list.", rich_help_panel=CONFIG_PANEL)] = "auto",
+    baseline: Annotated[list[str] | None, typer.Option(help=f"Borrowed coefficients (constant, identity, flux, wan21, mlx-qwen, or a JSON file) or a static schedule ({', '.join(STATIC)}: LeMiCa's published three, mapped by sigma at other than 50 steps). Repeatable.", rich_help_panel=CONFIG_PANEL)] = None,
+    method: Annotated[list[Method] | None, typer.Option(help="Caches to measure (default: teacache). Repeatable; dbcache needs teacal[peers].", rich_help_panel=CONFIG_PANEL)] = None,
+    peer_grid: Annotated[list[str] | None, typer.Option(help="A peer's grid, METHOD.PARAM=V1,V2; repeatable. Defaults: " + "; ".join(grid_keys()) + ".", rich_help_panel=CONFIG_PANEL)] = None,
+    forecast: Annotated[list[str] | None, typer.Option(help="TeaCache's reuse rules, one front each: preset (its own), none, calibrated, linear:ALPHA[:sigma].", rich_help_panel=CONFIG_PANEL)] = None,
+    oracle: Annotated[str, typer.Option(help="The preset's oracle schedules: auto, none, or budgets in computed calls of the total, e.g. 16,20,24.", rich_help_panel=CONFIG_PANEL)] = "auto",
+    steps: Annotated[int | None, typer.Option(help="Which recorded step count (when the run holds several).", rich_help_panel=CONFIG_PANEL)] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for sweep.parquet and its parts (default: the run folder). A second sweep there adds to its table.", rich_help_panel=MEASURE_PANEL)] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Sweep only these prompts (a subset of the recorded set).", rich_help_panel=MEASURE_PANEL)] = None,
     metrics: Annotated[list[Metric] | None, typer.Option(help="Repeatable (default: all that can run here).", rich_help_panel=MEASURE_PANEL)] = None,
-    target_lpips: Annotated[float | None, typer.Option(min=0.0, help="Recommend the fastest threshold with LPIPS <= this (mean and worst prompt).", rich_help_panel=MEASURE_PANEL)] = None,
-    target_psnr: Annotated[float | None, typer.Option(min=0.0, help="Recommend the fastest threshold with PSNR >= this (mean and worst prompt).", rich_help_panel=MEASURE_PANEL)] = None,
-    save_preset: Annotated[Path | None, typer.Option(help="Where the recommended preset goes (default: OUT/recommended-preset.json); never the input preset.", rich_help_panel=MEASURE_PANEL)] = None,
-    repeats: Annotated[int, typer.Option(min=1, help="Time each generation this many times, in a rotated order; the fastest counts.", rich_help_panel=MEASURE_PANEL)] = 1,
-    remake_references: Annotated[bool, typer.Option(help="Measure against this sweep's own uncached images (another dtype or device than the recording's).", rich_help_panel=MEASURE_PANEL)] = False,
-    yes: Annotated[bool, typer.Option(help=f"Run more than {400} configurations.", rich_help_panel=MEASURE_PANEL)] = False,
-    model_path: Annotated[Path | None, typer.Option(help="Local folder with the weights (real models; required for a lightx2v run).", rich_help_panel=DEVICE_PANEL)] = None,
-    lightx2v_config: Annotated[Path | None, typer.Option(help="LightX2V JSON config for a lightx2v run (default: the one it was recorded with).", rich_help_panel=DEVICE_PANEL)] = None,
+    target_psnr: Annotated[float | None, typer.Option(min=0.0, help="Recommend the fewest computed calls with PSNR >= this, mean and worst prompt.", rich_help_panel=MEASURE_PANEL)] = None,
+    target_lpips: Annotated[float | None, typer.Option(min=0.0, help="... or with LPIPS <= this.", rich_help_panel=MEASURE_PANEL)] = None,
+    save_preset: Annotated[Path | None, typer.Option(help="Where the recommended preset goes (default: OUT/recommended-preset.json).", rich_help_panel=MEASURE_PANEL)] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Time each generation this many times, rotated; the fastest counts.", rich_help_panel=MEASURE_PANEL)] = 1,
+    remake_references: Annotated[bool, typer.Option("--remake-references", help="Measure against this sweep's own uncached images (another dtype or device).", rich_help_panel=MEASURE_PANEL)] = False,
+    yes: Annotated[bool, typer.Option("--yes", help=f"Run more than {MAX_CONFIGS} configurations.", rich_help_panel=MEASURE_PANEL)] = False,
+    model_path: Annotated[Path | None, typer.Option(help="Local folder with the weights (real models).", rich_help_panel=DEVICE_PANEL)] = None,
+    lightx2v_config: Annotated[Path | None, typer.Option(help="LightX2V JSON config (default: the recorded one).", rich_help_panel=DEVICE_PANEL)] = None,
     device: Annotated[str, typer.Option(help=DEVICE_HELP, rich_help_panel=DEVICE_PANEL)] = "auto",
-    dtype: Annotated[Dtype, typer.Option(help=DTYPE_HELP + " Must be the recording's (or --remake-references).", rich_help_panel=DEVICE_PANEL)] = "auto",
-    shard: Annotated[str | None, typer.Option(help="i/K: every K-th (prompt, seed) with all its configurations (torchrun sets RANK/WORLD_SIZE).", rich_help_panel=DEVICE_PANEL)] = None,
-    fbcache_thresh: Annotated[str | None, typer.Option(help=f"FirstBlockCache thresholds, a comma list (default {GRIDS['fbcache'][0].default}).", rich_help_panel=PEER_PANEL)] = None,
-    magcache_thresh: Annotated[str | None, typer.Option(help=f"MagCache thresholds (default {GRIDS['magcache'][0].default}); mag_ratios are calibrated on the run's prompts, once.", rich_help_panel=PEER_PANEL)] = None,
-    magcache_max_skip: Annotated[str | None, typer.Option(help=f"MagCache max_skip_steps values (default {GRIDS['magcache'][1].default}).", rich_help_panel=PEER_PANEL)] = None,
-    magcache_retention: Annotated[str | None, typer.Option(help=f"MagCache retention_ratio values (default {GRIDS['magcache'][2].default}).", rich_help_panel=PEER_PANEL)] = None,
-    seacache_thresh: Annotated[str | None, typer.Option(help=f"SeaCache thresholds (default {GRIDS['seacache'][0].default}).", rich_help_panel=PEER_PANEL)] = None,
-    dbcache_thresh: Annotated[str | None, typer.Option(help=f"cache-dit DBCache (F1B0) residual_diff_threshold values (default {GRIDS['dbcache'][0].default}).", rich_help_panel=PEER_PANEL)] = None,
+    dtype: Annotated[Dtype, typer.Option(help=DTYPE_HELP + " The recording's, or --remake-references.", rich_help_panel=DEVICE_PANEL)] = "auto",
+    shard: Annotated[str | None, typer.Option(help="i/K: every K-th (prompt, seed) (torchrun sets RANK/WORLD_SIZE).", rich_help_panel=DEVICE_PANEL)] = None,
 ) -> None:
-    """Measure speed against LPIPS/PSNR/SSIM for each threshold, baseline, oracle schedule and peer cache setting."""
+    """Measure speed against LPIPS/PSNR/SSIM for each threshold, borrowed set, static schedule and peer cache setting."""
     from calib.peers import check_installed
 
     methods = tuple(dict.fromkeys(m.value for m in method or ())) or ("teacache",)
     check_installed(methods)  # a missing optional peer fails before the heavy imports
-    from calib.metrics import METRICS
     from calib.sweep import SweepRequest
     from calib.sweep import sweep as run_sweep
 
     run_sweep(SweepRequest(
         preset=preset, run=run, thresholds=thresh, out=out, metrics=tuple(dict.fromkeys(m.value for m in metrics or ())) or METRICS, metrics_explicit=metrics is not None,
         baselines=tuple(baseline or ()), oracle=oracle, target_lpips=target_lpips, target_psnr=target_psnr, save_preset=save_preset,
-        device=device, dtype=dtype, model_path=model_path, lightx2v_config=lightx2v_config, methods=methods,
-        peer_grids={"--fbcache-thresh": fbcache_thresh, "--magcache-thresh": magcache_thresh, "--magcache-max-skip": magcache_max_skip,
-                    "--magcache-retention": magcache_retention, "--seacache-thresh": seacache_thresh, "--dbcache-thresh": dbcache_thresh},
+        device=device, dtype=dtype, model_path=model_path, lightx2v_config=lightx2v_config, methods=methods, peer_grids=tuple(peer_grid or ()),
         prompts=prompts, forecasts=tuple(forecast or ("preset",)), steps=steps, remake_references=remake_references, repeats=repeats,
         shard=shard, yes=yes,
     ), echo=typer.echo)
@@ -288,7 +307,7 @@ def sweep(
 
 @command
 def report(
-    run: Annotated[Path, typer.Argument(help="Run folder (record output), or a sweep's --out folder.")],
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="Run folder (record output), or a sweep's --out folder.")],
     preset: Annotated[Path | None, typer.Option(help="Preset to draw the fit of (default: the one the sweep used).")] = None,
 ) -> None:
     """Write Pareto curves, the fit, per-step curves, a skip map and report.md to RUN/report/."""
@@ -301,7 +320,7 @@ def report(
 
 @command
 def export(
-    preset: Annotated[Path, typer.Argument(help="Preset JSON written by `teacal fit`.")],
+    preset: Annotated[Path, typer.Argument(metavar="PRESET", help="Preset JSON written by `teacal fit`.")],
     out: Annotated[Path, typer.Option("--out", help="LightX2V JSON config to write.")],
     base: Annotated[Path | None, typer.Option(help="LightX2V config to extend, e.g. its configs/qwen_image/qwen_image_i2i_2511.json (default: the TeaCache keys alone).")] = None,
     threshold: Annotated[float | None, typer.Option(min=0.0, help="TeaCache threshold (default: the preset's).")] = None,

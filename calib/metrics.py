@@ -6,13 +6,15 @@ import contextlib
 import io
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from calib.errors import UserError
+
+if TYPE_CHECKING:  # torch loads when a metric is computed: `teacal --help` reads METRICS without it
+    import torch
 
 METRICS = ("lpips", "psnr", "ssim")
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # what torchvision's alexnet(pretrained=True), used by lpips, loads
@@ -21,15 +23,21 @@ ALEXNET_URL = f"https://download.pytorch.org/models/{ALEXNET_FILE}"
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL -> [1, 3, H, W] float in [0, 1]."""
+    import torch
+
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1).unsqueeze(0)
 
 
 def alexnet_weights() -> Path:
+    import torch
+
     return Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
 
 
 def lpips_unavailable_reason(try_download: bool = True) -> str | None:
     """None when LPIPS can run; otherwise one line on why and how to provide the weights."""
+    import torch
+
     path = alexnet_weights()
     if path.is_file():
         return None
@@ -59,8 +67,10 @@ class Metrics:
                 # pnet_rand=True: a random AlexNet with the real linear heads. It tests the wiring, never a figure.
                 self._lpips = lpips.LPIPS(net="alex", pnet_rand=lpips_random_backbone, verbose=False).eval()
 
-    @torch.no_grad()
     def __call__(self, image: Image.Image, reference: Image.Image) -> dict[str, float]:
+        import torch
+        from torchmetrics.functional.image import structural_similarity_index_measure
+
         x, ref = to_tensor(image), to_tensor(reference)
         if x.shape != ref.shape:
             raise UserError(f"image size {tuple(x.shape[-2:])} differs from its reference {tuple(ref.shape[-2:])}")
@@ -70,12 +80,16 @@ class Metrics:
         if "ssim" in self.names:
             values["ssim"] = float(structural_similarity_index_measure(x, ref, data_range=1.0))
         if self._lpips is not None:
-            values["lpips"] = float(self._lpips(x * 2 - 1, ref * 2 - 1).flatten()[0])
+            with torch.no_grad():
+                values["lpips"] = float(self._lpips(x * 2 - 1, ref * 2 - 1).flatten()[0])
         return values
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
     """PSNR in dB of images in [0, 1]; infinite for identical images."""
+    import torch
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
     return float("inf") if torch.equal(x, ref) else float(peak_signal_noise_ratio(x, ref, data_range=1.0))
 
 

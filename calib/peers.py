@@ -55,8 +55,7 @@ MAGCACHE_FILE = "magcache.json"
 
 @dataclass(frozen=True)
 class GridParam:
-    name: str  # the peer's own config field
-    flag: str  # the `teacal sweep` option that sets its values
+    name: str  # the peer's own config field; `--peer-grid METHOD.NAME=VALUES` sets its values
     short: str  # in the configuration id
     kind: type
     default: str
@@ -66,14 +65,14 @@ class GridParam:
 
 # Each peer's parameter grid: the product of its parameters' values. The first parameter is the row's `threshold`.
 GRIDS: dict[str, tuple[GridParam, ...]] = {
-    "fbcache": (GridParam("threshold", "--fbcache-thresh", "t", float, "0.05,0.1,0.2,0.3,0.4,0.6"),),
+    "fbcache": (GridParam("threshold", "t", float, "0.05,0.1,0.2,0.3,0.4,0.6"),),
     "magcache": (
-        GridParam("threshold", "--magcache-thresh", "t", float, "0.02,0.06,0.12,0.24"),
-        GridParam("max_skip_steps", "--magcache-max-skip", "k", int, "2,3"),
-        GridParam("retention_ratio", "--magcache-retention", "r", float, "0.2", high=1.0),
+        GridParam("threshold", "t", float, "0.02,0.06,0.12,0.24"),
+        GridParam("max_skip_steps", "k", int, "2,3"),
+        GridParam("retention_ratio", "r", float, "0.2", high=1.0),
     ),
-    "seacache": (GridParam("threshold", "--seacache-thresh", "t", float, "0.1,0.25,0.5,1"),),
-    "dbcache": (GridParam("residual_diff_threshold", "--dbcache-thresh", "t", float, "0.05,0.1,0.2,0.3,0.4,0.6"),),
+    "seacache": (GridParam("threshold", "t", float, "0.1,0.25,0.5,1"),),
+    "dbcache": (GridParam("residual_diff_threshold", "t", float, "0.05,0.1,0.2,0.3,0.4,0.6"),),
 }
 # The setting under which each peer never skips: its image must equal the uncached one bit for bit.
 NEVER_SKIP = {
@@ -132,8 +131,8 @@ def _cache_dit():
     return cache_dit
 
 
-def parse_values(param: GridParam, spec: str) -> list:
-    bad = UserError(f"{param.flag} {spec!r}: expected a comma list of {'integers' if param.kind is int else 'numbers'} "
+def parse_values(key: str, param: GridParam, spec: str) -> list:
+    bad = UserError(f"--peer-grid {key}={spec}: expected a comma list of {'integers' if param.kind is int else 'numbers'} "
                     f"between {param.low:g} and {param.high:g}")
     try:
         values = [param.kind(v) for v in spec.split(",") if v.strip()]
@@ -142,6 +141,26 @@ def parse_values(param: GridParam, spec: str) -> list:
     if not values or any(not math.isfinite(v) or not param.low <= v <= param.high for v in values):
         raise bad
     return sorted(set(values))
+
+
+def grid_keys() -> list[str]:
+    """Every `--peer-grid` key with its default values, as `--help` lists them."""
+    return [f"{method}.{p.name}={p.default}" for method, grid in GRIDS.items() for p in grid]
+
+
+def parse_peer_grids(values, methods) -> dict[str, str]:
+    """`--peer-grid METHOD.PARAM=V1,V2` values -> {"METHOD.PARAM": "V1,V2"}, for peers among `methods`."""
+    known = {f"{method}.{p.name}" for method, grid in GRIDS.items() for p in grid}
+    out = {}
+    for value in values or ():
+        key, _, spec = value.partition("=")
+        key = key.strip()
+        if key not in known or not spec.strip():
+            raise UserError(f"--peer-grid {value!r}: expected METHOD.PARAM=V1,V2 with METHOD.PARAM one of {', '.join(sorted(known))}")
+        if key.split(".")[0] not in methods:
+            raise UserError(f"--peer-grid {value!r}: {key.split('.')[0]} is not measured; add --method {key.split('.')[0]}")
+        out[key] = spec
+    return out
 
 
 @dataclass(frozen=True)
@@ -164,14 +183,14 @@ class PeerSetting:
 
 
 def settings_grid(methods, specs: dict[str, str] | None = None) -> list[PeerSetting]:
-    """Every peer setting to measure. `specs` maps an option (e.g. "--magcache-thresh") to its comma list."""
+    """Every peer setting to measure. `specs` maps a grid key (e.g. "magcache.threshold") to its comma list."""
     specs = specs or {}
     settings = []
     for method in methods:
         if method not in PEERS:
             continue
         grid = GRIDS[method]
-        axes = [parse_values(p, specs.get(p.flag) or p.default) for p in grid]
+        axes = [parse_values(f"{method}.{p.name}", p, specs.get(f"{method}.{p.name}") or p.default) for p in grid]
         settings += [PeerSetting(method, tuple((p.name, v) for p, v in zip(grid, combo, strict=True))) for combo in product(*axes)]
     return settings
 

@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from calib.budgets import best_within, budget_steps  # noqa: E402
 from calib.errors import UserError  # noqa: E402
 from calib.runfiles import SWEEP_FILE, aggregate, load_run, load_trace, read_json, read_table, static_configs  # noqa: E402
 from teacache._files import atomic_write, remove_stale_temp_files  # noqa: E402
@@ -37,7 +38,6 @@ METHOD_STYLE = {
     "oracle pick": dict(marker="x", lw=1.0, ls="--", color="black"),
 }
 WEAK_R2 = 0.5
-EQUAL_CALLS_SHARE = (0.2, 0.75)  # the equal-calls table covers these shares of the calls
 
 
 def _title(settings: dict, steps: int | None, what: str) -> str:
@@ -99,7 +99,7 @@ def pareto(view: pd.DataFrame, metric: str, x: str, settings: dict, steps: int, 
         ax.plot(edge[x], edge[metric], label=label, **METHOD_STYLE.get(method, dict(marker="^", lw=1.2)))
         if method in ("teacache", "oracle"):  # labelled: TeaCache's thresholds, the oracle's budgets (steps per branch)
             value = "threshold" if method == "teacache" else "budget"
-            labels += [(getattr(r, x), getattr(r, metric), f"{v:.3g}" if method == "teacache" else f"k={int(v)}")
+            labels += [(getattr(r, x), getattr(r, metric), f"{v:.3g}" if method == "teacache" else f"{int(v)} calls")
                        for r in edge.itertuples() if math.isfinite(v := getattr(r, value))]
     identical = view[~np.isfinite(view[metric]) & (view["method"] != "uncached")] if metric == "psnr" else view.iloc[:0]
     base = view[view["method"] == "uncached"]
@@ -128,28 +128,27 @@ def with_measured_oracle(view: pd.DataFrame, table: pd.DataFrame) -> pd.DataFram
     if static.empty:
         return view
     ceiling = view[view["config"].isin(static)].assign(method="oracle", label=f"oracle (best of {len(static)} static schedules measured on these prompts)")
-    ceiling["budget"] = ceiling["config"].map(table.groupby("config")["computed_cond"].first())  # computed steps per branch
-    pick = view[(view["method"] == "oracle") & view["config"].str.fullmatch(r"oracle-k\d+")].assign(method="oracle pick")
+    ceiling["budget"] = ceiling["computed"]  # a static schedule computes the same calls on every prompt
+    pick = view[(view["method"] == "oracle") & view["config"].str.fullmatch(r"oracle-\d+")].assign(method="oracle pick")
     return pd.concat([view[view["method"] != "oracle"], pick, ceiling], ignore_index=True)
 
 
-def equal_calls(view: pd.DataFrame, metric: str, calls_per_generation: int) -> pd.DataFrame:
-    """For each budget of computed calls, each method's best mean `metric` among its configurations that compute no
-    more (its measured front; a step function), with the worst prompt of that configuration."""
-    budgets = [b for b in range(2, calls_per_generation + 1, 2) if EQUAL_CALLS_SHARE[0] <= b / calls_per_generation <= EQUAL_CALLS_SHARE[1]]
-    better = (lambda v: v.idxmax()) if metric != "lpips" else (lambda v: v.idxmin())
-    worst = f"{metric}_worst"
-    rows = []
-    for budget in budgets:
-        row = {"computed calls": f"{budget} of {calls_per_generation}"}
-        for label, group in view[view["method"] != "uncached"].groupby("label", sort=False):
-            ok = group[(group["computed"] <= budget + 1e-9) & group[metric].notna()]
-            if ok.empty:
+def equal_calls(view: pd.DataFrame, metric: str, calls: int, steps: int) -> pd.DataFrame:
+    """For each budget of computed calls (`calib.budgets.COMPARED` of the `calls`), each method's best mean `metric`
+    among its configurations that compute no more (its measured front; a step function), with the worst prompt of
+    that configuration."""
+    branches = calls // steps
+    budgets = [k * branches for k in budget_steps(steps)]
+    sign = -1.0 if metric == "lpips" else 1.0  # lower LPIPS is better
+    rows = [{"computed calls": f"{b} of {calls}"} for b in budgets]
+    for label, group in view[view["method"] != "uncached"].groupby("label", sort=False):
+        best = best_within(group["computed"], sign * group[metric], budgets)
+        for row, i in zip(rows, best, strict=True):
+            if i < 0:
                 row[label] = "-"
-                continue
-            best = ok.loc[better(ok[metric])]
-            row[label] = f"{best[metric]:.2f} ({best[worst]:.1f})" if metric == "psnr" else f"{best[metric]:.4f} ({best[worst]:.4f})"
-        rows.append(row)
+            else:
+                value, worst = group[metric].iloc[i], group[f"{metric}_worst"].iloc[i]
+                row[label] = f"{value:.2f} ({worst:.1f})" if metric == "psnr" else f"{value:.4f} ({worst:.4f})"
     return pd.DataFrame(rows)
 
 
@@ -306,11 +305,11 @@ def report(run: str | Path, preset_path: str | None = None, echo=print) -> Path:
         lines.append("Mean PSNR over the prompts (worst prompt in brackets), dB: each method's best configuration that computes no more "
                      "calls than the budget (its measured front). The oracle is the best static schedule measured on these prompts "
                      "(a ceiling that sees their results, not a method); its pick is the schedule the calibration chose.\n")
-        lines.append(_markdown(equal_calls(fronts, "psnr", calls)))
+        lines.append(_markdown(equal_calls(fronts, "psnr", calls, steps)))
         for metric, name in (("ssim", "SSIM"), ("lpips", "LPIPS")):
             if view[metric].notna().any():
                 lines.append(f"\n{name} at the same budgets (worst prompt in brackets):\n")
-                lines.append(_markdown(equal_calls(fronts, metric, calls)))
+                lines.append(_markdown(equal_calls(fronts, metric, calls, steps)))
         table = view[["label", "config", "threshold", "budget", "computed", "predicted", "calls", "speedup", "ideal_speedup", "lpips", "lpips_worst", "psnr", "psnr_worst", "ssim"]]
         table = _without_unmeasured_lpips(table)
         lines.append("\n## Measured configurations\n")

@@ -298,6 +298,47 @@ def max_gap(trace: pd.DataFrame) -> int:
     return max(gaps, default=1)
 
 
+# -- several runs as one calibration ---------------------------------------------------------------------
+SETTINGS_THAT_MUST_MATCH = ("model", "backend", "cfg", "dtype", "weights", "sizes")
+
+
+def prompt_identities(run: Path, info: dict) -> dict[str, str]:
+    """prompt_id -> what the prompt is (its text, negative prompt and image), so one prompt in two runs is one group."""
+    return {row["id"]: f"{row['prompt']}\0{row.get('negative_prompt', '')}\0{row.get('image_sha256', row.get('image'))}"
+            for row in read_prompt_rows(run / info["prompt_file"])}
+
+
+def load_traces(runs: tuple[Path, ...], partial: bool = False, echo=print) -> tuple[pd.DataFrame, dict, dict[str, str], list[Path]]:
+    """The traces of several runs of one model and setting as one table (each prompt id prefixed by its run), the
+    settings they share with their step counts, each prompt's identity (`prompt_identities`), and the runs."""
+    if not runs:
+        raise UserError("give at least one run folder written by `teacal record`")
+    frames, settings, groups, loaded = [], None, {}, []
+    for run in map(Path, runs):
+        info = load_run(run)
+        current = {k: info["settings"].get(k) for k in SETTINGS_THAT_MUST_MATCH}
+        if settings is not None and current != settings:
+            diff = ", ".join(f"{k}: {settings[k]!r} vs {current[k]!r}" for k in current if current[k] != settings[k])
+            raise UserError(f"{run}: recorded with other settings than {runs[0]} ({diff}); calibrate one model and setting at a time")
+        settings = current
+        missing = missing_units(info)
+        if missing and not partial:
+            raise UserError(f"{run}: the recording is unfinished ({len(missing)} of {len(info['status'])} generations missing, "
+                            f"e.g. {missing[0]}); finish `teacal record {run}`, or pass --partial to fit on what is there")
+        if missing:
+            echo(f"warning: {run}: fitting on a partial recording, {len(missing)} of {len(info['status'])} generations missing")
+        frame = load_trace(run)
+        check_finite(frame, run)
+        identities = prompt_identities(run, info)
+        groups.update({f"{run}:{pid}": identities.get(pid, pid) for pid in frame["prompt_id"].unique()})
+        frame["prompt_id"] = str(run) + ":" + frame["prompt_id"]
+        frames.append(frame)
+        loaded.append(run)
+    trace = pd.concat(frames, ignore_index=True)
+    steps = sorted({int(s) for s in trace["steps"].unique()})
+    return trace, dict(settings, steps=steps), groups, loaded
+
+
 # -- probes -------------------------------------------------------------------------------------------------
 def load_probes(run: str | Path) -> pd.DataFrame | None:
     """Every finished probe of a run (its uncached checks left out), or None when it has none."""
@@ -355,3 +396,13 @@ def static_configs(table: pd.DataFrame) -> pd.Series:
     per_config = rows.groupby("config", sort=False)["schedule"].agg(["nunique", "size", "first"])
     static = per_config[(per_config["nunique"] == 1) & (per_config["size"] == generations)]
     return static["first"].rename("schedule")
+
+
+def load_probes_of(runs: list[Path]) -> pd.DataFrame | None:
+    """The probes of several runs as one table (prompt ids prefixed as `load_traces` does), or None when none has any."""
+    frames = []
+    for run in runs:
+        probes = load_probes(run)
+        if probes is not None:
+            frames.append(probes.assign(prompt_id=str(run) + ":" + probes["prompt_id"]))
+    return pd.concat(frames, ignore_index=True) if frames else None

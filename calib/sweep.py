@@ -30,9 +30,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +40,17 @@ from PIL import Image
 
 from calib import peers
 from calib.backends import Recording, open_recording, reference_mismatch
+from calib.configs import (
+    MAX_CONFIGS,
+    STATIC,
+    Config,
+    Wanted,
+    configurations,
+    load_baseline,
+    parse_forecast,
+    parse_thresholds,
+    shared_runs,
+)
 from calib.errors import UserError
 from calib.metrics import METRICS, Metrics, lpips_unavailable_reason, parse_metrics
 from calib.progress import progress
@@ -65,125 +75,9 @@ from calib.runfiles import (
     write_png,
     write_table,
 )
-from calib.simulate import (
-    EXACT_SIGNALS,
-    LEMICA,
-    LEMICA_STEPS,
-    StaticSchedulePolicy,
-    forced_steps,
-    lemica_schedule,
-    schedule_text,
-    teacache_schedules,
-    thresholds_for_budgets,
-    uniform_schedule,
-    unit_series,
-)
+from calib.simulate import StaticSchedulePolicy, schedule_text, unit_series
 from teacache._files import atomic_write, remove_stale_temp_files
-from teacache.forecast import NO_FORECAST, Forecast
 from teacache.preset import Preset, PresetError
-
-AUTO_BUDGETS = (0.15, 0.8)  # `--thresh auto`: a threshold for every computed-call count in this share of the calls
-MAX_CONFIGS = 400  # more than this many configurations needs --yes
-
-# Published coefficients (TeaCache for FLUX and Wan2.1, mlx-teacache for Qwen-Image), to show what calibration buys. None keeps the preset's signal.
-BASELINES: dict[str, tuple[list[float], str | None]] = {
-    "constant": ([1.0], None),  # the original sketch's default: poly1d([1.0]) is the constant 1
-    "identity": ([1.0, 0.0], "temb"),
-    "flux": ([4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01], "modin"),
-    "wan21": ([2.39676752e03, -1.31110545e03, 2.01331979e02, -8.29855975e00, 1.37887774e-01], "temb"),
-    "mlx-qwen": ([45.1442944188745, -52.91131412057809, 17.078368811436963, 0.10393043235768819, 0.0], "modin"),
-}
-STATIC = ("uniform", "lemica")  # static schedules that take no coefficients: evenly spaced; LeMiCa's published three
-
-
-def parse_thresholds(spec: str) -> list[float] | None:
-    """`auto` (None), `a:b` (step 0.05), `a:b:step`, or `t1,t2,...`; every value finite and >= 0."""
-    text = spec.strip()
-    if text == "auto":
-        return None
-    bad = UserError(f"--thresh {spec!r}: expected auto, START:STOP[:STEP] with START <= STOP and STEP > 0, or a comma list of numbers >= 0")
-    try:
-        if ":" in text:
-            parts = [float(p) for p in text.split(":")]
-            if len(parts) not in (2, 3):
-                raise bad
-            start, stop = parts[0], parts[1]
-            step = parts[2] if len(parts) == 3 else 0.05
-            if not all(math.isfinite(v) for v in parts) or start < 0 or stop < start or step <= 0:
-                raise bad
-            count = int(math.floor((stop - start) / step + 1e-9)) + 1
-            if count > 100_000:
-                raise UserError(f"--thresh {spec!r}: {count:,} thresholds; use a coarser STEP (sweep runs every distinct schedule)")
-            values = [round(start + i * step, 10) for i in range(count)]
-        else:
-            values = [float(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise bad from None
-    if not values or any(not math.isfinite(v) or v < 0 for v in values):
-        raise bad
-    return sorted(set(values))
-
-
-def parse_forecast(spec: str, preset: Preset) -> tuple[str, Forecast]:
-    """`--forecast` values: `preset` (the preset's own rule), `none`, `calibrated` (the preset's fitted rule, which
-    must extrapolate), or `linear:ALPHA[:step|sigma]` (a fixed damping, e.g. linear:1 = undamped)."""
-    text = spec.strip().lower()
-    if text == "preset":
-        return ("calibrated" if preset.forecast.extrapolates else "none"), preset.forecast
-    if text == "none":
-        return "none", NO_FORECAST
-    if text == "calibrated":
-        if not preset.forecast.extrapolates:
-            raise UserError(f"--forecast calibrated: preset {preset.source} has no fitted forecast (its rule is none); fit one with `teacal fit`")
-        return "calibrated", preset.forecast
-    match = re.fullmatch(r"linear:([0-9.eE+-]+)(?::(step|sigma))?", text)
-    if match is None:
-        raise UserError(f"--forecast {spec!r}: expected preset, none, calibrated or linear:ALPHA[:step|sigma]")
-    try:
-        alpha = float(match.group(1))
-        forecast = Forecast("linear", match.group(2) or "step", ((0.0, alpha),))
-    except ValueError:
-        raise UserError(f"--forecast {spec!r}: ALPHA must be a finite number") from None
-    return f"linear:{alpha:g}" + (f":{forecast.axis}" if forecast.axis != "step" else ""), forecast
-
-
-@dataclass(frozen=True)
-class Config:
-    id: str  # names its part folder
-    method: str  # uncached | teacache | baseline | oracle | static | a peer: fbcache | magcache | seacache | dbcache
-    label: str  # what the chart's legend says
-    threshold: float | None = None
-    budget: int | None = None
-    forecast: str = "none"
-    preset: Preset | None = None
-    schedule: tuple[bool, ...] | None = None
-    params: tuple[tuple[str, float | int], ...] = ()  # a peer's own settings (calib.peers.GRIDS)
-
-
-def load_baseline(name: str, preset: Preset) -> tuple[str, Preset]:
-    """A named or file baseline: the preset with borrowed coefficients and no calibrated domain (nothing to clamp to)."""
-    if name in BASELINES:
-        coefficients, signal = BASELINES[name]
-        return name, preset.replace(coefficients=coefficients, signal=signal or preset.signal, domain={}, forecast=NO_FORECAST)
-    path = Path(name)
-    if path.is_dir():
-        raise UserError(f"--baseline {name}: is a folder, not a preset or coefficients file")
-    if not path.is_file():
-        raise UserError(f"--baseline {name!r}: not one of {', '.join(BASELINES)} or {', '.join(STATIC)}, and not a file")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"--baseline {name}: not valid JSON ({type(err).__name__})") from None
-    if isinstance(data, dict):
-        other = Preset.from_dict(data, source=str(path))
-        return path.stem, preset.replace(coefficients=other.coefficients, signal=other.signal, domain={}, forecast=NO_FORECAST)
-    if isinstance(data, list) and data and all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in data):
-        return path.stem, preset.replace(coefficients=data, domain={}, forecast=NO_FORECAST)
-    raise UserError(f"--baseline {name}: expected a preset or a JSON list of finite coefficients")
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
 
 @dataclass
@@ -195,7 +89,7 @@ class SweepRequest:
     metrics: tuple[str, ...] = METRICS
     metrics_explicit: bool = False
     baselines: tuple[str, ...] = ()
-    oracle: str = "auto"  # auto | none | comma list of budgets (computed steps per branch)
+    oracle: str = "auto"  # auto | none | comma list of budgets (computed calls of the total)
     forecasts: tuple[str, ...] = ("preset",)
     target_lpips: float | None = None
     target_psnr: float | None = None
@@ -206,7 +100,7 @@ class SweepRequest:
     lightx2v_config: Path | None = None  # default: the one the run was recorded with
     lpips_random_backbone: bool = False  # wiring tests only: never a figure
     methods: tuple[str, ...] = ("teacache",)  # --method values; see calib.peers.METHODS
-    peer_grids: dict[str, str] = field(default_factory=dict)  # peer grid option (e.g. "--magcache-thresh") -> comma list
+    peer_grids: tuple[str, ...] = ()  # --peer-grid values: METHOD.PARAM=V1,V2 (calib.peers.GRIDS)
     prompts: Path | None = None  # a subset of the recorded prompt set (default: all of it)
     steps: int | None = None  # which recorded step count (needed when the run has several)
     remake_references: bool = False
@@ -227,20 +121,6 @@ def subset_of_recorded(chosen, recorded, run: Path):
     return tuple(by_id[item.id] for item in chosen.items)
 
 
-def budgets_of(spec: str, steps: int, forced: int, auto: list[int]) -> list[int]:
-    if spec == "none":
-        return []
-    if spec == "auto":
-        return auto
-    try:
-        budgets = sorted({int(b) for b in spec.split(",") if b.strip()})
-    except ValueError:
-        raise UserError(f"--oracle {spec!r}: expected auto, none or comma-separated step budgets") from None
-    if not budgets or budgets[0] < forced or budgets[-1] > steps:
-        raise UserError(f"--oracle {spec!r}: budgets must lie between the {forced} forced steps and {steps}")
-    return budgets
-
-
 @dataclass
 class Plan:
     recording: Recording
@@ -256,12 +136,8 @@ class Plan:
     settings: dict
 
 
-def plan(request: SweepRequest, echo=print) -> Plan:
-    """Every check and every configuration, before a model loads."""
-    methods = peers.parse_methods(request.methods)
-    peer_settings = peers.settings_grid(methods, request.peer_grids)
-    peers.check_installed(methods)
-    thresholds = parse_thresholds(request.thresholds)
+def check_flags(request: SweepRequest) -> Preset:
+    """The flags that need no run, and the preset."""
     if request.repeats < 1:
         raise UserError(f"--repeats {request.repeats}: expected at least 1")
     if request.target_lpips is not None and request.target_psnr is not None:
@@ -277,47 +153,15 @@ def plan(request: SweepRequest, echo=print) -> Plan:
         if Path(request.save_preset).resolve() == preset_path.resolve():
             raise UserError(f"--save-preset {request.save_preset}: that is the input preset; sweep never edits its inputs, choose another file")
         check_output_file(request.save_preset, "--save-preset", "recommended-preset.json")
-    recording = open_recording(request.run, request.model_path, request.lightx2v_config, request.device, request.dtype,
-                               allow_other_precision=request.remake_references, what="sweep")
-    run, settings = recording.run, recording.settings
-    preset.require_model(settings["model"])
-    peers.check_backend(methods, recording.backend)
-    recorded_steps = settings["steps"]
-    if request.steps is None and len(recorded_steps) > 1:
-        raise UserError(f"{run} holds {', '.join(map(str, recorded_steps))} steps; choose one with --steps")
-    steps = recorded_steps[0] if request.steps is None else request.steps
-    if steps not in recorded_steps:
-        raise UserError(f"--steps {steps}: {run} recorded {', '.join(map(str, recorded_steps))} steps")
-    cfg, size = settings["cfg"], recording.size
-    items = recording.prompts.items
-    if request.prompts is not None:
-        items = subset_of_recorded(load_prompts(request.prompts, need_image=recording.spec.edit), recording.prompts, run)
-    seeds = settings["seeds"]
-    missing = [unit_name(i.id, s, steps, size) for i in items for s in seeds if not (run / "refs" / f"{unit_name(i.id, s, steps, size)}.npy").exists()]
-    if missing:
-        raise UserError(f"{run}: no reference for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; finish `teacal record {run}` first")
-    trace = load_trace(run)
-    check_finite(trace, run)
-    trace = trace[(trace["steps"] == steps) & trace["prompt_id"].isin([i.id for i in items])]
-    metric_names = parse_metrics(",".join(request.metrics))
-    if "lpips" in metric_names and not request.lpips_random_backbone:
-        reason = lpips_unavailable_reason()
-        if reason is not None:
-            if request.metrics_explicit or request.target_lpips is not None:
-                raise UserError(reason)
-            metric_names = tuple(m for m in metric_names if m != "lpips")  # by default, what can run here (the summary says so)
-    if request.target_lpips is not None and "lpips" not in metric_names:
-        raise UserError("--target-lpips needs the lpips metric")
-    try:
-        preset.resolve_cutoff(steps)
-    except PresetError as err:
-        raise UserError(str(err)) from None
-    outside = preset.outside_domain(steps, size)
-    if outside:
-        echo(f"warning: preset {preset.source} was not calibrated for this run ({'; '.join(outside)}); its schedules here are extrapolated")
-    baselines, statics = [], []
-    for name in request.baselines:
-        (statics if name in STATIC else baselines).append(name if name in STATIC else load_baseline(name, preset))
+    return preset
+
+
+def wanted_of(request: SweepRequest, preset: Preset) -> Wanted:
+    """What the flags ask to measure, parsed; a recommendation must be chosen by the preset's own reuse rule."""
+    methods = peers.parse_methods(request.methods)
+    peer_settings = peers.settings_grid(methods, peers.parse_peer_grids(request.peer_grids, methods))
+    peers.check_installed(methods)
+    thresholds = parse_thresholds(request.thresholds)
     forecasts = [parse_forecast(spec, preset) for spec in dict.fromkeys(request.forecasts)]
     target_flag = "--target-lpips" if request.target_lpips is not None else "--target-psnr" if request.target_psnr is not None else None
     if target_flag is not None:  # the recommended preset runs with its own reuse rule: only that rule's measurements may choose it
@@ -327,102 +171,86 @@ def plan(request: SweepRequest, echo=print) -> Plan:
         if own_rule not in [label for label, _ in forecasts]:
             raise UserError(f"{target_flag}: the recommended preset runs with its own reuse rule ({own_rule}), which this sweep does not "
                             f"measure (--forecast {', '.join(label for label, _ in forecasts)}); add --forecast preset")
+    baselines = [load_baseline(name, preset) for name in request.baselines if name not in STATIC]
+    statics = [name for name in dict.fromkeys(request.baselines) if name in STATIC]
+    return Wanted(methods, thresholds, forecasts, baselines, statics, request.oracle, peer_settings)
+
+
+def swept_units(request: SweepRequest, recording: Recording) -> tuple[int, tuple, pd.DataFrame]:
+    """The recorded step count, the prompts to sweep (all, or a --prompts subset) and their trace."""
+    run, settings = recording.run, recording.settings
+    recorded_steps = settings["steps"]
+    if request.steps is None and len(recorded_steps) > 1:
+        raise UserError(f"{run} holds {', '.join(map(str, recorded_steps))} steps; choose one with --steps")
+    steps = recorded_steps[0] if request.steps is None else request.steps
+    if steps not in recorded_steps:
+        raise UserError(f"--steps {steps}: {run} recorded {', '.join(map(str, recorded_steps))} steps")
+    items = recording.prompts.items
+    if request.prompts is not None:
+        items = subset_of_recorded(load_prompts(request.prompts, need_image=recording.spec.edit), recording.prompts, run)
+    names = [unit_name(i.id, s, steps, recording.size) for i in items for s in settings["seeds"]]
+    missing = [name for name in names if not (run / "refs" / f"{name}.npy").exists()]
+    if missing:
+        raise UserError(f"{run}: no reference for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; finish `teacal record {run}` first")
+    trace = load_trace(run)
+    check_finite(trace, run)
+    return steps, items, trace[(trace["steps"] == steps) & trace["prompt_id"].isin([i.id for i in items])]
+
+
+def metrics_of(request: SweepRequest) -> tuple[str, ...]:
+    """The metrics asked for; by default what can run here (LPIPS needs AlexNet weights that may be missing)."""
+    names = parse_metrics(",".join(request.metrics))
+    if "lpips" in names and not request.lpips_random_backbone:
+        reason = lpips_unavailable_reason()
+        if reason is not None:
+            if request.metrics_explicit or request.target_lpips is not None:
+                raise UserError(reason)
+            names = tuple(m for m in names if m != "lpips")  # the summary says so
+    if request.target_lpips is not None and "lpips" not in names:
+        raise UserError("--target-lpips needs the lpips metric")
+    return names
+
+
+def plan(request: SweepRequest, echo=print) -> Plan:
+    """Every check and every configuration, before a model loads."""
+    preset = check_flags(request)
+    wanted = wanted_of(request, preset)
+    recording = open_recording(request.run, request.model_path, request.lightx2v_config, request.device, request.dtype,
+                               allow_other_precision=request.remake_references, what="sweep")
+    run, settings = recording.run, recording.settings
+    preset.require_model(settings["model"])
+    peers.check_backend(wanted.methods, recording.backend)
+    steps, items, trace = swept_units(request, recording)
+    metric_names = metrics_of(request)
+    try:
+        preset.resolve_cutoff(steps)
+    except PresetError as err:
+        raise UserError(str(err)) from None
+    outside = preset.outside_domain(steps, recording.size)
+    if outside:
+        echo(f"warning: preset {preset.source} was not calibrated for this run ({'; '.join(outside)}); its schedules here are extrapolated")
     out = check_output_folder(request.out or run, "--out")
-
-    # -- configurations ---------------------------------------------------------------------------------------------
     units = unit_series(trace)
-    forced = forced_steps(preset, steps)
-    low, high = math.ceil(AUTO_BUDGETS[0] * steps), math.floor(AUTO_BUDGETS[1] * steps)
-    auto_budgets = [k for k in range(max(low, int(forced.sum()) + 1), high + 1)]
+    branches = 2 if settings["cfg"] > 1 else 1
+    lemica_sigma = None
+    if "lemica" in wanted.statics:  # LeMiCa's 50 steps under the run's own shift, to map its schedules by sigma
+        from calib.backends.loop import qwen_sigmas, shift_of
+        from calib.simulate import LEMICA_STEPS
 
-    def grid(method_preset: Preset) -> list[float]:
-        if thresholds is not None:
-            return thresholds
-        return thresholds_for_budgets(units, method_preset, [k / steps for k in auto_budgets])
-
-    configs = [Config("uncached", "uncached", "uncached")]
-    if "teacache" in methods:
-        for name, forecast in forecasts:
-            calibrated = preset.replace(forecast=forecast)
-            suffix = "" if name == "none" else f"-f{_slug(name)}"
-            label = "teacache (calibrated)" + ("" if name == "none" else f", forecast {name}")
-            configs += [Config(f"teacache{suffix}-t{t:g}", "teacache", label, threshold=t, forecast=name, preset=calibrated) for t in grid(calibrated)]
-    for name, base in baselines:
-        configs += [Config(_slug(f"baseline-{name}-t{t:g}"), "baseline", f"baseline: {name}", threshold=t, preset=base) for t in grid(base)]
-    oracle = preset.calibration.get("oracle", {}).get(str(steps), {})
-    budgets = budgets_of(request.oracle, steps, int(forced.sum()), auto_budgets)
-    if budgets and not oracle and request.oracle != "auto":
-        raise UserError(f"--oracle {request.oracle}: preset {preset.source} holds no oracle schedules for {steps} steps (fit it on a recording of {steps} steps)")
-    probed = preset.calibration.get("cost_model", {}).get("probed", False)
-    if preset.calibration.get("oracle_source", "cost model").startswith("measured"):
-        oracle_label = "oracle pick (best static schedule measured on the calibration prompts)"
-    else:
-        oracle_label = f"oracle pick (best static schedule, {'probed' if probed else 'recorded reuse'} cost model)"
-    runners_up = preset.calibration.get("oracle_runners_up", {}).get(str(steps), {})
-
-    def oracle_schedule(text, where: str, k: int) -> tuple[bool, ...]:
-        """A schedule the preset holds, checked before anything runs: a hand-edited one must not fail mid-sweep."""
-        if not isinstance(text, str) or set(text) - {"x", "."} or len(text) != steps or text.count("x") != k or text[:1] != "x":
-            raise UserError(f"preset {preset.source}: calibration.{where}[{steps}][{k}] = {text!r}: expected {steps} characters of x "
-                            f"(computed) and . (skipped), {k} of them x, the first one x")
-        return tuple(c == "x" for c in text)
-
-    for k in budgets:
-        if str(k) in oracle:
-            configs.append(Config(f"oracle-k{k}", "oracle", oracle_label, budget=k, preset=preset.replace(forecast=NO_FORECAST),
-                                  schedule=oracle_schedule(oracle[str(k)], "oracle", k)))
-        listed = runners_up.get(str(k), [])
-        if not isinstance(listed, list):
-            raise UserError(f"preset {preset.source}: calibration.oracle_runners_up[{steps}][{k}] = {listed!r}: expected a list of schedules")
-        for rank, schedule in enumerate(listed, start=2):  # the report's oracle is the best measured here
-            configs.append(Config(f"oracle-k{k}-{rank}", "oracle", "oracle candidates (runners-up on the calibration prompts)", budget=k,
-                                  preset=preset.replace(forecast=NO_FORECAST), schedule=oracle_schedule(schedule, "oracle_runners_up", k)))
-    for name in statics:
-        configs += static_schedule_configs(name, preset.replace(forecast=NO_FORECAST), units[0].sigma, forced, auto_budgets)
-    configs += [Config(s.id, s.method, s.label, threshold=s.threshold, params=s.params) for s in peer_settings]
+        lemica_sigma = qwen_sigmas(LEMICA_STEPS, shift_of(units[0].sigma))
+    configs = configurations(wanted, preset, units, branches, lemica_sigma)
     if len(configs) > MAX_CONFIGS and not request.yes:
-        raise UserError(f"{len(configs)} configurations x {len(items) * len(seeds)} generations each: pass --yes to run them, or a coarser --thresh")
-
-    predicted = {c.id: _predicted(units, c) for c in configs if c.method in ("teacache", "baseline")}
-    # Configurations whose schedules are the same on every recorded series share one run, when the signal is exact.
-    runs_as: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for c in configs:
-        if c.id in predicted and c.preset.signal in EXACT_SIGNALS:
-            key = (c.preset.branch_mode, c.forecast, tuple(predicted[c.id]["computed"]))
-            runs_as[c.id] = seen.setdefault(key, c.id)
+        raise UserError(f"{len(configs)} configurations x {len(items) * len(settings['seeds'])} generations each: pass --yes to run them, or a coarser --thresh")
+    predicted, runs_as = shared_runs(configs, units)
     sweep_settings = {
         "record": {k: settings[k] for k in ("model", "backend", "cfg", "sizes", "seeds", "dtype", "device", "inputs_sha256", "weights")},
         "steps": steps, "dtype": str(recording.dtype).removeprefix("torch.") if recording.dtype is not None else settings["dtype"],
         "device": recording.device.split(":")[0], "preset_sha256": settings_hash(preset.to_dict()),
-        "baselines": {name: list(b.coefficients) for name, b in baselines}, "metrics": list(metric_names),
+        "baselines": {name: list(b.coefficients) for name, b in wanted.baselines}, "metrics": list(metric_names),
         "lpips_random_backbone": request.lpips_random_backbone, "remake_references": request.remake_references,
         "lightx2v_config_sha256": settings.get("lightx2v_config_sha256"),
     }
-    return Plan(recording, steps, cfg, size, items, configs, runs_as, predicted, metric_names, out, sweep_settings)
-
-
-def static_schedule_configs(name: str, preset: Preset, sigma: np.ndarray, forced: np.ndarray, budgets: list[int]) -> list[Config]:
-    """`--baseline uniform` (evenly spaced, at every auto budget) or `--baseline lemica` (LeMiCa's three published
-    schedules, mapped by sigma at step counts other than 50: `calib.simulate.lemica_schedule`)."""
-    if name == "uniform":
-        return [Config(f"uniform-k{k}", "static", "static: uniform spacing", budget=k, preset=preset,
-                       schedule=tuple(bool(b) for b in uniform_schedule(len(sigma), k, forced))) for k in budgets]
-    from calib.backends.loop import qwen_sigmas, shift_of
-
-    published_sigma = qwen_sigmas(LEMICA_STEPS, shift_of(sigma))
-    schedules = {tuple(bool(b) for b in lemica_schedule(speed, sigma, published_sigma)): speed for speed in LEMICA}
-    return [Config(f"lemica-{speed}", "static", "static: LeMiCa (published Qwen-Image schedules)", budget=sum(schedule), preset=preset,
-                   schedule=schedule) for schedule, speed in schedules.items()]
-
-
-def _predicted(units, config: Config) -> pd.DataFrame:
-    rows = []
-    for unit in units:
-        schedules = teacache_schedules(unit, config.preset, [config.threshold])[0]
-        for b, branch in enumerate(unit.branches):
-            rows += [(unit.key[0], unit.key[1], branch, m, bool(schedules[b, m])) for m in range(unit.steps)]
-    return pd.DataFrame(rows, columns=["prompt_id", "seed", "branch", "step", "computed"])
+    return Plan(recording, steps, settings["cfg"], recording.size, items, configs, runs_as, predicted, metric_names, out, sweep_settings)
 
 
 def sweep(request: SweepRequest, echo=print) -> pd.DataFrame:

@@ -44,9 +44,10 @@ import pandas as pd
 from PIL import Image
 
 from calib.backends import Recording, open_recording, reference_mismatch
+from calib.budgets import IDENTICAL_DB, best_within, budget_steps, values_within
 from calib.errors import UserError
-from calib.fit import BUDGETS, knots_of, log_values_at, measured_oracle, measured_static, pattern_search
 from calib.metrics import psnr, to_tensor
+from calib.oracle import measured_oracle, measured_static
 from calib.progress import progress
 from calib.runfiles import (
     SWEEP_FILE,
@@ -62,6 +63,7 @@ from calib.runfiles import (
     unit_name,
     write_json,
 )
+from calib.search import knots_of, log_values_at, pattern_search
 from calib.simulate import (
     EXACT_SIGNALS,
     StaticSchedulePolicy,
@@ -76,7 +78,6 @@ from teacache.forecast import NO_FORECAST, Forecast
 from teacache.preset import Preset, PresetError
 
 TUNE_FILE = "tune.json"
-IDENTICAL_DB = 100.0  # an image identical to its reference (infinite PSNR) counts as this much, as in measured_static
 
 
 @dataclass(frozen=True)
@@ -91,11 +92,6 @@ class TuneRequest:
     dtype: str = "auto"
     model_path: Path | None = None
     lightx2v_config: Path | None = None
-
-
-def budgets_of(steps: int) -> list[int]:
-    """Computed steps per branch compared: 20% to 75% of the steps, the budgets fit compares candidates at."""
-    return list(range(math.ceil(BUDGETS[0] * steps), math.floor(BUDGETS[1] * steps) + 1))
 
 
 def others_front(sweeps: tuple[Path, ...], recording: Recording) -> dict[int, pd.DataFrame]:
@@ -130,18 +126,15 @@ def check_references(recording: Recording) -> None:
         raise UserError(f"{recording.run}: no reference for {missing[0]}; finish `teacal record {recording.run}` first")
 
 
-def front_at(points: list[tuple[int, float]], budgets: list[int], empty: float) -> np.ndarray:
-    """For each budget, the best value among (computed steps, value) points computing no more; `empty` where none does."""
-    return np.array([max((v for k, v in points if k <= b), default=empty) for b in budgets])
-
-
 def best_other(front: pd.DataFrame, budget: int) -> tuple[float, str]:
     """The best mean PSNR any other method reached computing no more than `budget` steps per branch, and which."""
-    ok = front[(front["computed"] <= budget + 1e-9) & np.isfinite(front["psnr"])]
-    if ok.empty:
-        return -math.inf, "none"
-    row = ok.loc[ok["psnr"].idxmax()]
-    return float(row["psnr"]), str(row["label"])
+    index = best_within(front["computed"], front["psnr"].where(np.isfinite(front["psnr"])), [budget])[0]
+    return (-math.inf, "none") if index < 0 else (float(front["psnr"].iloc[index]), str(front["label"].iloc[index]))
+
+
+def front_at(points: list[tuple[int, float]], budgets: list[int], empty: float) -> np.ndarray:
+    """For each budget, the best value among (computed steps, value) points computing no more; `empty` where none does."""
+    return values_within([k for k, _ in points], [v for _, v in points], budgets, empty)
 
 
 class Measurer:
@@ -210,10 +203,10 @@ class Search:
 
     def __init__(self, units: dict, fronts: dict[int, pd.DataFrame], measure: Measurer) -> None:
         self.units, self.measure = units, measure
-        self.bar = {steps: {b: best_other(fronts[steps], b) for b in budgets_of(steps)} for steps in units}
+        self.bar = {steps: {b: best_other(fronts[steps], b) for b in budget_steps(steps)} for steps in units}
 
     def schedules(self, preset: Preset, steps: int) -> list[str]:
-        budgets = budgets_of(steps)
+        budgets = budget_steps(steps)
         unit = self.units[steps]
         fractions = [b / steps for b in budgets] + [budgets[0] / steps - 0.05]  # and one point below the range
         thresholds = thresholds_for_budgets([unit], preset, fractions)
@@ -224,8 +217,8 @@ class Search:
         out = {}
         for steps in self.units:
             measured = [(s.count("x"), self.measure(steps, s)) for s in self.schedules(preset, steps)]
-            bar = np.array([self.bar[steps][b][0] for b in budgets_of(steps)])
-            out[steps] = np.where(np.isfinite(bar), front_at(measured, budgets_of(steps), -math.inf) - bar, np.nan)  # NaN: no other method computes this little
+            bar = np.array([self.bar[steps][b][0] for b in budget_steps(steps)])
+            out[steps] = np.where(np.isfinite(bar), front_at(measured, budget_steps(steps), -math.inf) - bar, np.nan)  # NaN: no other method computes this little
         return out
 
     @staticmethod
@@ -258,7 +251,7 @@ def gains_of(measure: Measurer, schedules: dict[int, list[str]], forecast: Forec
     for steps, found in schedules.items():
         plain = [(s.count("x"), measure(steps, s)) for s in found]
         ruled = [(s.count("x"), measure(steps, s, forecast)) for s in found]
-        out[steps] = front_at(ruled, budgets_of(steps), math.nan) - front_at(plain, budgets_of(steps), math.nan)
+        out[steps] = front_at(ruled, budget_steps(steps), math.nan) - front_at(plain, budget_steps(steps), math.nan)
     return out
 
 
@@ -380,7 +373,7 @@ def tune(request: TuneRequest, echo=print) -> Preset:
     rows = {}
     for steps in units:
         rows[str(steps)] = {}
-        for b, before, after in zip(budgets_of(steps), first[steps], best_gaps[steps], strict=True):
+        for b, before, after in zip(budget_steps(steps), first[steps], best_gaps[steps], strict=True):
             label = search.bar[steps][b][1]
             echo(f"{steps:>5}{b:>7}{before:>+8.2f}{after:>+8.2f}   {label}")
             rows[str(steps)][str(b)] = {"fitted": _finite(before), "tuned": _finite(after), "best_other": label}

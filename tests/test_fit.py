@@ -13,8 +13,10 @@ import pytest
 from typer.testing import CliRunner
 
 from calib.cli import app
-from calib.fit import FitRequest, Windows, fit, fit_polynomial, group_folds, search_shape, simulated_gaps, skip_windows, transform
-from calib.simulate import CostModel, UnitSeries
+from calib.costmodel import CostModel
+from calib.fit import FitRequest, Windows, fit, fit_polynomial, group_folds, skip_windows, transform
+from calib.search import search_shape, simulated_gaps
+from calib.simulate import UnitSeries
 from teacache.diffusers import apply_teacache, remove_teacache, teacache_stats
 from teacache.policy import TeaCachePolicy
 from teacache.preset import Preset
@@ -210,7 +212,7 @@ def test_the_fitted_damping_recovers_a_known_one_per_sigma_span():
     """Forecast probes whose final error is a known function of the damping, minimal at α*(span): `fit` recovers α*
     at every probed span (between the probed dampings, by the parabola through the best three), and where every
     damping loses to plain reuse it keeps α = 0, so the fitted rule never does worse than reuse on what was measured."""
-    from calib.fit import forecast_from_probes
+    from calib.costmodel import forecast_from_probes
     from calib.probe import FORECAST_DAMPINGS
     from calib.simulate import uniform_schedule
 
@@ -259,7 +261,7 @@ def test_the_measured_oracle_is_the_best_static_schedule_measured_on_the_calibra
     calibration run (the cost model's schedule one candidate among the others); adaptive configurations (another
     schedule per prompt) are no static schedules; a sweep of any other run (held-out prompts) is refused."""
     from calib.errors import UserError
-    from calib.fit import measured_oracle, measured_static
+    from calib.oracle import measured_oracle, measured_static
 
     calib_run, heldout_run = tmp_path / "calib", tmp_path / "heldout"
     rows = [
@@ -285,8 +287,8 @@ def test_the_cost_model_check_tells_a_model_that_ranks_measured_schedules_right_
     """`fit --oracle-from` says how the cost model ranks the schedules the calibration sweep measured: the measured
     PSNR is the modelled dB plus an offset -> every budget's best is the measured best, no loss, RMS 0; measured in
     the opposite order inside each budget -> the model's best is never the measured best, and the loss is stated."""
-    from calib.fit import check_cost_model
-    from calib.simulate import decibels, schedule_cost
+    from calib.costmodel import decibels, schedule_cost
+    from calib.oracle import check_cost_model
 
     n = 10
     units = [_window_sum_unit(np.array([1.0, 0.2]), n=n, seed=s) for s in range(3)]
@@ -328,14 +330,3 @@ def test_the_shape_search_moves_the_computed_steps_to_where_skipping_costs():
     assert np.mean(gaps) > np.mean(fitted_gaps) + 1.0 and np.min(gaps) > np.min(fitted_gaps)
     weights = np.polyval(searched.coefficients, np.linspace(low, high, 50))
     assert weights.min() > 0 and weights[-1] > weights[0]  # it now weighs the late steps more
-
-
-def test_the_cli_offers_exactly_the_signals_targets_modes_and_losses_fit_knows():
-    from typing import get_args
-
-    from calib.cli import BranchMode, Loss, Signal, Target
-    from calib.fit import LOSSES, TARGETS
-    from teacache.preset import BRANCH_MODES, SIGNALS
-
-    assert get_args(Signal) == ("auto", *SIGNALS) and get_args(Target) == ("auto", *TARGETS)
-    assert get_args(BranchMode) == ("auto", *BRANCH_MODES) and get_args(Loss) == LOSSES

@@ -138,7 +138,8 @@ def _sweep(run, preset, *extra):
 def test_every_method_is_measured_the_same_way_in_one_sweep(peer_run):
     run, preset = peer_run
     methods = [m for m in peers.METHODS if m != "dbcache" or HAS_CACHE_DIT]
-    grids = ["--fbcache-thresh", "0.3", "--magcache-thresh", "0.1", "--magcache-max-skip", "3", "--seacache-thresh", "0.5", "--dbcache-thresh", "0.3"]
+    grids = ["fbcache.threshold=0.3", "magcache.threshold=0.1", "magcache.max_skip_steps=3", "seacache.threshold=0.5", "dbcache.residual_diff_threshold=0.3"]
+    grids = [a for g in grids if g.split(".")[0] in methods for a in ("--peer-grid", g)]
     result = _sweep(run, preset, "--thresh", "0.3", *[a for m in methods for a in ("--method", m)], *grids)
     assert result.exit_code == 0, result.output
     assert "MagCache: calibrating mag_ratios on 2 generations" in result.output
@@ -161,7 +162,7 @@ def test_every_method_is_measured_the_same_way_in_one_sweep(peer_run):
     assert len(calibration["mag_ratios"]) == STEPS and calibration["series"] == 2 * 2  # two generations, two CFG branches
 
     # Another MagCache setting later: the ratios come from the run folder and only the new setting runs.
-    again = _sweep(run, preset, "--method", "magcache", "--magcache-thresh", "0.1,0.2", "--magcache-max-skip", "3")
+    again = _sweep(run, preset, "--method", "magcache", "--peer-grid", "magcache.threshold=0.1,0.2", "--peer-grid", "magcache.max_skip_steps=3")
     assert again.exit_code == 0, again.output
     assert "MagCache ratios from" in again.output and "calibrating" not in again.output
     assert "2 generations to run, and 2 uncached ones timed beside them; 2 already done" in again.output
@@ -171,8 +172,10 @@ def test_bad_method_or_grid_is_one_line(peer_run):
     run, preset = peer_run
     for args, message in [
         (["--method", "fbcach"], "error: Invalid value for '--method': Value error, 'fbcach' is not one of 'teacache', 'fbcache'"),
-        (["--method", "magcache", "--magcache-retention", "1.5"], "error: --magcache-retention '1.5': expected a comma list of numbers between 0 and 1"),
-        (["--method", "fbcache", "--fbcache-thresh", "a"], "error: --fbcache-thresh 'a': expected a comma list of numbers"),
+        (["--method", "magcache", "--peer-grid", "magcache.retention_ratio=1.5"], "error: --peer-grid magcache.retention_ratio=1.5: expected a comma list of numbers between 0 and 1"),
+        (["--method", "fbcache", "--peer-grid", "fbcache.threshold=a"], "error: --peer-grid fbcache.threshold=a: expected a comma list of numbers"),
+        (["--method", "fbcache", "--peer-grid", "fbcache.thresh=0.1"], "error: --peer-grid 'fbcache.thresh=0.1': expected METHOD.PARAM=V1,V2"),
+        (["--method", "fbcache", "--peer-grid", "magcache.threshold=0.1"], "error: --peer-grid 'magcache.threshold=0.1': magcache is not measured; add --method magcache"),
     ]:
         result = _sweep(run, preset, *args)
         assert result.exit_code == 2 and result.output.startswith(message) and result.output.count("\n") == 1, result.output

@@ -10,16 +10,8 @@ import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from calib.simulate import (
-    CostModel,
-    UnitSeries,
-    decibels,
-    oracle_schedules,
-    schedule_cost,
-    teacache_schedules,
-    thresholds_for_budgets,
-    unit_series,
-)
+from calib.costmodel import CostModel, decibels, oracle_schedules, schedule_cost
+from calib.simulate import UnitSeries, teacache_schedules, thresholds_for_budgets, unit_series
 from teacache.preset import Preset
 
 

@@ -83,11 +83,11 @@ def test_oracle_and_static_schedules_come_from_the_preset_and_run_as_told(swept,
     out, table, _ = swept
     oracle = table[table["method"] == "oracle"]
     schedules = Preset.load(temb_preset).calibration["oracle"]["6"]
-    assert len(oracle) > 0 and (oracle["computed"] == oracle["budget"] * 2).all()
-    assert all(oracle.loc[oracle["budget"] == b, "schedule"].eq(schedules[str(int(b))]).all() for b in oracle["budget"].unique())
+    assert len(oracle) > 0 and (oracle["computed"] == oracle["budget"]).all()  # budgets in computed calls, both branches
+    assert all(oracle.loc[oracle["budget"] == b, "schedule"].eq(schedules[str(int(b) // 2)]).all() for b in oracle["budget"].unique())
     assert "probed" not in oracle["label"].iloc[0] and "recorded reuse cost model" in oracle["label"].iloc[0]
     uniform = table[table["method"] == "static"]
-    assert len(uniform) > 0 and (uniform["computed"] == uniform["budget"] * 2).all()
+    assert len(uniform) > 0 and (uniform["computed"] == uniform["budget"]).all()
     assert (out / "sweep.parquet").exists() and pd.read_parquet(out / "sweep.parquet").shape == table.shape
     assert (table["measured_as"] != table["config"]).any()  # identical schedules were measured once
 
@@ -150,7 +150,7 @@ def test_a_malformed_oracle_schedule_in_the_preset_is_refused_before_any_run(rec
     preset["calibration"].setdefault(where, {}).setdefault("6", {})["3"] = schedule
     path = tmp_path / "edited.json"
     path.write_text(json.dumps(preset))
-    result = runner.invoke(app, ["sweep", str(recorded_run), "--preset", str(path), "--thresh", "0.1", "--oracle", "3", "--out", str(tmp_path / "o")])
+    result = runner.invoke(app, ["sweep", str(recorded_run), "--preset", str(path), "--thresh", "0.1", "--oracle", "6", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2, result.output
     assert f"calibration.{where}[6][3] = " in result.output and result.output.count("\n") == 1
     assert not (tmp_path / "o" / "sweep").exists()
@@ -291,7 +291,7 @@ def test_report_writes_readable_figures_and_the_equal_calls_table(swept, monkeyp
     assert not list(folder.glob(".*.tmp"))
     text = (folder / "report.md").read_text()
     assert "Each method at equal computed calls" in text and "| computed calls |" in text and "static: uniform spacing" in text
-    assert "Best speedup at equal quality" in text and "teacache-t0.5" in text and "oracle-k" in text
+    assert "Best speedup at equal quality" in text and "teacache-t0.5" in text and "oracle-6" in text
 
 
 def test_the_report_oracle_is_the_best_static_schedule_measured_on_the_swept_prompts(recorded_run, temb_preset, tmp_path):
@@ -304,9 +304,9 @@ def test_the_report_oracle_is_the_best_static_schedule_measured_on_the_swept_pro
     preset["calibration"]["oracle_runners_up"] = {"6": {"3": others}}
     path = tmp_path / "with-runners-up.json"
     path.write_text(json.dumps(preset))
-    table = sweep(SweepRequest(run=recorded_run, preset=path, thresholds="0.1,0.5,2", oracle="3,4", out=tmp_path / "o", baselines=("identity", "uniform"),
+    table = sweep(SweepRequest(run=recorded_run, preset=path, thresholds="0.1,0.5,2", oracle="6,8", out=tmp_path / "o", baselines=("identity", "uniform"),
                                metrics=("psnr",)), echo=lambda *_: None)
-    runners = table[table["config"].isin(["oracle-k3-2", "oracle-k3-3"])]
+    runners = table[table["config"].isin(["oracle-6-2", "oracle-6-3"])]
     assert sorted(runners.groupby("config")["schedule"].first()) == sorted(others) and (runners["computed_cond"] == 3).all()
     result = runner.invoke(app, ["report", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
@@ -402,9 +402,9 @@ def _equal_calls_columns(report_md: Path) -> list[str]:
 # alone beside a peer, one prompt. The report draws every one and names every method it holds.
 TABLE_SHAPES = {
     "teacache only": dict(methods=("teacache",), oracle="none"),
-    "peers only": dict(methods=("fbcache", "magcache"), oracle="none", peer_grids={"--fbcache-thresh": "0.2", "--magcache-thresh": "0.1"}),
-    "a peer and the oracle": dict(methods=("magcache",), oracle="3,4", peer_grids={"--magcache-thresh": "0.1"}),
-    "one prompt": dict(methods=("teacache", "fbcache"), oracle="auto", peer_grids={"--fbcache-thresh": "0.2"}),
+    "peers only": dict(methods=("fbcache", "magcache"), oracle="none", peer_grids=("fbcache.threshold=0.2", "magcache.threshold=0.1")),
+    "a peer and the oracle": dict(methods=("magcache",), oracle="6,8", peer_grids=("magcache.threshold=0.1",)),
+    "one prompt": dict(methods=("teacache", "fbcache"), oracle="auto", peer_grids=("fbcache.threshold=0.2",)),
 }
 
 
@@ -456,4 +456,4 @@ def test_baseline_lemica_runs_the_published_schedules_mapped_to_the_recorded_ste
     assert set(lemica["label"]) == {"static: LeMiCa (published Qwen-Image schedules)"} and set(lemica["method"]) == {"static"}
     schedules = lemica.groupby("config")["schedule"].first()
     assert all(s[0] == "x" and s[-1] == "x" and len(s) == 6 for s in schedules)  # 6 recorded steps: mapped, first and last computed
-    assert (lemica["computed_cond"] == lemica["budget"]).all() and (lemica["computed_cond"] == lemica["computed_uncond"]).all()
+    assert (lemica["computed"] == lemica["budget"]).all() and (lemica["computed_cond"] == lemica["computed_uncond"]).all()

@@ -13,10 +13,11 @@ import pytest
 from typer.testing import CliRunner
 
 from calib.backends import open_recording
+from calib.budgets import IDENTICAL_DB, budget_steps
 from calib.cli import app
 from calib.fit import FitRequest, fit
 from calib.sweep import SweepRequest, sweep
-from calib.tune import IDENTICAL_DB, Search, TuneRequest, best_other, budgets_of, others_front, tune
+from calib.tune import Search, TuneRequest, best_other, others_front, tune
 from teacache.preset import Preset
 from tests.conftest import SMALL_PROMPTS, write_prompts
 
@@ -46,7 +47,7 @@ def test_the_tuned_polynomial_measures_at_least_as_well_as_the_fitted_one(calibr
     gaps = tuned.calibration["tune"]["gaps_db"]["6"]
     fitted = {int(b): np.nan if g["fitted"] is None else g["fitted"] for b, g in gaps.items()}
     after = {int(b): np.nan if g["tuned"] is None else g["tuned"] for b, g in gaps.items()}
-    assert sorted(after) == budgets_of(6)
+    assert sorted(after) == budget_steps(6)
     as_dict = {6: np.array([after[b] for b in sorted(after)])}
     before = {6: np.array([fitted[b] for b in sorted(fitted)])}
     assert Search.score(as_dict) >= Search.score(before) - 1e-3  # never worse than the fitted polynomial, as measured

@@ -1,0 +1,128 @@
+"""The polynomial searches fit and tune share. No torch.
+
+On a signal read from the timestep alone (`temb`, `sigma`) every step has a fixed distance, so a polynomial only sets
+each step's weight, and TeaCache's schedules at all thresholds follow from it. Both searches move the polynomial's
+log-values at `degree + 1` knots where the recorded signal lies (`knots_of`; the interpolating polynomial is the
+candidate, skipped when it is not positive over the calibrated range) with one deterministic pattern search
+(`pattern_search`): fit scores each candidate on the cost model (`search_shape`), tune by generating.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from calib.oracle import gap_to_oracle
+from calib.progress import progress
+from calib.simulate import UnitSeries
+from teacache.preset import Preset
+
+MOVES = (0.1, -0.1, 0.3, -0.3)  # one knot's log-value moved by this much, every knot in turn; halved after a pass without gain
+
+
+SHAPE_POWERS = (0.25, 0.5, 0.75, 1.0, 1.5)  # x**p: where the simulated shape search starts, besides the least-squares fit
+
+
+SHAPE_TRIALS = 60  # polynomials the simulated shape search tries per signal (each a simulated front per step count)
+
+
+MISSING_DB = -10.0  # a budget a schedule family cannot reach, in the shape search's score
+
+
+def knots_of(preset: Preset, units: list) -> np.ndarray:
+    """`degree + 1` knots where the recorded signal lies (its 5%..95% quantiles over every step of `units`, clamped
+    into the calibrated range): a move of one knot changes the weight of the steps whose signal is near it."""
+    low, high = preset.x_range
+    x = np.concatenate([u.x[preset.signal][0] for u in units])
+    x = np.clip(x[np.isfinite(x)], low, high)
+    knots = np.unique(np.round(np.quantile(x, np.linspace(0.05, 0.95, len(preset.coefficients))), 6))
+    if len(knots) < len(preset.coefficients):  # a signal with too few distinct values: spread over the range
+        knots = np.linspace(low, high, len(preset.coefficients))
+    return knots
+
+
+def candidate(preset: Preset, knots: np.ndarray, log_values: np.ndarray) -> Preset | None:
+    """The polynomial through exp(log_values) at the knots, or None when it is not positive over the signal's range."""
+    if not np.all(np.isfinite(log_values)):
+        return None
+    coefficients = np.polyfit(knots, np.exp(log_values), len(knots) - 1)
+    low, high = preset.x_range
+    if not np.all(np.isfinite(coefficients)) or np.polyval(coefficients, np.linspace(low, high, 200)).min() <= 0:
+        return None
+    return preset.replace(coefficients=[float(c) for c in coefficients])
+
+
+def log_values_at(preset: Preset, knots: np.ndarray) -> np.ndarray:
+    """The logarithm of the preset's polynomial at the knots: where `candidate` and `pattern_search` start from it."""
+    return np.log(np.maximum(np.polyval(preset.coefficients, knots), 1e-12))
+
+
+def pattern_search(start: Preset, knots: np.ndarray, log_values: np.ndarray, score: Callable[[Preset], float], trials: int,
+                   advance: Callable[[], None], on_gain: Callable[[int, Preset, float], None] = lambda *_: None) -> tuple[Preset, float]:
+    """The deterministic search of tune (on generations) and of fit's shape search (on the cost model): each trial
+    moves one knot's log-value by a `MOVES` step times the scale, every knot in turn; a move that raises the score is
+    kept; the scale halves after a whole pass without gain. `start` is the polynomial through `log_values`."""
+    best, best_preset = score(start), start
+    moves = [(k, d) for d in MOVES for k in range(len(knots))]
+    scale, since_gain = 1.0, 0
+    for trial_number in range(trials):
+        knot, move = moves[trial_number % len(moves)]
+        trial = log_values.copy()
+        trial[knot] += move * scale
+        moved = candidate(start, knots, trial)
+        since_gain += 1
+        if moved is not None and (value := score(moved)) > best + 1e-6:
+            best, best_preset, log_values, since_gain = value, moved, trial, 0
+            on_gain(trial_number, moved, value)
+        if since_gain >= len(moves):
+            scale, since_gain = scale / 2, 0
+        advance()
+    return best_preset, best
+
+
+def simulated_gaps(preset: Preset, units: list[UnitSeries], matrices: dict) -> np.ndarray:
+    """The preset's simulated front minus the oracle, in modelled dB, at every budget of every step count of `units`."""
+    gaps = []
+    for steps in sorted({u.steps for u in units}):
+        same = [u for u in units if u.steps == steps]
+        gap = gap_to_oracle(preset, same, same, matrices, steps)
+        gaps.append(np.where(np.isfinite(gap), gap, MISSING_DB))
+    return np.concatenate(gaps)
+
+
+def shape_score(gaps: np.ndarray) -> float:
+    """Twice the worst gap plus the mean: at par everywhere first (tune scores its measured fronts alike)."""
+    return float(2 * np.min(gaps) + np.mean(gaps))
+
+
+def search_shape(preset: Preset, units: list[UnitSeries], matrices: dict) -> tuple[Preset, np.ndarray, np.ndarray]:
+    """The polynomial whose simulated front is closest to the oracle, for a signal read from the timestep alone.
+
+    Least squares fits the window costs, not the schedules: on such a signal every step has a fixed distance, so the
+    polynomial only sets each step's weight, and its best shape can be far from the fitted one (on the tiny model,
+    `sigma` fitted: -1.5 dB against the oracle, -6.5 at the worst budget; searched: -1.0 and -2.2). Starts: the fitted polynomial and x**p
+    (`SHAPE_POWERS`); then tune's pattern search over the log-values at the knots, `SHAPE_TRIALS` polynomials, on the
+    cost model instead of generations. Returns the best preset, and the fitted and the best polynomial's gaps.
+    """
+    simulated: dict[tuple[float, ...], np.ndarray] = {}  # each polynomial's front is simulated once
+
+    def gaps_of(candidate_preset: Preset) -> np.ndarray:
+        if candidate_preset.coefficients not in simulated:
+            simulated[candidate_preset.coefficients] = simulated_gaps(candidate_preset, units, matrices)
+        return simulated[candidate_preset.coefficients]
+
+    knots = knots_of(preset, units)
+    fitted_gaps = gaps_of(preset)
+    best, best_preset = shape_score(fitted_gaps), preset
+    log_values = log_values_at(preset, knots)
+    low, high = preset.x_range
+    grid = np.geomspace(max(low, 1e-6), high, 64)
+    for power in SHAPE_POWERS:  # x**p in the preset's degree, relative error least squares over the calibrated range
+        shaped = preset.replace(coefficients=[float(c) for c in np.polyfit(grid, grid**power, len(knots) - 1, w=grid**-power)])
+        if np.polyval(shaped.coefficients, grid).min() > 0 and (score := shape_score(gaps_of(shaped))) > best:
+            best, best_preset = score, shaped
+            log_values = log_values_at(shaped, knots)
+    with progress(f"fit: shape search, {preset.signal}", SHAPE_TRIALS) as advance:
+        best_preset, _ = pattern_search(best_preset, knots, log_values, lambda p: shape_score(gaps_of(p)), SHAPE_TRIALS, advance)
+    return best_preset, fitted_gaps, gaps_of(best_preset)
