@@ -171,6 +171,28 @@ def recorded_name(gap: int) -> str:
     return f"recorded, max_gap {gap}"
 
 
+def variants_of(backend: HookedTransformerBackend, run: Callable[[], float], gaps: Sequence[int]) -> list[tuple[str, Callable[[], object]]]:
+    """What (a) and (c) time: the plain run, TeaCache at threshold 0 on each signal, recording at each max_gap, and
+    the plain run again (the noise floor between two identical variants)."""
+    base = identity_preset(backend.model_name)
+
+    def at_zero(preset: Preset) -> Callable[[], None]:
+        def variant() -> None:
+            with backend.caching(preset, 0.0):
+                run()
+        return variant
+
+    def recorded(gap: int) -> Callable[[], None]:
+        def variant() -> None:
+            recorder = TraceRecorder(gap, RESIDUAL_TOKENS)  # a fresh one per generation, as record makes per unit
+            with backend.observing(recorder.on_call):
+                run()
+        return variant
+
+    variants = [("plain", run), *((f"{signal}@0", at_zero(base.replace(signal=signal))) for signal in SIGNALS)]
+    return variants + [(recorded_name(gap), recorded(gap)) for gap in gaps] + [("plain again", run)]
+
+
 def measure(
     backend: HookedTransformerBackend,
     run: Callable[[], float],
@@ -186,43 +208,20 @@ def measure(
 
     `budget_s` caps the timed repeats' estimated seconds (from the warm-up run): fewer repeats, never fewer than one.
     """
-    base = identity_preset(backend.model_name)
     device = backend.device
-
-    def at_zero(preset: Preset) -> Callable[[], None]:
-        def variant() -> None:
-            with backend.caching(preset, 0.0):
-                run()
-        return variant
-
-    def recorded(gap: int) -> Callable[[], None]:
-        def variant() -> None:
-            recorder = TraceRecorder(gap, RESIDUAL_TOKENS)  # a fresh one per generation, as record makes per unit
-            with backend.observing(recorder.on_call):
-                run()
-        return variant
-
-    def cached_run() -> float:
-        with cached():
-            return run()
-
-    variants = [("plain", run), *((f"{signal}@0", at_zero(base.replace(signal=signal))) for signal in SIGNALS)]
-    variants += [(recorded_name(gap), recorded(gap)) for gap in gaps] + [("plain again", run)]
+    variants = variants_of(backend, run, gaps)
     started = time.perf_counter()
     run()  # warm-up: first-call allocations stay out of every timing; its time sizes the repeats
     warm_up = time.perf_counter() - started
     with cached() as cache:
         run()
         stats = cache.stats()
-    ideal = (stats.computed + stats.skipped) / stats.computed
     free(device)
     per_repeat = warm_up * (len(variants) + 2)  # the variants and (b)'s plain and cached loops; errs high
     if budget_s is not None and repeats * per_repeat > budget_s:
-        fitted = max(1, int(budget_s // per_repeat))
-        echo(f"budget {budget_s:.0f} s: {fitted} repeat(s) instead of {repeats}")
-        repeats = fitted
+        repeats = max(1, int(budget_s // per_repeat))
+        echo(f"budget {budget_s:.0f} s: {repeats} repeat(s)")
     echo(f"warm-up run {warm_up:.1f} s; timing {repeats} repeat(s) of {len(variants) + 2} runs, about {repeats * per_repeat:.0f} s at most")
-
     memory = PeakMemory(device)
     per_call: dict[str, list[list[float]]] = {name: [] for name, _ in variants}
     peaks: dict[str, int] = {}
@@ -238,12 +237,11 @@ def measure(
             per_call[name].append(calls)
             free(device)
         loop["plain"].append(run())
-        loop["cached"].append(cached_run())
+        with cached():
+            loop["cached"].append(run())
         free(device)
-    return Measured(
-        steps=steps, repeats=repeats, per_call={k: np.array(v) for k, v in per_call.items()},
-        loop={k: min(v) for k, v in loop.items()}, peaks=peaks, memory_kind=memory.what, ideal=ideal,
-    )
+    return Measured(steps=steps, repeats=repeats, per_call={k: np.array(v) for k, v in per_call.items()}, loop={k: min(v) for k, v in loop.items()},
+                    peaks=peaks, memory_kind=memory.what, ideal=(stats.computed + stats.skipped) / stats.computed)
 
 
 def report(measured: Measured, cached_label: str, gaps: Sequence[int], echo: Callable[[str], None] = print) -> None:

@@ -18,8 +18,9 @@ import pandas as pd
 from calib.budgets import COMPARED, IDENTICAL_DB, budget_steps
 from calib.costmodel import db_at_budgets, decibels, oracle_schedules, schedule_cost, simulated_front
 from calib.errors import UserError
-from calib.runfiles import SWEEP_FILE, read_json, read_table, static_configs
+from calib.runfiles import SWEEP_FILE, read_json, read_table
 from calib.simulate import UnitSeries, forced_steps, schedule_text, thresholds_for_budgets
+from calib.tables import static_configs
 from teacache.preset import Preset
 
 

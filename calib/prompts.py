@@ -105,41 +105,44 @@ def load_prompts(path: str | Path, need_image: bool = False) -> PromptSet:
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{where}: bad JSON: {err.msg} (column {err.colno})") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        unknown = sorted(set(row) - _FIELDS)
-        if unknown:
-            raise UserError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: id, prompt, image, negative_prompt")
-        for name in ("id", "prompt"):
-            if not isinstance(row.get(name), str) or not row[name].strip():
-                raise UserError(f"{where}: field '{name}' must be a non-empty string")
-        if not _ID.match(row["id"]):
-            raise UserError(f"{where}: id {row['id']!r} must be 1-64 letters, digits, '.', '_' or '-' (it names files)")
-        if row["id"] in seen:
-            raise UserError(f"{where}: duplicate id {row['id']!r} (first on line {seen[row['id']]})")
-        seen[row["id"]] = lineno
+        row = _row(line, f"{path}:{lineno}", seen, lineno)
         image = row.get("image")
-        if image is not None:
-            if not isinstance(image, str) or not image:
-                raise UserError(f"{where}: field 'image' must be 'skimage:NAME' or a path")
-            if image not in images_checked:
-                images_checked[image] = _check_image(image, path.parent, where)
-        elif need_image:
-            raise UserError(f"{where}: this model edits an image, so field 'image' is required")
-        negative = row.get("negative_prompt", "")
-        if not isinstance(negative, str):
-            raise UserError(f"{where}: field 'negative_prompt' must be a string")
-        items.append(PromptItem(row["id"], row["prompt"], image, negative, path.parent))
+        if image is not None and image not in images_checked:
+            images_checked[image] = _check_image(image, path.parent, f"{path}:{lineno}")
+        elif image is None and need_image:
+            raise UserError(f"{path}:{lineno}: this model edits an image, so field 'image' is required")
+        items.append(PromptItem(row["id"], row["prompt"], image, row.get("negative_prompt", ""), path.parent))
     if not items:
         raise UserError(f"{path}: no prompts in file")
     for name in sorted(images_checked):
         digest.update(name.encode() + b"\0" + images_checked[name])
     return PromptSet(path, tuple(items), digest.hexdigest())
+
+
+def _row(line: str, where: str, seen: dict[str, int], lineno: int) -> dict:
+    """One line's object, its fields checked; `seen` (id -> line) catches duplicate ids."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{where}: bad JSON: {err.msg} (column {err.colno})") from None
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    unknown = sorted(set(row) - _FIELDS)
+    if unknown:
+        raise UserError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: id, prompt, image, negative_prompt")
+    for name in ("id", "prompt"):
+        if not isinstance(row.get(name), str) or not row[name].strip():
+            raise UserError(f"{where}: field '{name}' must be a non-empty string")
+    if not _ID.match(row["id"]):
+        raise UserError(f"{where}: id {row['id']!r} must be 1-64 letters, digits, '.', '_' or '-' (it names files)")
+    if row["id"] in seen:
+        raise UserError(f"{where}: duplicate id {row['id']!r} (first on line {seen[row['id']]})")
+    seen[row["id"]] = lineno
+    if row.get("image") is not None and (not isinstance(row["image"], str) or not row["image"]):
+        raise UserError(f"{where}: field 'image' must be 'skimage:NAME' or a path")
+    if not isinstance(row.get("negative_prompt", ""), str):
+        raise UserError(f"{where}: field 'negative_prompt' must be a string")
+    return row
 
 
 def _check_image(image: str, base: Path, where: str) -> bytes:

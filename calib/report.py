@@ -25,7 +25,8 @@ import pandas as pd  # noqa: E402
 
 from calib.budgets import best_within, budget_steps  # noqa: E402
 from calib.errors import UserError  # noqa: E402
-from calib.runfiles import SWEEP_FILE, aggregate, load_run, load_trace, read_json, read_table, static_configs  # noqa: E402
+from calib.runfiles import SWEEP_FILE, load_run, load_trace, read_json, read_table  # noqa: E402
+from calib.tables import aggregate, static_configs  # noqa: E402
 from teacache._files import atomic_write, remove_stale_temp_files  # noqa: E402
 from teacache.preset import SIGNALS, Preset  # noqa: E402
 
@@ -174,7 +175,7 @@ def fit_figure(trace: pd.DataFrame, preset: Preset, settings: dict, path: Path) 
     quality = f"held-out R² {_num(fit.get('r2_heldout'))}, {_num(fit.get('db_vs_oracle_heldout'), '+.2f')} dB against the cost model's oracle" if fit else "no fit quality recorded"
     target = preset.calibration.get("target", "?")
     calibrated = f"calibrated range {preset.x_range[0]:.3g}..{preset.x_range[1]:.3g}" if preset.x_range else "no calibrated range"
-    ax.set_xlabel(f"x: rel-L1 of signal '{preset.signal}' between steps (curve over {low:.3g}..{high:.3g}; {calibrated})")
+    ax.set_xlabel(f"x: rel-L1 of signal '{preset.signal}' between steps\n(curve over {low:.3g}..{high:.3g}; {calibrated})")
     ax.set_ylabel(f"accumulated per step ({preset.calibration.get('transform', '?')} of the {target} window cost)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -185,7 +186,12 @@ def fit_figure(trace: pd.DataFrame, preset: Preset, settings: dict, path: Path) 
 def steps_figure(trace: pd.DataFrame, settings: dict, preset: Preset | None, path: Path) -> Path:
     columns = [("y_output", "output"), ("y_residual", "block residual"), *((f"x_{s}", f"signal {s}") for s in SIGNALS)]
     gain = (preset.calibration.get("cost_model", {}).get("gain") or {}) if preset is not None else {}
-    fig, axes = plt.subplots(1, len(columns) + bool(gain), figsize=(4 * (len(columns) + bool(gain)), 4))
+    panels = len(columns) + bool(gain)
+    rows = math.ceil(panels / 3)  # three panels a row: readable at the report's width
+    fig, grid = plt.subplots(rows, 3, figsize=(13, 4 * rows), squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[panels:]:
+        ax.remove()
     for ax, (column, name) in zip(axes, columns, strict=False):
         for (branch, steps), group in trace.groupby(["branch", "steps"]):
             stats = group.groupby("step")[column].agg(["mean", "min", "max"])
@@ -197,7 +203,7 @@ def steps_figure(trace: pd.DataFrame, settings: dict, preset: Preset | None, pat
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     if gain:
-        ax = axes[-1]
+        ax = axes[panels - 1]
         for steps, curve in sorted(gain.items(), key=lambda kv: int(kv[0])):
             sigma = np.array(curve["sigma"])
             ax.plot(sigma, curve["gain"], marker=".", label=f"{steps} steps")
@@ -256,6 +262,7 @@ def _markdown(frame: pd.DataFrame, floatfmt: str = ".3f") -> str:
 
 
 def report(run: str | Path, preset_path: str | None = None, echo=print) -> Path:
+    """report.md and the figures of a run folder, or of a sweep's --out folder, in RUN/report/."""
     run = Path(run)
     sweep_info = read_json(run / SWEEP_FILE) if (run / SWEEP_FILE).exists() else None
     # A sweep written to its own --out folder points back (relative to itself) at the recording it measured.
@@ -264,60 +271,25 @@ def report(run: str | Path, preset_path: str | None = None, echo=print) -> Path:
     trace = load_trace(recording)
     folder = run / "report"
     remove_stale_temp_files(folder)  # what a killed report left half-written
-    sweep_table = read_table(run / "sweep.parquet") if (run / "sweep.parquet").exists() else None
+    named = preset_path
     if preset_path is None and sweep_info is not None and (run / sweep_info["preset"]).exists():
-        preset_path = run / sweep_info["preset"]
+        preset_path = run / sweep_info["preset"]  # the copy the sweep measured, named as the user gave it
+        named = sweep_info.get("preset_source", preset_path)
     preset = Preset.load(preset_path) if preset_path else None
     steps = sweep_info["settings"]["steps"] if sweep_info else None
-
     figures: list[tuple[str, Path | None]] = [("Per-step changes", steps_figure(trace, settings, preset, folder / "steps.png"))]
-    if preset is not None:
-        figures.append(("Rescale fit", fit_figure(trace, preset, settings, folder / "fit.png")))
     lines = [f"# teacal report: {run}\n", f"Model **{settings['model']}** ({settings['backend']}), {', '.join(map(str, settings['steps']))} steps, "
              f"{settings['sizes'][0][0]}x{settings['sizes'][0][1]}, CFG {settings['cfg']:g}, dtype {settings['dtype']}, "
              f"{trace['prompt_id'].nunique()} prompts x {len(settings['seeds'])} seeds.\n"]
     if preset is not None:
-        fit = preset.fit
-        lines.append(f"Preset `{preset_path}`: signal `{preset.signal}`, coefficients {[round(c, 6) for c in preset.coefficients]}, "
-                     f"branch mode {preset.branch_mode}, ret_steps {preset.ret_steps}, cutoff_steps {preset.cutoff_steps}, forecast "
-                     f"{preset.forecast.rule}, default threshold {preset.threshold:g}; held-out R² {_num(fit.get('r2_heldout'), '.4f')}, "
-                     f"simulated {_num(fit.get('db_vs_oracle_heldout'), '+.2f')} dB against the cost model's oracle on held-out folds of the "
-                     "calibration prompts.\n")
-        r2 = fit.get("r2_heldout")
-        if r2 is not None and r2 < WEAK_R2:
-            weak = (f"held-out R² {r2:.2f} is below {WEAK_R2}: the polynomial explains little of what skips cost. Record more prompts "
-                    "or seeds, probe the run (`teacal probe`), or try `--signal modin` or a lower `--degree`.")
-            lines.append(f"**Weak fit**: {weak}\n")
-            echo(f"warning: weak fit: {weak}")
-        if preset.domain.get("steps") and steps is not None and preset.outside_domain(steps):
-            lines.append(f"**Outside the calibrated domain**: {'; '.join(preset.outside_domain(steps))}.\n")
-    if sweep_table is not None:
-        view = aggregate(sweep_table)
-        fronts = with_measured_oracle(view, sweep_table)
-        calls = int(sweep_table.loc[sweep_table["method"] == "uncached", "calls"].max())
-        figures.append(("Pareto: speed against PSNR", pareto(fronts, "psnr", "speedup", settings, steps, folder / "pareto_psnr.png")))
-        figures.append(("Equal compute: computed calls against PSNR", pareto(fronts, "psnr", "computed", settings, steps, folder / "calls_psnr.png")))
-        figures.append(("Pareto: speed against LPIPS", pareto(fronts, "lpips", "speedup", settings, steps, folder / "pareto_lpips.png")))
-        figures.append(("Skip map", skipmap_figure(sweep_table, settings, steps, folder / "skipmap.png")))
-        if view["lpips"].isna().all():
-            lines.append("LPIPS was not measured (AlexNet weights unavailable); the LPIPS chart is omitted.\n")
-        lines.append("## Each method at equal computed calls\n")
-        lines.append("Mean PSNR over the prompts (worst prompt in brackets), dB: each method's best configuration that computes no more "
-                     "calls than the budget (its measured front). The oracle is the best static schedule measured on these prompts "
-                     "(a ceiling that sees their results, not a method); its pick is the schedule the calibration chose.\n")
-        lines.append(_markdown(equal_calls(fronts, "psnr", calls, steps)))
-        for metric, name in (("ssim", "SSIM"), ("lpips", "LPIPS")):
-            if view[metric].notna().any():
-                lines.append(f"\n{name} at the same budgets (worst prompt in brackets):\n")
-                lines.append(_markdown(equal_calls(fronts, metric, calls, steps)))
-        table = view[["label", "config", "threshold", "budget", "computed", "predicted", "calls", "speedup", "ideal_speedup", "lpips", "lpips_worst", "psnr", "psnr_worst", "ssim"]]
-        table = _without_unmeasured_lpips(table)
-        lines.append("\n## Measured configurations\n")
-        lines.append("Means over the prompts; speedup = total uncached time / total time (each prompt's uncached run timed in the same "
-                     "process as its configurations); `same` = every image identical to the uncached one.\n")
-        lines.append(_markdown(table))
-        lines.append("\n## Best speedup at equal quality\n")
-        lines.append(_markdown(_without_unmeasured_lpips(best_at_quality(fronts)), ".2f"))
+        figures.append(("Rescale fit", fit_figure(trace, preset, settings, folder / "fit.png")))
+        lines += preset_lines(preset, named, steps, echo)
+    if (run / "sweep.parquet").exists():
+        table = read_table(run / "sweep.parquet")
+        view = aggregate(table)
+        fronts = with_measured_oracle(view, table)
+        lines += sweep_lines(table, view, fronts, steps)
+        figures += sweep_figures(table, fronts, settings, steps, folder)
     else:
         lines.append(f"No sweep yet: run `teacal sweep {run} --preset P ...` for speed and quality.\n")
     written = [(title, path) for title, path in figures if path is not None]
@@ -326,6 +298,62 @@ def report(run: str | Path, preset_path: str | None = None, echo=print) -> Path:
     atomic_write(folder / "report.md", "\n".join(lines))
     echo(f"wrote {folder / 'report.md'} and {len(written)} figure{'s' if len(written) != 1 else ''}")
     return folder
+
+
+def preset_lines(preset: Preset, named, steps: int | None, echo=print) -> list[str]:
+    """What the preset is, how well it fits, and whether the swept run lies in its calibrated domain."""
+    fit = preset.fit
+    lines = [f"Preset `{named}`: signal `{preset.signal}`, coefficients {[round(c, 6) for c in preset.coefficients]}, "
+             f"branch mode {preset.branch_mode}, ret_steps {preset.ret_steps}, cutoff_steps {preset.cutoff_steps}, forecast "
+             f"{preset.forecast.rule}, default threshold {preset.threshold:.6g}; held-out R² {_num(fit.get('r2_heldout'), '.4f')}, "
+             f"simulated {_num(fit.get('db_vs_oracle_heldout'), '+.2f')} dB against the cost model's oracle on held-out folds of the "
+             "calibration prompts.\n"]
+    r2 = fit.get("r2_heldout")
+    if r2 is not None and r2 < WEAK_R2:
+        weak = (f"held-out R² {r2:.2f} is below {WEAK_R2}: the polynomial explains little of what skips cost. Record more prompts "
+                "or seeds, probe the run (`teacal probe`), or try `--signal modin` or a lower `--degree`.")
+        lines.append(f"**Weak fit**: {weak}\n")
+        echo(f"warning: weak fit: {weak}")
+    if preset.domain.get("steps") and steps is not None and preset.outside_domain(steps):
+        lines.append(f"**Outside the calibrated domain**: {'; '.join(preset.outside_domain(steps))}.\n")
+    return lines
+
+
+def sweep_lines(table: pd.DataFrame, view: pd.DataFrame, fronts: pd.DataFrame, steps: int) -> list[str]:
+    """The tables: each method at equal computed calls (PSNR, SSIM, LPIPS), every configuration, speed at equal quality.
+    `view`: the table aggregated; `fronts`: with the measured oracle."""
+    calls = int(table.loc[table["method"] == "uncached", "calls"].max())
+    lines = []
+    if view["lpips"].isna().all():
+        lines.append("LPIPS was not measured (AlexNet weights unavailable); the LPIPS chart is omitted.\n")
+    lines.append("## Each method at equal computed calls\n")
+    lines.append(f"Mean PSNR over the prompts (worst prompt in brackets), dB, of {calls} calls per generation: each method's best "
+                 "configuration that computes no more calls than the budget (its measured front). The oracle is the best static "
+                 "schedule measured on these prompts: it sees their results, so no static schedule with plain reuse beats it; a "
+                 "forecast is not plain reuse and can. Its pick is the schedule the calibration chose.\n")
+    lines.append(_markdown(equal_calls(fronts, "psnr", calls, steps)))
+    for metric, name in (("ssim", "SSIM"), ("lpips", "LPIPS")):
+        if view[metric].notna().any():
+            lines.append(f"\n{name} at the same budgets (worst prompt in brackets):\n")
+            lines.append(_markdown(equal_calls(fronts, metric, calls, steps)))
+    columns = ["label", "config", "threshold", "budget", "computed", "predicted", "speedup", "ideal_speedup", "lpips", "lpips_worst", "psnr", "psnr_worst", "ssim"]
+    configs = _without_unmeasured_lpips(view[columns].assign(threshold=view["threshold"].map(lambda t: "" if pd.isna(t) else f"{t:.6g}")))
+    lines.append("\n## Measured configurations\n")
+    lines.append(f"Means over the prompts; budget and computed in calls of {calls}; speedup = total uncached time / total time (each "
+                 "prompt's uncached run timed in the same process as its configurations); `same` = every image identical to the uncached one.\n")
+    lines.append(_markdown(configs))
+    lines.append("\n## Best speedup at equal quality\n")
+    lines.append(_markdown(_without_unmeasured_lpips(best_at_quality(fronts)), ".2f"))
+    return lines
+
+
+def sweep_figures(table: pd.DataFrame, fronts: pd.DataFrame, settings: dict, steps: int, folder: Path) -> list[tuple[str, Path | None]]:
+    return [
+        ("Pareto: speed against PSNR", pareto(fronts, "psnr", "speedup", settings, steps, folder / "pareto_psnr.png")),
+        ("Equal compute: computed calls against PSNR", pareto(fronts, "psnr", "computed", settings, steps, folder / "calls_psnr.png")),
+        ("Pareto: speed against LPIPS", pareto(fronts, "lpips", "speedup", settings, steps, folder / "pareto_lpips.png")),
+        ("Skip map", skipmap_figure(table, settings, steps, folder / "skipmap.png")),
+    ]
 
 
 def require_run(run: str | Path) -> None:

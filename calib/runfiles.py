@@ -310,12 +310,14 @@ def prompt_identities(run: Path, info: dict) -> dict[str, str]:
 
 def load_traces(runs: tuple[Path, ...], partial: bool = False, echo=print) -> tuple[pd.DataFrame, dict, dict[str, str], list[Path]]:
     """The traces of several runs of one model and setting as one table (each prompt id prefixed by its run), the
-    settings they share with their step counts, each prompt's identity (`prompt_identities`), and the runs."""
+    settings they share with their step counts and the date the last of them was recorded (`recorded`), each prompt's
+    identity (`prompt_identities`), and the runs."""
     if not runs:
         raise UserError("give at least one run folder written by `teacal record`")
-    frames, settings, groups, loaded = [], None, {}, []
+    frames, settings, groups, loaded, dates = [], None, {}, [], []
     for run in map(Path, runs):
         info = load_run(run)
+        dates.append(str(info.get("created", "")))
         current = {k: info["settings"].get(k) for k in SETTINGS_THAT_MUST_MATCH}
         if settings is not None and current != settings:
             diff = ", ".join(f"{k}: {settings[k]!r} vs {current[k]!r}" for k in current if current[k] != settings[k])
@@ -336,7 +338,7 @@ def load_traces(runs: tuple[Path, ...], partial: bool = False, echo=print) -> tu
         loaded.append(run)
     trace = pd.concat(frames, ignore_index=True)
     steps = sorted({int(s) for s in trace["steps"].unique()})
-    return trace, dict(settings, steps=steps), groups, loaded
+    return trace, dict(settings, steps=steps, recorded=max(dates)), groups, loaded
 
 
 # -- probes -------------------------------------------------------------------------------------------------
@@ -353,49 +355,6 @@ def load_probes(run: str | Path) -> pd.DataFrame | None:
     frame = frame.reindex(columns=PROBE_COLUMNS)
     frame = frame[(frame["kind"] == "forecast") | (frame["length"] > 0)]  # the uncached checks are not probes
     return frame.sort_values(["prompt_id", "seed", "steps", "kind", "length", "first", "budget", "alpha"]).reset_index(drop=True)
-
-
-# -- sweep tables -------------------------------------------------------------------------------------------
-def aggregate(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per configuration: means over the prompts, the worst prompt, and the headline speedup.
-
-    speedup = total uncached time / total time over the prompts, each prompt's uncached run timed in the same process
-    as its configurations. PSNR of an image identical to its reference is infinite: the mean is over the finite
-    ones, and `identical` marks configurations whose every image is identical (an uncached run, threshold 0).
-    """
-    finite = table.assign(psnr=table["psnr"].where(np.isfinite(table["psnr"])), same=~np.isfinite(table["psnr"]))
-    keys = ["method", "label", "config"]
-    if "forecast" in table:
-        keys.append("forecast")
-    view = finite.groupby(keys, sort=False, dropna=False).agg(
-        threshold=("threshold", "first"), budget=("budget", "first"), computed=("computed", "mean"),
-        predicted=("predicted_computed", "mean"), calls=("calls", "mean"), seconds=("seconds", "sum"),
-        uncached_seconds=("uncached_seconds", "sum"), ideal_speedup=("ideal_speedup", "mean"), lpips=("lpips", "mean"),
-        lpips_worst=("lpips", "max"), psnr=("psnr", "mean"), psnr_worst=("psnr", "min"), ssim=("ssim", "mean"),
-        ssim_worst=("ssim", "min"), identical=("same", "all"), prompts=("prompt_id", "count"),
-    ).reset_index()
-    view["speedup"] = view["uncached_seconds"] / view["seconds"]
-    view.loc[view["identical"], ["psnr", "psnr_worst"]] = np.inf
-    return view
-
-
-# The methods whose schedules TeaCache's runtime runs with plain reuse: the oracle's candidates. A peer cache (MagCache,
-# FirstBlockCache, ...) may skip the same calls on every prompt, but it is not TeaCache's schedule: never a candidate.
-SCHEDULE_METHODS = ("teacache", "baseline", "oracle", "static")
-
-
-def static_configs(table: pd.DataFrame) -> pd.Series:
-    """The configurations of a sweep table that are static schedules: plain reuse, one schedule for both CFG branches,
-    the same schedule on every generation the sweep measured (an oracle or uniform schedule, and TeaCache or a borrowed
-    set on a timestep-only signal). Adaptive ones (another schedule per prompt), forecasts and peer caches are left
-    out. Returns each one's schedule, indexed by config."""
-    rows = table[table["method"].isin(SCHEDULE_METHODS) & (table["forecast"].fillna("none") == "none") & table["schedule"].notna()]
-    if "computed_uncond" in rows:  # one schedule for both branches
-        rows = rows[rows["computed_uncond"].isna() | (rows["computed_cond"] == rows["computed_uncond"])]
-    generations = int((table["method"] == "uncached").sum())  # one uncached row per (prompt, seed)
-    per_config = rows.groupby("config", sort=False)["schedule"].agg(["nunique", "size", "first"])
-    static = per_config[(per_config["nunique"] == 1) & (per_config["size"] == generations)]
-    return static["first"].rename("schedule")
 
 
 def load_probes_of(runs: list[Path]) -> pd.DataFrame | None:

@@ -57,7 +57,6 @@ from calib.progress import progress
 from calib.prompts import load_prompts
 from calib.runfiles import (
     SWEEP_FILE,
-    aggregate,
     check_finite,
     check_output_file,
     check_output_folder,
@@ -66,7 +65,6 @@ from calib.runfiles import (
     now_iso,
     read_array,
     read_json,
-    read_table,
     resolve_shard,
     settings_hash,
     unit_name,
@@ -76,6 +74,7 @@ from calib.runfiles import (
     write_table,
 )
 from calib.simulate import StaticSchedulePolicy, schedule_text, unit_series
+from calib.tables import check_same_pairs, recommend, summary, with_earlier_sweeps
 from teacache._files import atomic_write, remove_stale_temp_files
 from teacache.preset import Preset, PresetError
 
@@ -254,98 +253,79 @@ def plan(request: SweepRequest, echo=print) -> Plan:
 
 
 def sweep(request: SweepRequest, echo=print) -> pd.DataFrame:
+    """Plan, check the output folder, generate what is not measured yet, merge when every part exists."""
     p = plan(request, echo)
+    pairs = [(item, seed) for item in p.items for seed in p.recording.settings["seeds"]]
+    prepare_output(request, p, pairs)
+    shard_index, shard_count = resolve_shard(request.shard)
+    runnable = [c for c in p.configs if p.runs_as.get(c.id, c.id) == c.id]
+    mine = [pair for i, pair in enumerate(pairs) if i % shard_count == shard_index]
+    todo = [(item, seed, [c for c in runnable if c.method != "uncached" and not part_path(p, c, item, seed).exists()]) for item, seed in mine]
+    todo = [(item, seed, configs) for item, seed, configs in todo if configs or not part_path(p, p.configs[0], item, seed).exists()]
+    echo(f"sweep {p.settings['record']['model']}: {len(pairs)} generations per configuration, {p.steps} steps, {p.size[0]}x{p.size[1]}, "
+         f"CFG {p.cfg}; metrics {', '.join(p.metric_names)}; {len(p.configs)} configurations ({len(runnable)} distinct runs)")
+    if shard_count > 1:
+        echo(f"shard {shard_index}/{shard_count}: {len(mine)} of the {len(pairs)} (prompt, seed) pairs")
+    config_runs = sum(len(configs) for _, _, configs in todo)
+    echo(f"{config_runs} generations to run, and {len(todo)} uncached ones timed beside them"
+         f"{f' ({request.repeats} repeats each)' if request.repeats > 1 else ''}; {len(mine) * (len(runnable) - 1) - config_runs} already done")
+    write_json(p.out / SWEEP_FILE, {"kind": "sweep", "settings": p.settings, "run": os.path.relpath(p.recording.run.resolve(), p.out.resolve()),
+                                    "preset": "sweep-preset.json", "preset_source": str(request.preset), "updated": now_iso()})
+    atomic_write(p.out / "sweep-preset.json", json.dumps(Preset.load(request.preset).to_dict(), indent=2) + "\n")
+    if todo:
+        generate(request, p, pairs, todo, echo)
+    if not all(part_path(p, c, item, seed).exists() for c in runnable for item, seed in pairs):
+        echo("other shards still have generations to run; the last one to finish merges sweep.parquet")
+        return pd.DataFrame()
+    table = with_earlier_sweeps(merge(p.out / "sweep", p, pairs), p.out, echo)
+    write_table(p.out / "sweep.parquet", table)
+    echo(summary(table))
+    echo(f"wrote {p.out / 'sweep.parquet'}")
+    target = ("lpips", request.target_lpips) if request.target_lpips is not None else ("psnr", request.target_psnr) if request.target_psnr is not None else None
+    if target is not None:
+        recommend(table, Preset.load(request.preset), request.save_preset or p.out / "recommended-preset.json", *target, echo=echo)
+    return table
+
+
+def part_path(p: Plan, c: Config, item, seed: int) -> Path:
+    return p.out / "sweep" / c.id / f"{unit_name(item.id, seed, p.steps, p.size)}.json"
+
+
+def prepare_output(request: SweepRequest, p: Plan, pairs: list[tuple]) -> None:
+    """The output folder holds this sweep's settings (or none) and its prompts; what a killed sweep left half-written
+    (its parts, its own files, remade references) goes."""
     run, out = p.recording.run, p.out
     check_same_settings(out / SWEEP_FILE, p.settings, "sweep", flag="another --out", files={
         "preset_sha256": f"--preset {request.preset}: other contents than {out / 'sweep-preset.json'}, the preset measured there",
         "record.inputs_sha256": f"the recording's prompt set {run / 'inputs'}: other text or images than swept",
         "lightx2v_config_sha256": f"LightX2V config {p.recording.settings.get('lightx2v_config')}: other contents"})
-    # what a killed sweep may have left half-written: its parts, its own files in the output folder, remade references
     remove_stale_temp_files(out / "sweep")
     remove_stale_temp_files(out, [SWEEP_FILE, "sweep-preset.json", "sweep.parquet", peers.MAGCACHE_FILE, "recommended-preset.json"])
     if request.save_preset is not None:
         remove_stale_temp_files(Path(request.save_preset).parent, [Path(request.save_preset).name])
     if request.remake_references:
         remove_stale_temp_files(out / "refs")
-    seeds = p.recording.settings["seeds"]
-    pairs = [(item, seed) for item in p.items for seed in seeds]
     check_same_pairs(out, pairs)
-    shard_index, shard_count = resolve_shard(request.shard)
-    parts = out / "sweep"
-    runnable = [c for c in p.configs if p.runs_as.get(c.id, c.id) == c.id]
-    mine = [pair for i, pair in enumerate(pairs) if i % shard_count == shard_index]
-
-    def part(c: Config, item, seed) -> Path:
-        return parts / c.id / f"{unit_name(item.id, seed, p.steps, p.size)}.json"
-
-    todo = [(item, seed, [c for c in runnable if c.method != "uncached" and not part(c, item, seed).exists()]) for item, seed in mine]
-    todo = [(item, seed, configs) for item, seed, configs in todo if configs or not part(p.configs[0], item, seed).exists()]
-    echo(f"sweep {p.settings['record']['model']}: {len(pairs)} generations per configuration, {p.steps} steps, {p.size[0]}x{p.size[1]}, "
-         f"CFG {p.cfg}; metrics {', '.join(p.metric_names)}; {len(p.configs)} configurations ({len(runnable)} distinct runs)")
-    if shard_count > 1:
-        echo(f"shard {shard_index}/{shard_count}: {len(mine)} of the {len(pairs)} (prompt, seed) pairs")
-    config_runs = sum(len(configs) for _, _, configs in todo)
-    done = len(mine) * (len(runnable) - 1) - config_runs
-    echo(f"{config_runs} generations to run, and {len(todo)} uncached ones timed beside them"
-         f"{f' ({request.repeats} repeats each)' if request.repeats > 1 else ''}; {done} already done")
-    write_json(out / SWEEP_FILE, {"kind": "sweep", "settings": p.settings, "run": os.path.relpath(run.resolve(), out.resolve()),
-                                  "preset": "sweep-preset.json", "updated": now_iso()})
-    atomic_write(out / "sweep-preset.json", json.dumps(Preset.load(request.preset).to_dict(), indent=2) + "\n")
-    if todo:
-        metrics = Metrics(p.metric_names, lpips_random_backbone=request.lpips_random_backbone)
-        backend = p.recording.load()
-        process = uuid.uuid4().hex[:12]
-        try:
-            item, seed = todo[0][0], todo[0][1]
-            backend.run(item, seed, p.steps, p.cfg, p.size)  # warm-up: first-call costs stay out of every timing
-            peer_data = {}
-            if any(c.method == "magcache" for _, _, configs in todo for c in configs):
-                key = {"record": p.settings["record"], "steps": p.steps, "device": p.settings["device"], "dtype": p.settings["dtype"],
-                       "diffusers": peers.diffusers_version()}
-                peer_data["mag_ratios"] = peers.mag_ratios(backend, out, key, pairs, p.steps, p.cfg, p.size, echo=echo)
-            with progress("sweep", sum(len(c) + 1 for _, _, c in todo)) as advance:
-                for item, seed, configs in todo:
-                    sweep_pair(backend, p, item, seed, configs, metrics, peer_data, request, process, advance)
-        finally:
-            backend.close()
-    done = all(part(c, item, seed).exists() for c in runnable for item, seed in pairs)
-    if not done:
-        echo("other shards still have generations to run; the last one to finish merges sweep.parquet")
-        return pd.DataFrame()
-    table = with_earlier_sweeps(merge(parts, p, pairs), out, echo)
-    write_table(out / "sweep.parquet", table)
-    echo(summary(table))
-    echo(f"wrote {out / 'sweep.parquet'}")
-    target = ("lpips", request.target_lpips) if request.target_lpips is not None else ("psnr", request.target_psnr) if request.target_psnr is not None else None
-    if target is not None:
-        recommend(table, Preset.load(request.preset), request.save_preset or out / "recommended-preset.json", Path(request.preset), *target, echo=echo)
-    return table
 
 
-def with_earlier_sweeps(table: pd.DataFrame, out: Path, echo=print) -> pd.DataFrame:
-    """One folder, one table: the configurations that earlier sweeps into `out` measured (another --method, --baseline
-    or --thresh, under the same settings, which `check_same_settings` holds to) stay in it beside this sweep's."""
-    path = out / "sweep.parquet"
-    if not path.exists():
-        return table
-    earlier = read_table(path)
-    kept = earlier[~earlier["config"].isin(table["config"])]
-    if kept.empty:
-        return table
-    echo(f"{path} keeps {kept['config'].nunique()} configurations that earlier sweeps here measured ({', '.join(sorted(kept['label'].unique()))})")
-    return pd.concat([table, kept.reindex(columns=table.columns)], ignore_index=True)
-
-
-def check_same_pairs(out: Path, pairs: list[tuple]) -> None:
-    """A sweep into a folder whose table measured other (prompt, seed) pairs would mix prompt sets in one table."""
-    path = out / "sweep.parquet"
-    if not path.exists():
-        return
-    earlier = read_table(path)
-    measured = set(zip(earlier["prompt_id"], earlier["seed"].astype(int), strict=True))
-    if measured != {(item.id, int(seed)) for item, seed in pairs}:
-        raise UserError(f"{path}: measured other prompts or seeds ({len(measured)} pairs) than this sweep ({len(pairs)}); one table holds one "
-                        "prompt set: sweep into another --out")
+def generate(request: SweepRequest, p: Plan, pairs: list[tuple], todo: list[tuple], echo=print) -> None:
+    """Every (prompt, seed) of `todo` with its configurations, in this process, after one warm-up generation."""
+    metrics = Metrics(p.metric_names, lpips_random_backbone=request.lpips_random_backbone)
+    backend = p.recording.load()
+    process = uuid.uuid4().hex[:12]
+    try:
+        item, seed = todo[0][0], todo[0][1]
+        backend.run(item, seed, p.steps, p.cfg, p.size)  # warm-up: first-call costs stay out of every timing
+        peer_data = {}
+        if any(c.method == "magcache" for _, _, configs in todo for c in configs):
+            key = {"record": p.settings["record"], "steps": p.steps, "device": p.settings["device"], "dtype": p.settings["dtype"],
+                   "diffusers": peers.diffusers_version()}
+            peer_data["mag_ratios"] = peers.mag_ratios(backend, p.out, key, pairs, p.steps, p.cfg, p.size, echo=echo)
+        with progress("sweep", sum(len(c) + 1 for _, _, c in todo)) as advance:
+            for item, seed, configs in todo:
+                sweep_pair(backend, p, item, seed, configs, metrics, peer_data, request, process, advance)
+    finally:
+        backend.close()
 
 
 def sweep_pair(backend, p: Plan, item, seed: int, configs: list[Config], metrics: Metrics, peer_data: dict, request: SweepRequest,
@@ -441,42 +421,3 @@ def merge(parts: Path, p: Plan, pairs) -> pd.DataFrame:
     return table.reindex(columns=columns)
 
 
-def summary(table: pd.DataFrame) -> str:
-    view = aggregate(table)
-    with_lpips = view["lpips"].notna().any()
-    lpips_head = f"{'LPIPS':>8}" if with_lpips else ""
-    lines = [f"{'configuration':<34}{'computed':>9}{'predicted':>10}{'speedup':>9}{'ideal':>7}{lpips_head}{'PSNR':>7}{'worst':>7}{'SSIM':>7}"]
-    for r in view.itertuples():
-        predicted = "" if math.isnan(r.predicted) else f"{r.predicted:.1f}"
-        lpips = (f"{r.lpips:>8.4f}" if math.isfinite(r.lpips) else f"{'':>8}") if with_lpips else ""
-        psnr, worst = ("same", "same") if r.identical else (f"{r.psnr:.2f}", f"{r.psnr_worst:.2f}")
-        lines.append(f"{r.config:<34}{r.computed:>9.1f}{predicted:>10}{r.speedup:>8.2f}x{r.ideal_speedup:>6.2f}x{lpips}{psnr:>7}{worst:>7}{r.ssim:>7.4f}")
-    if not with_lpips:
-        lines.append("(LPIPS not measured: its AlexNet weights are not available here; see the README)")
-    return "\n".join(lines)
-
-
-def recommend(table: pd.DataFrame, preset: Preset, save_to: Path, preset_path: Path, metric: str, target: float, echo=print) -> float | None:
-    """The calibrated threshold with the fewest computed calls that meets `target` on the mean and on the worst prompt,
-    written with the measured table as a new preset (never over the input preset)."""
-    view = aggregate(table[(table["method"] == "teacache") & (table["forecast"] == parse_forecast("preset", preset)[0])])
-    if metric == "lpips":
-        ok = view[(view["lpips"] <= target) & (view["lpips_worst"] <= target)]
-    else:
-        ok = view[(view["psnr"] >= target) & (view["psnr_worst"] >= target)]
-    measured = [  # JSON has no infinity: PSNR of identical images is null, with "identical": true
-        {**{k: (None if isinstance(v, float) and not math.isfinite(v) else round(float(v), 6)) for k, v in
-            dict(threshold=r.threshold, speedup=r.speedup, computed_fraction=r.computed / r.calls,
-                 lpips=r.lpips, lpips_worst=r.lpips_worst, psnr=r.psnr, psnr_worst=r.psnr_worst, ssim=r.ssim).items()},
-         "identical": bool(r.identical)}
-        for r in view.itertuples()
-    ]
-    if ok.empty:
-        echo(f"no threshold meets {metric} {'<=' if metric == 'lpips' else '>='} {target:g} on the mean and the worst prompt; no preset written")
-        return None
-    # Fewest computed calls first: unlike wall time, calls are not noisy; among equal calls, the faster measurement.
-    best = ok.sort_values(["computed", "speedup"], ascending=[True, False]).iloc[0]
-    Preset.save(preset.replace(threshold=float(best["threshold"]), thresholds=measured), save_to)
-    echo(f"recommended threshold {best['threshold']:g}: {best['computed']:.1f} of {best['calls']:.0f} calls computed, {best['speedup']:.2f}x, "
-         f"{metric} mean {best[metric]:.4g}, worst {best[metric + '_worst']:.4g}; written to {save_to}")
-    return float(best["threshold"])

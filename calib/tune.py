@@ -51,7 +51,6 @@ from calib.oracle import measured_oracle, measured_static
 from calib.progress import progress
 from calib.runfiles import (
     SWEEP_FILE,
-    aggregate,
     check_output_file,
     check_same_settings,
     load_trace,
@@ -73,6 +72,7 @@ from calib.simulate import (
     thresholds_for_budgets,
     unit_series,
 )
+from calib.tables import aggregate
 from teacache._files import remove_stale_temp_files
 from teacache.forecast import NO_FORECAST, Forecast
 from teacache.preset import Preset, PresetError
@@ -307,7 +307,8 @@ def tune_forecast(measure: Measurer, search: Search, tuned: Preset, fitted: Fore
     return Forecast("linear", chosen.axis, chosen.alpha, fit=fit), {"chosen": best, "gains_db": record}
 
 
-def tune(request: TuneRequest, echo=print) -> Preset:
+def load_request_preset(request: TuneRequest) -> tuple[Preset, Path]:
+    """The flags and the fitted preset, checked before any run is opened."""
     if request.rounds < 0:
         raise UserError(f"--rounds {request.rounds}: expected 0 or more")
     if not request.against:
@@ -324,6 +325,11 @@ def tune(request: TuneRequest, echo=print) -> Preset:
                         "whose schedules are the same for every prompt")
     if preset.x_range is None:
         raise UserError(f"--preset {preset_path}: no calibrated domain (x_range); tune refines a preset that `teacal fit` wrote")
+    return preset, out
+
+
+def open_tune(request: TuneRequest, preset: Preset, out: Path) -> tuple[Recording, dict, pd.DataFrame, pd.DataFrame]:
+    """The calibration run, ready to generate; the other methods' fronts per step count; what the sweeps measured; the trace."""
     run = Path(request.run)
     measured = measured_static(request.against, [run])  # refuses sweeps of other runs: never tune on held-out prompts
     recording = open_recording(run, request.model_path, request.lightx2v_config, request.device, request.dtype, what="tune")
@@ -334,8 +340,6 @@ def tune(request: TuneRequest, echo=print) -> Preset:
     if missing:
         raise UserError(f"--against: sweeps of {', '.join(map(str, missing))} steps, which {run} did not record")
     check_references(recording)
-    trace = load_trace(run)
-    units = {steps: unit_series(trace[trace["steps"] == steps])[0] for steps in sorted(fronts)}
     tune_settings = {"record": {k: settings[k] for k in ("model", "backend", "steps", "sizes", "seeds", "cfg", "dtype", "device", "inputs_sha256", "weights")}}
     check_same_settings(run / TUNE_FILE, tune_settings, "tune", flag="another run folder (record again)",
                         files={"record.inputs_sha256": f"the recording's prompt set {run / 'inputs'}: other text or images than tuned"})
@@ -344,62 +348,71 @@ def tune(request: TuneRequest, echo=print) -> Preset:
         remove_stale_temp_files(run / "tune" / str(steps))
     remove_stale_temp_files(out.parent, [out.name])
     write_json(run / TUNE_FILE, {"kind": "tune", "settings": tune_settings, "updated": now_iso()})
+    return recording, fronts, measured, load_trace(run)
 
+
+def tune(request: TuneRequest, echo=print) -> Preset:
+    """Search the polynomial on generations, choose the reuse rule, write the tuned preset (see the module notes)."""
+    preset, out = load_request_preset(request)
+    recording, fronts, measured, trace = open_tune(request, preset, out)
+    units = {steps: unit_series(trace[trace["steps"] == steps])[0] for steps in sorted(fronts)}
     measure = Measurer(recording, preset)
     for r in measured.itertuples():  # what the sweeps measured is not generated again
         measure.measured.setdefault((int(r.steps), r.schedule), float(r.psnr))
     search = Search(units, fronts, measure)
-    pairs = len(measure.pairs)
-    echo(f"tune {settings['model']}: {request.rounds} rounds at {', '.join(map(str, units))} steps against "
-         f"{', '.join(sorted({label for f in fronts.values() for label in f['label']}))}; each new schedule costs {pairs} generations")
+    echo(f"tune {recording.settings['model']}: {request.rounds} rounds at {', '.join(map(str, units))} steps against "
+         f"{', '.join(sorted({label for f in fronts.values() for label in f['label']}))}; each new schedule costs {len(measure.pairs)} generations")
     started = time.monotonic()
     knots = knots_of(preset, list(units.values()))
-    log_values = log_values_at(preset, knots)
     try:
         def improved(round_: int, moved: Preset, score: float) -> None:
             echo(f"round {round_}: worst gap {np.nanmin(np.concatenate(list(search.gaps(moved).values()))):+.2f} dB, score {score:.3f}")
 
         with progress("tune", request.rounds) as advance:
-            best_preset, _ = pattern_search(preset, knots, log_values, lambda p: search.score(search.gaps(p)), request.rounds, advance, improved)
-        first, best_gaps = search.gaps(preset), search.gaps(best_preset)  # measured already: no generation
+            best_preset, _ = pattern_search(preset, knots, log_values_at(preset, knots), lambda p: search.score(search.gaps(p)), request.rounds,
+                                            advance, improved)
         forecast, forecast_record = preset.forecast, {}
         if request.forecast:
             forecast, forecast_record = tune_forecast(measure, search, best_preset, preset.forecast, echo)
     finally:
         measure.close()
-    minutes = (time.monotonic() - started) / 60
-    echo(f"measured {measure.generations} generations in {minutes:.1f} min")
+    echo(f"measured {measure.generations} generations in {(time.monotonic() - started) / 60:.1f} min")
+    tuned = tuned_preset(request, preset, best_preset, forecast, forecast_record, search, trace, echo)
+    tuned.save(out)
+    echo(f"tuned coefficients {[float(f'{c:.6g}') for c in tuned.coefficients]}; default threshold {tuned.threshold:.4g} "
+         f"(simulated {tuned.fit['default_threshold_speedup']:.2f}x); wrote {out}")
+    return tuned
+
+
+def tuned_preset(request: TuneRequest, preset: Preset, best_preset: Preset, forecast: Forecast, forecast_record: dict, search: Search,
+                 trace: pd.DataFrame, echo=print) -> Preset:
+    """The tuned polynomial with its reuse rule, the gaps before and after, and the oracle: the best static schedule
+    measured per budget, now with every schedule tune measured. Only what a rerun reproduces goes in (no timings)."""
+    first, best_gaps = search.gaps(preset), search.gaps(best_preset)  # measured already: no generation
     echo(f"{'steps':>5}{'budget':>7}{'fitted':>8}{'tuned':>8}   gap to the best other method (dB), calibration prompts")
     rows = {}
-    for steps in units:
+    for steps in search.units:
         rows[str(steps)] = {}
         for b, before, after in zip(budget_steps(steps), first[steps], best_gaps[steps], strict=True):
             label = search.bar[steps][b][1]
             echo(f"{steps:>5}{b:>7}{before:>+8.2f}{after:>+8.2f}   {label}")
             rows[str(steps)][str(b)] = {"fitted": _finite(before), "tuned": _finite(after), "best_other": label}
-
-    # The oracle: the best static schedule measured per budget, now with every schedule tune measured.
-    everything = pd.DataFrame([(*key, p) for key, p in measure.measured.items() if len(key) == 2], columns=["steps", "schedule", "psnr"])
+    measured = search.measure.measured
+    everything = pd.DataFrame([(*key, p) for key, p in measured.items() if len(key) == 2], columns=["steps", "schedule", "psnr"])
     oracle, runners_up = dict(preset.calibration.get("oracle", {})), dict(preset.calibration.get("oracle_runners_up", {}))
     best, next_best = measured_oracle(everything, echo=echo)
     for steps, by_budget in best.items():
         oracle[steps] = {**oracle.get(steps, {}), **by_budget}
         runners_up[steps] = {**{b: s for b, s in runners_up.get(steps, {}).items() if b not in by_budget}, **next_best.get(steps, {})}
-    all_units = unit_series(trace)
-    requested = float(preset.fit.get("requested_speedup", 1.6))
-    threshold, reached = threshold_for_speedup(all_units, best_preset, requested)
+    threshold, reached = threshold_for_speedup(unit_series(trace), best_preset, float(preset.fit.get("requested_speedup", 1.6)))
     calibration = dict(preset.calibration, oracle=oracle, oracle_runners_up=runners_up, oracle_source=f"measured on the calibration prompts: {', '.join(map(str, request.against))} and teacal tune",
                        tune={"from_coefficients": list(preset.coefficients), "against": [str(p) for p in request.against], "rounds": request.rounds,
-                             "generations": measure.generations, "minutes": round(minutes, 2),
-                             "schedules_measured": len(measure.measured), "gaps_db": rows, "forecast": forecast_record, "date": now_iso()})
+                             "schedules_measured": len(measured), "gaps_db": rows, "forecast": forecast_record})
     try:
-        tuned = best_preset.replace(threshold=threshold, calibration=calibration, thresholds=(), forecast=forecast,
-                                    fit=dict(preset.fit, default_threshold_speedup=round(reached, 4)))
+        return best_preset.replace(threshold=threshold, calibration=calibration, thresholds=(), forecast=forecast,
+                                   fit=dict(preset.fit, default_threshold_speedup=round(reached, 4)))
     except PresetError as err:
         raise UserError(str(err)) from None
-    tuned.save(out)
-    echo(f"tuned coefficients {[float(f'{c:.6g}') for c in tuned.coefficients]}; default threshold {threshold:.4g} (simulated {reached:.2f}x); wrote {out}")
-    return tuned
 
 
 def _finite(value: float) -> float | None:

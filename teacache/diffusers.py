@@ -166,7 +166,7 @@ class _TeaCacheRuntime:
 
     def new_generation(self, num_steps: int) -> None:
         """Forget every branch's step, signal and residual; the last generation's stats stay readable until now."""
-        context = self.state_manager._context
+        context = self.state_manager.context  # set: a generation starts inside a call, within its cache_context
         self.state_manager.reset()  # also clears the context, which the caller still needs
         self.state_manager.set_context(context)
         self.policy.start(num_steps)

@@ -21,8 +21,8 @@ import calib.report as report_module
 from calib.cli import app
 from calib.fit import FitRequest, fit
 from calib.metrics import Metrics
-from calib.runfiles import aggregate, static_configs
 from calib.sweep import SweepRequest, parse_thresholds, sweep
+from calib.tables import aggregate, static_configs
 from teacache.preset import Preset
 from tests.conftest import SMALL_PROMPTS, write_prompts
 

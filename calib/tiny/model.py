@@ -110,10 +110,6 @@ def load(weights: str | Path) -> tuple[QwenImageTransformer2DModel, AutoencoderK
     return transformer.eval(), vae.eval()
 
 
-def load_tiny(weights: str | Path = DEFAULT_WEIGHTS) -> tuple[QwenImageTransformer2DModel, AutoencoderKLQwenImage]:
-    return load(weights)
-
-
 def embed_text(text: str, dim: int = TEXT_DIM) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt -> ([1, L, dim] embeddings, [1, L] mask). Each word has a fixed vector seeded by its CRC32."""
     words = re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())[:MAX_TEXT_TOKENS] or ["<empty>"]

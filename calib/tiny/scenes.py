@@ -200,60 +200,57 @@ def _without(scene: Scene, item: Item) -> tuple[Item, ...]:
     return tuple(i for i in scene.items if i is not item)
 
 
-def sample_edit(rng: np.random.Generator, kind: str) -> Edit | None:
-    """One edit of `kind` on a fresh random scene, or None when it cannot apply (draw again)."""
-    if kind == "draw":
-        blank = Scene((), BLANK, Texture())
-        n = int(rng.integers(1, 6))
-        texture = str(rng.choice(TEXTURES)) if rng.random() < 0.5 else None
-        target = random_scene(rng, n_items=n, texture=texture)
-        words = ["draw", "a scene"] if rng.random() < 0.4 else ["draw", f"{NUMBERS[len(target.items)]} shapes" if len(target.items) > 1 else "one shape"]
-        if texture is not None:
-            words.append(f"on a {TEXTURE_WORDS[texture]} background")
-        return Edit(kind, " ".join(words), blank, target)
-    scene = random_scene(rng)
-    named = [i for i in scene.items if _unique(scene, i)]
-    if kind == "add":
-        mode = rng.integers(0, 4)
-        if mode == 3:  # scattered small dots
-            items = list(scene.items)
-            colour = str(rng.choice(list(COLOURS)))
-            for _ in range(int(rng.integers(4, 9))):
-                dot = random_item(rng, items, kind="circle", colour=colour, small=True)
-                if dot is not None:
-                    items.append(dot)
-            return Edit(kind, f"add some {colour} dots", scene, Scene(tuple(items), scene.background, scene.texture))
-        count = 1 if mode < 2 else int(rng.integers(2, 4))
-        items = list(scene.items)
-        shape_kind = str(rng.choice(SHAPES)) if count == 1 else None
-        colour = str(rng.choice(list(COLOURS))) if mode == 0 else None
-        for _ in range(count):
-            item = random_item(rng, items, kind=shape_kind, colour=colour)
-            if item is None:
-                return None
-            items.append(item)
-        if count > 1:
-            prompt = f"add {NUMBERS[count]} shapes"
-        else:
-            prompt = f"add a {colour} {shape_kind}" if colour else f"add a {shape_kind}"
-        return Edit(kind, prompt, scene, Scene(tuple(items), scene.background, scene.texture))
-    if kind == "background":
-        if rng.random() < 0.5:
-            texture = str(rng.choice(TEXTURES[1:]))
-            target = Scene(scene.items, scene.background, random_texture(rng, texture))
-            return Edit(kind, f"make the background {TEXTURE_WORDS[texture]}", scene, target)
-        background = str(rng.choice([b for b in BACKGROUNDS if b != scene.background]))
-        return Edit(kind, "change the background", scene, Scene(scene.items, background, random_texture(rng)))
-    if not named:
-        return None
-    item = named[int(rng.integers(len(named)))]
+def _draw(rng: np.random.Generator) -> Edit:
+    """A random scene drawn from the blank canvas: text-to-image in the edit layout."""
+    blank = Scene((), BLANK, Texture())
+    n = int(rng.integers(1, 6))
+    texture = str(rng.choice(TEXTURES)) if rng.random() < 0.5 else None
+    target = random_scene(rng, n_items=n, texture=texture)
+    words = ["draw", "a scene"] if rng.random() < 0.4 else ["draw", f"{NUMBERS[len(target.items)]} shapes" if len(target.items) > 1 else "one shape"]
+    if texture is not None:
+        words.append(f"on a {TEXTURE_WORDS[texture]} background")
+    return Edit("draw", " ".join(words), blank, target)
+
+
+def _add(rng: np.random.Generator, scene: Scene) -> Edit | None:
+    """Scattered dots, one shape (its colour named or not) or two or three shapes: where, and often what, is open."""
+    mode = rng.integers(0, 4)
+    items = list(scene.items)
+    if mode == 3:
+        colour = str(rng.choice(list(COLOURS)))
+        for _ in range(int(rng.integers(4, 9))):
+            dot = random_item(rng, items, kind="circle", colour=colour, small=True)
+            if dot is not None:
+                items.append(dot)
+        return Edit("add", f"add some {colour} dots", scene, Scene(tuple(items), scene.background, scene.texture))
+    count = 1 if mode < 2 else int(rng.integers(2, 4))
+    shape_kind = str(rng.choice(SHAPES)) if count == 1 else None
+    colour = str(rng.choice(list(COLOURS))) if mode == 0 else None
+    for _ in range(count):
+        item = random_item(rng, items, kind=shape_kind, colour=colour)
+        if item is None:
+            return None
+        items.append(item)
+    if count > 1:
+        prompt = f"add {NUMBERS[count]} shapes"
+    else:
+        prompt = f"add a {colour} {shape_kind}" if colour else f"add a {shape_kind}"
+    return Edit("add", prompt, scene, Scene(tuple(items), scene.background, scene.texture))
+
+
+def _background(rng: np.random.Generator, scene: Scene) -> Edit:
+    if rng.random() < 0.5:
+        texture = str(rng.choice(TEXTURES[1:]))
+        return Edit("background", f"make the background {TEXTURE_WORDS[texture]}", scene, Scene(scene.items, scene.background, random_texture(rng, texture)))
+    background = str(rng.choice([b for b in BACKGROUNDS if b != scene.background]))
+    return Edit("background", "change the background", scene, Scene(scene.items, background, random_texture(rng)))
+
+
+def _about(rng: np.random.Generator, scene: Scene, kind: str, item: Item) -> Edit | None:
+    """An edit about one named shape: recolour (the colour open), move (where to open), or an exact one."""
     name = f"{item.shape.colour} {item.shape.kind}"
-    if kind == "recolour":
-        colour = str(rng.choice([c for c in COLOURS if c != item.shape.colour]))
-        new = Item(Shape(item.shape.kind, colour, item.shape.x, item.shape.y, item.shape.r), item.hatch)
-        return Edit(kind, f"recolour the {name}", scene, Scene(_without(scene, item) + (new,), scene.background, scene.texture))
+    others = _without(scene, item)
     if kind == "move":
-        others = _without(scene, item)
         for _ in range(30):
             x, y = rng.uniform(item.shape.r + MARGIN, SIZE - item.shape.r - MARGIN, size=2)
             if math.hypot(x - item.shape.x, y - item.shape.y) < 12:
@@ -262,13 +259,29 @@ def sample_edit(rng: np.random.Generator, kind: str) -> Edit | None:
             if _fits(new.shape, others):
                 return Edit(kind, f"move the {name}", scene, Scene(others + (new,), scene.background, scene.texture))
         return None
-    if kind == "exact":
-        if rng.random() < 0.5:
-            return Edit(kind, f"remove the {name}", scene, Scene(_without(scene, item), scene.background, scene.texture))
-        colour = str(rng.choice([c for c in COLOURS if c != item.shape.colour]))
-        new = Item(Shape(item.shape.kind, colour, item.shape.x, item.shape.y, item.shape.r), item.hatch)
-        return Edit(kind, f"make the {name} {colour}", scene, Scene(_without(scene, item) + (new,), scene.background, scene.texture))
-    raise ValueError(f"unknown edit kind {kind!r}")
+    if kind == "exact" and rng.random() < 0.5:
+        return Edit(kind, f"remove the {name}", scene, Scene(others, scene.background, scene.texture))
+    colour = str(rng.choice([c for c in COLOURS if c != item.shape.colour]))
+    new = Item(Shape(item.shape.kind, colour, item.shape.x, item.shape.y, item.shape.r), item.hatch)
+    prompt = f"recolour the {name}" if kind == "recolour" else f"make the {name} {colour}"
+    return Edit(kind, prompt, scene, Scene(others + (new,), scene.background, scene.texture))
+
+
+def sample_edit(rng: np.random.Generator, kind: str) -> Edit | None:
+    """One edit of `kind` on a fresh random scene, or None when it cannot apply (draw again)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown edit kind {kind!r}")
+    if kind == "draw":
+        return _draw(rng)
+    scene = random_scene(rng)
+    named = [i for i in scene.items if _unique(scene, i)]
+    if kind == "add":
+        return _add(rng, scene)
+    if kind == "background":
+        return _background(rng, scene)
+    if not named:
+        return None
+    return _about(rng, scene, kind, named[int(rng.integers(len(named)))])
 
 
 KIND_WEIGHTS = (0.3, 0.1, 0.1, 0.15, 0.25, 0.1)  # of KINDS: most edits leave the outcome open
