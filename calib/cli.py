@@ -86,12 +86,11 @@ app = typer.Typer(
     cls=_OneLineErrors,
     help=(
         "teacal: calibrate TeaCache for Qwen-Image(-Edit) and measure what each threshold buys.\n\n"
-        "The main job: `teacal record RUN --prompts CALIB` (uncached runs, per-step signals), `teacal probe RUN` (what a skip "
-        "costs the final image), `teacal fit RUN --out P` (the rescale polynomial -> preset JSON); then on held-out prompts "
-        "`teacal record HELD --prompts HELDOUT` and `teacal sweep HELD --preset P` (speed against LPIPS/PSNR/SSIM, beside "
-        "borrowed sets and peers) and `teacal report HELD` (Pareto curves). `teacal tune` refines a preset by generating on "
-        "the calibration prompts. Every command names its run folder first; `make demo` runs the main job on the embedded "
-        "tiny model."
+        "The main job is two commands: `teacal calibrate RUN --prompts CALIB` (record, probe, fit under one budget of "
+        "transformer calls -> RUN/preset.json) and `teacal evaluate HELD --preset RUN/preset.json --prompts HELDOUT` (the "
+        "preset against borrowed sets, static schedules and peers on prompts it never saw -> a report that leads with the "
+        "threshold to use). The stages are commands too: record, probe, fit, tune, sweep, report, export. `make demo` "
+        "runs the main job on the embedded tiny model."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -170,6 +169,64 @@ def models() -> None:
 
 
 @command
+def calibrate(
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="Calibration folder: the recording, probes and RUN/preset.json; rerun the same command to resume.")],
+    prompts: Annotated[Path | None, typer.Option(help="Calibration prompt set (JSONL: id, prompt, image, negative_prompt). Default: the model's, in the repository's prompts/.", rich_help_panel=GENERATION_PANEL)] = None,
+    model: Annotated[Model, typer.Option(help="Model from `teacal models`.", rich_help_panel=MODEL_PANEL)] = DEFAULT_MODEL,
+    steps: Annotated[list[int] | None, typer.Option(help="Step counts the preset serves; repeatable (default: the model's).", rich_help_panel=GENERATION_PANEL)] = None,
+    cfg: Annotated[float | None, typer.Option(help="True-CFG scale, >= 1 (default: the model's).", rich_help_panel=GENERATION_PANEL)] = None,
+    size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT (default: the model's).", rich_help_panel=GENERATION_PANEL)] = None,
+    seed: Annotated[list[int] | None, typer.Option(help="Seeds; repeatable (default: 0).", rich_help_panel=GENERATION_PANEL)] = None,
+    budget: Annotated[int | None, typer.Option(min=1, help="Transformer calls to spend (default 10,000): it chooses how much to probe, and whether to tune.")] = None,
+    hours: Annotated[float | None, typer.Option(help="Or a budget in hours, at the time per call measured while recording.")] = None,
+    tune_rounds: Annotated[int, typer.Option(min=0, help="Tune's search rounds at most, when the budget reaches tune.")] = 150,
+    out: Annotated[Path | None, typer.Option(help="The preset to write (default: RUN/preset.json).")] = None,
+    backend: Annotated[Backend | None, typer.Option(help="Default: the model's own.", rich_help_panel=MODEL_PANEL)] = None,
+    model_path: Annotated[Path | None, typer.Option(help="Local folder with the weights; never downloads.", rich_help_panel=MODEL_PANEL)] = None,
+    lightx2v_config: Annotated[Path | None, typer.Option(help="--backend lightx2v: its JSON config.", rich_help_panel=MODEL_PANEL)] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP, rich_help_panel=DEVICE_PANEL)] = "auto",
+    dtype: Annotated[Dtype, typer.Option(help=DTYPE_HELP, rich_help_panel=DEVICE_PANEL)] = "auto",
+    shard: Annotated[str | None, typer.Option(help="i/K: this process's share of record and probe (torchrun sets RANK/WORLD_SIZE); rank 0 fits.", rich_help_panel=DEVICE_PANEL)] = None,
+) -> None:
+    """Calibrate a preset end to end under one budget of transformer calls: record, probe, fit (and tune, when the budget reaches it). Prints its plan first."""
+    from calib.calibrate import CalibrateRequest
+    from calib.calibrate import calibrate as run_calibrate
+
+    run_calibrate(CalibrateRequest(
+        run=run, prompts=prompts, model=model, steps=tuple(steps or ()), cfg=cfg, size=parse_size(size) if size else None, seeds=tuple(seed or (0,)),
+        budget=budget, hours=hours, tune_rounds=tune_rounds, out=out, device=device, dtype=dtype, backend=backend, model_path=model_path,
+        lightx2v_config=lightx2v_config, shard=shard,
+    ), echo=typer.echo)
+
+
+@command
+def evaluate(
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="Held-out folder: the recording, and sweep-<steps>/ with its report per step count.")],
+    preset: Annotated[Path, typer.Option(help="Preset JSON written by `teacal calibrate` (or fit, tune).")],
+    prompts: Annotated[Path, typer.Option(help="Held-out prompt set: none of its prompts may have calibrated the preset.")],
+    steps: Annotated[list[int] | None, typer.Option(help="Step counts to measure; repeatable (default: the preset's calibrated ones).")] = None,
+    seed: Annotated[list[int] | None, typer.Option(help="Seeds; repeatable (default: 0).")] = None,
+    baseline: Annotated[list[str] | None, typer.Option(help="Borrowed sets and static schedules to measure beside it (default: constant, identity, flux, wan21, mlx-qwen, uniform, lemica).")] = None,
+    method: Annotated[list[Method] | None, typer.Option(help="Caches to measure (default: teacache, fbcache, magcache).")] = None,
+    target_psnr: Annotated[float | None, typer.Option(min=0.0, help="The report also names the fewest calls keeping every prompt at this PSNR.")] = None,
+    model_path: Annotated[Path | None, typer.Option(help="Local folder with the weights (real models).", rich_help_panel=DEVICE_PANEL)] = None,
+    lightx2v_config: Annotated[Path | None, typer.Option(help="--backend lightx2v: its JSON config.", rich_help_panel=DEVICE_PANEL)] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP, rich_help_panel=DEVICE_PANEL)] = "auto",
+    dtype: Annotated[Dtype, typer.Option(help=DTYPE_HELP, rich_help_panel=DEVICE_PANEL)] = "auto",
+    shard: Annotated[str | None, typer.Option(help="i/K: this process's share (torchrun sets RANK/WORLD_SIZE).", rich_help_panel=DEVICE_PANEL)] = None,
+) -> None:
+    """Measure a preset on held-out prompts against borrowed sets, static schedules and peers; write the report, which leads with the threshold to use."""
+    from calib.calibrate import EVALUATE_BASELINES, EVALUATE_METHODS, EvaluateRequest
+    from calib.calibrate import evaluate as run_evaluate
+
+    run_evaluate(EvaluateRequest(
+        run=run, preset=preset, prompts=prompts, steps=tuple(steps or ()), seeds=tuple(seed or (0,)),
+        baselines=tuple(baseline) if baseline else EVALUATE_BASELINES, methods=tuple(dict.fromkeys(m.value for m in method)) if method else EVALUATE_METHODS,
+        target_psnr=target_psnr, device=device, dtype=dtype, model_path=model_path, lightx2v_config=lightx2v_config, shard=shard,
+    ), echo=typer.echo)
+
+
+@command
 def record(
     run: Annotated[Path, typer.Argument(metavar="RUN", help="Run folder to write (trace/, refs/, run.json); rerun the same command to resume.")],
     model: Annotated[Model, typer.Option(help="Model from `teacal models`.", rich_help_panel=MODEL_PANEL)] = DEFAULT_MODEL,
@@ -202,6 +259,8 @@ def probe(
     run: Annotated[Path, typer.Argument(metavar="RUN", help=RUN_FOLDER + " Probes go in its probes/ and probes.parquet.")],
     prompts: Annotated[int, typer.Option(min=1, help="How many of the run's prompts to probe (the first ones; first seed, every step count).")] = 4,
     window: Annotated[list[int] | None, typer.Option(help="Window lengths to skip; repeat for several (default: 1, 4 and 8). Single steps give the sensitivity, longer windows the compounding.")] = None,
+    steps: Annotated[list[int] | None, typer.Option(help="Which recorded step counts to probe; repeatable (default: all). Fit maps the sensitivity to the others by sigma.")] = None,
+    stride: Annotated[int, typer.Option(min=1, help="Single steps: probe every STRIDE-th (fit interpolates between them).")] = 1,
     forecast: Annotated[bool, typer.Option("--forecast", help="Also measure the reuse rule (linear forecasts of several dampings on evenly spaced schedules), for a calibrated forecast.")] = False,
     model_path: Annotated[Path | None, typer.Option(help="Local folder with the weights (real models).", rich_help_panel=DEVICE_PANEL)] = None,
     lightx2v_config: Annotated[Path | None, typer.Option(help="LightX2V JSON config (default: the recorded one).", rich_help_panel=DEVICE_PANEL)] = None,
@@ -214,7 +273,7 @@ def probe(
     from calib.probe import probe as run_probe
 
     run_probe(ProbeRequest(run=run, prompts=prompts, windows=tuple(window or (1, 4, 8)), device=device, dtype=dtype, model_path=model_path,
-                           lightx2v_config=lightx2v_config, shard=shard, forecast=forecast), echo=typer.echo)
+                           lightx2v_config=lightx2v_config, shard=shard, forecast=forecast, steps=tuple(steps or ()), stride=stride), echo=typer.echo)
 
 
 @command

@@ -188,7 +188,10 @@ def configurations(wanted: Wanted, preset: Preset, units: list[UnitSeries], bran
             calibrated = preset.replace(forecast=forecast)
             suffix = "" if name == "none" else f"-f{_slug(name)}"
             label = "teacache (calibrated)" + ("" if name == "none" else f", forecast {name}")
-            configs += [Config(f"teacache{suffix}-t{t:g}", "teacache", label, threshold=t, forecast=name, preset=calibrated) for t in grid(calibrated)]
+            thresholds = grid(calibrated)
+            if wanted.thresholds is None and preset.threshold is not None:  # and the preset's default, so that it is measured too
+                thresholds = sorted({*thresholds, float(preset.threshold)})
+            configs += [Config(f"teacache{suffix}-t{t:g}", "teacache", label, threshold=t, forecast=name, preset=calibrated) for t in thresholds]
     for name, base in wanted.baselines:
         configs += [Config(_slug(f"baseline-{name}-t{t:g}"), "baseline", f"baseline: {name}", threshold=t, preset=base) for t in grid(base)]
     plain = preset.replace(forecast=NO_FORECAST)

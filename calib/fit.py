@@ -39,7 +39,7 @@ from calib.budgets import COMPARED
 from calib.costmodel import CostModels, cost_models
 from calib.errors import UserError
 from calib.oracle import gap_to_oracle, measured_static, preset_oracle
-from calib.runfiles import check_output_file, library_versions, load_probes_of, load_traces
+from calib.runfiles import check_output_file, identity_hash, library_versions, load_probes_of, load_traces
 from calib.search import SHAPE_TRIALS, search_shape, simulated_gaps
 from calib.simulate import EXACT_SIGNALS, UnitSeries, forced_steps, threshold_for_speedup, unit_series
 from teacache._files import remove_stale_temp_files
@@ -384,8 +384,9 @@ def assemble(request: FitRequest, calibration: Calibration, costs: CostModels, s
             "target": chosen.target, "transform": chosen.transform, "loss": request.loss,
             "cost_model": {"probed": model.probed, "gamma": round(model.gamma, 6), "gain": model.gain, "measured_check": audit,
                            "forecast_ratio": [list(k) for k in model.forecast_ratio]},
+            "prompt_identities": sorted({identity_hash(u.group) for u in units}),  # `teacal evaluate` refuses these prompts
             "oracle": oracle, "oracle_runners_up": runners_up, "oracle_source": source, "versions": library_versions(),
-            "date": settings["recorded"],  # of the data, not of this fit: a rerun writes the same preset, byte for byte
+            "date": settings["recorded"][:10],  # the day the data was recorded: a rerun (or a resumed run) writes the same bytes
         },
         fit={
             "r2_heldout": _rounded(best.r2), "mae_heldout": _rounded(best.mae), "db_vs_oracle_heldout": _rounded(best.db_gap),

@@ -12,7 +12,7 @@ class UnknownModelError(ValueError):
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    backend: str  # tiny | diffusers
+    backend: str  # tiny (an embedded model, calib.tiny.model.EMBEDDED) | diffusers
     hub_id: str | None
     pipeline: str  # the diffusers pipeline class the weights belong to
     steps: int
@@ -28,8 +28,14 @@ MODELS: dict[str, ModelSpec] = {
     for spec in (
         ModelSpec(
             "tiny-qwen-image-edit", "tiny", None, "QwenImageEditPipeline", 20, 4.0, (48, 48), True,
-            "embedded default: diffusers' Qwen-Image classes at 1.9M parameters, trained to edit shapes scenes, runs offline on a CPU",
+            "embedded default: diffusers' Qwen-Image classes at 1.9M parameters, trained to edit shapes scenes, runs offline on a CPU "
+            "(proves code paths; its edits are determined, so its schedules are easy)",
             "calib.jsonl",
+        ),
+        ModelSpec(
+            "scenes-qwen-image-edit", "tiny", None, "QwenImageEditPipeline", 50, 4.0, (64, 64), True,
+            "embedded evidence model: open-ended scene edits with many possible outcomes, as a real model's; 2.5M parameters, "
+            "about 1 s per 50-step edit on a CPU thread", "scenes/calib.jsonl",
         ),
         ModelSpec(
             "qwen-image-edit", "diffusers", "Qwen/Qwen-Image-Edit", "QwenImageEditPipeline", 50, 4.0, (1024, 1024), True,

@@ -61,6 +61,8 @@ class ProbeRequest:
     lightx2v_config: Path | None = None
     shard: str | None = None
     forecast: bool = False  # also measure the reuse rule (FORECAST_DAMPINGS on evenly spaced schedules)
+    steps: tuple[int, ...] = ()  # which recorded step counts to probe (default: all); fit maps the sensitivity by sigma
+    stride: int = 1  # single steps: every stride-th step (fit interpolates between them)
 
 
 FORECAST_SHARES = (0.2, 0.25, 0.3, 0.35, 0.4, 0.5)  # forecast probes: budgets as shares of the steps (wide to narrow spans)
@@ -99,11 +101,10 @@ class Probe:
         return Forecast("linear", "step", ((0.0, self.alpha),)) if self.alpha else NO_FORECAST
 
 
-def window_starts(steps: int, length: int) -> list[int]:
+def window_starts(steps: int, length: int, stride: int = 1) -> list[int]:
     """First skipped steps of the probed windows of `length`: inside 1 .. steps-2 (the first and last step are
-    always computed), every step for single steps, every length/2 steps for longer windows."""
-    stride = max(1, length // 2)
-    return list(range(1, steps - length, stride))
+    always computed), every `stride`-th step for single steps, every length/2 steps for longer windows."""
+    return list(range(1, steps - length, stride if length == 1 else max(1, length // 2)))
 
 
 def plan(recording: Recording, request: ProbeRequest) -> list[Probe]:
@@ -112,10 +113,10 @@ def plan(recording: Recording, request: ProbeRequest) -> list[Probe]:
     seed = settings["seeds"][0]
     probes = []
     for item in items:
-        for steps in settings["steps"]:
+        for steps in request.steps or settings["steps"]:
             probes.append(Probe(item, seed, steps, recording.size, 0, 0))
             for length in request.windows:
-                probes += [Probe(item, seed, steps, recording.size, first, length) for first in window_starts(steps, length)]
+                probes += [Probe(item, seed, steps, recording.size, first, length) for first in window_starts(steps, length, request.stride)]
             if request.forecast:
                 for budget in sorted({max(3, round(share * steps)) for share in FORECAST_SHARES}):
                     probes += [Probe(item, seed, steps, recording.size, kind="forecast", budget=budget, alpha=a) for a in FORECAST_DAMPINGS]
@@ -127,6 +128,8 @@ def check_request(request: ProbeRequest) -> None:
         raise UserError(f"--prompts {request.prompts}: probe at least one prompt")
     if not request.windows or min(request.windows) < 1 or len(set(request.windows)) != len(request.windows):
         raise UserError(f"--window {list(request.windows)}: expected distinct window lengths >= 1")
+    if request.stride < 1:
+        raise UserError(f"--stride {request.stride}: expected 1 or more")
 
 
 def probe(request: ProbeRequest, echo=print) -> Path:
@@ -136,6 +139,9 @@ def probe(request: ProbeRequest, echo=print) -> Path:
     settings = recording.settings
     if max(request.windows) > settings["max_gap"]:
         raise UserError(f"--window {max(request.windows)}: longer than the run's --max-gap {settings['max_gap']}; the trace has no reuse error that far")
+    unrecorded = sorted(set(request.steps) - set(settings["steps"]))
+    if unrecorded:
+        raise UserError(f"--steps {unrecorded[0]}: {run} recorded {', '.join(map(str, settings['steps']))} steps")
     probes = plan(recording, request)
     missing = [p.unit for p in probes if not (run / "refs" / f"{p.unit}.npy").exists()]
     if missing:
@@ -158,12 +164,12 @@ def probe(request: ProbeRequest, echo=print) -> Path:
     borrowed_checks = len(todo) - mine_todo  # other shards' units' uncached checks, rerun here for their pixels
     per_call = _seconds_per_call(run)
     calls = sum(p.steps for p in todo) * (2 if settings["cfg"] > 1 else 1)
-    echo(f"probe {settings['model']}: {len(probes)} generations in all ({request.prompts} prompts x {len(settings['steps'])} step count(s), "
+    echo(f"probe {settings['model']}: {len(probes)} generations in all ({request.prompts} prompts x {len(request.steps or settings['steps'])} step count(s), "
          f"windows {', '.join(map(str, request.windows))}{', forecasts' if request.forecast else ''}, plus one uncached check per unit); shard {shard_index}/{shard_count}: "
          f"{mine_todo} to run, {len(mine) - mine_todo} done"
          f"{f' (and {borrowed_checks} uncached check(s) of units shared with other shards)' if borrowed_checks else ''}; about {calls * per_call / 60:.1f} min of denoising at the recorded {per_call * 1000:.0f} ms per call")
     write_json(run / PROBE_FILE, {"kind": "probe", "settings": probe_settings, "prompts": request.prompts, "windows": list(request.windows),
-                                  "forecast": request.forecast,
+                                  "forecast": request.forecast, "steps": list(request.steps), "stride": request.stride,
                                   "planned": len(probes), "updated": now_iso()})
     if todo:
         backend = recording.load()

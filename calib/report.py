@@ -288,6 +288,8 @@ def report(run: str | Path, preset_path: str | None = None, echo=print) -> Path:
         table = read_table(run / "sweep.parquet")
         view = aggregate(table)
         fronts = with_measured_oracle(view, table)
+        if preset is not None:
+            lines += answer_lines(view, preset, table, (sweep_info or {}).get("target") or {})
         lines += sweep_lines(table, view, fronts, steps)
         figures += sweep_figures(table, fronts, settings, steps, folder)
     else:
@@ -317,6 +319,29 @@ def preset_lines(preset: Preset, named, steps: int | None, echo=print) -> list[s
     if preset.domain.get("steps") and steps is not None and preset.outside_domain(steps):
         lines.append(f"**Outside the calibrated domain**: {'; '.join(preset.outside_domain(steps))}.\n")
     return lines
+
+
+def answer_lines(view: pd.DataFrame, preset: Preset, table: pd.DataFrame, target: dict) -> list[str]:
+    """What to use, measured: the preset's default threshold, and the fewest calls meeting the sweep's target on every prompt."""
+    calls = int(table.loc[table["method"] == "uncached", "calls"].max())
+    own = view[(view["method"] == "teacache") & (view["forecast"] == ("calibrated" if preset.forecast.extrapolates else "none"))]
+
+    def measured(r) -> str:
+        return (f"{r.speedup:.2f}x measured, {r.psnr:.1f} dB mean PSNR, {r.psnr_worst:.1f} dB on the worst prompt, at {r.computed:.1f} of "
+                f"{calls} calls")
+
+    lines = ["## The answer\n"]
+    default = own[np.isclose(own["threshold"], preset.threshold, rtol=1e-9, atol=0)] if preset.threshold is not None else own.iloc[:0]
+    if len(default):
+        lines.append(f"**Use threshold {preset.threshold:.6g}** (the preset's default): {measured(default.iloc[0])}.\n")
+    for metric, value in ((m, v) for m, v in target.items() if v is not None):
+        ok = own[own[f"{metric}_worst"] >= value] if metric == "psnr" else own[own[f"{metric}_worst"] <= value]
+        if ok.empty:
+            lines.append(f"No measured threshold keeps every prompt at {metric.upper()} {'>=' if metric == 'psnr' else '<='} {value:g}.\n")
+        else:
+            r = ok.sort_values(["computed", "speedup"], ascending=[True, False]).iloc[0]
+            lines.append(f"**For {metric.upper()} {'>=' if metric == 'psnr' else '<='} {value:g} on every prompt, use threshold {r.threshold:.6g}**: {measured(r)}.\n")
+    return lines if len(lines) > 1 else []
 
 
 def sweep_lines(table: pd.DataFrame, view: pd.DataFrame, fronts: pd.DataFrame, steps: int) -> list[str]:

@@ -302,10 +302,23 @@ def max_gap(trace: pd.DataFrame) -> int:
 SETTINGS_THAT_MUST_MATCH = ("model", "backend", "cfg", "dtype", "weights", "sizes")
 
 
+def _identity(row: dict) -> str:
+    return f"{row['prompt']}\0{row.get('negative_prompt', '')}\0{row.get('image_sha256', row.get('image'))}"
+
+
 def prompt_identities(run: Path, info: dict) -> dict[str, str]:
     """prompt_id -> what the prompt is (its text, negative prompt and image), so one prompt in two runs is one group."""
-    return {row["id"]: f"{row['prompt']}\0{row.get('negative_prompt', '')}\0{row.get('image_sha256', row.get('image'))}"
-            for row in read_prompt_rows(run / info["prompt_file"])}
+    return {row["id"]: _identity(row) for row in read_prompt_rows(run / info["prompt_file"])}
+
+
+def identity_hash(identity: str) -> str:
+    """A prompt's identity (`prompt_identities`) as a preset records it: which prompts calibrated it, without the text."""
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def prompt_set_identities(path: Path) -> dict[str, str]:
+    """prompt_id -> `identity_hash` of every prompt of a prompt file, as `prompt_identities` names them."""
+    return {row["id"]: identity_hash(_identity(row)) for row in read_prompt_rows(Path(path))}
 
 
 def load_traces(runs: tuple[Path, ...], partial: bool = False, echo=print) -> tuple[pd.DataFrame, dict, dict[str, str], list[Path]]:

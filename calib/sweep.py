@@ -270,7 +270,8 @@ def sweep(request: SweepRequest, echo=print) -> pd.DataFrame:
     echo(f"{config_runs} generations to run, and {len(todo)} uncached ones timed beside them"
          f"{f' ({request.repeats} repeats each)' if request.repeats > 1 else ''}; {len(mine) * (len(runnable) - 1) - config_runs} already done")
     write_json(p.out / SWEEP_FILE, {"kind": "sweep", "settings": p.settings, "run": os.path.relpath(p.recording.run.resolve(), p.out.resolve()),
-                                    "preset": "sweep-preset.json", "preset_source": str(request.preset), "updated": now_iso()})
+                                    "preset": "sweep-preset.json", "preset_source": str(request.preset), "updated": now_iso(),
+                                    "target": {"psnr": request.target_psnr, "lpips": request.target_lpips}})
     atomic_write(p.out / "sweep-preset.json", json.dumps(Preset.load(request.preset).to_dict(), indent=2) + "\n")
     if todo:
         generate(request, p, pairs, todo, echo)

@@ -961,7 +961,7 @@ def _record_args(tmp_path: Path, *args: str) -> list[str]:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--backend", "lightx2v"], "model tiny-qwen-image-edit is the embedded tiny model; it runs on its own backend, not lightx2v"),
+        (["--backend", "lightx2v"], "model tiny-qwen-image-edit is an embedded model; it runs on its own backend, not lightx2v"),
         (["--lightx2v-config", "c.json"], "--lightx2v-config is for --backend lightx2v; this run uses tiny"),
         (["--model", "qwen-image-edit-2511", "--backend", "lightx2v"], "--backend lightx2v needs --model-path DIR"),
         (["--model", "qwen-image-edit-2511", "--backend", "lightx2v", "--model-path", "{tmp}/nowhere"], "--model-path {tmp}/nowhere: not a folder"),

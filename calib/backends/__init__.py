@@ -159,7 +159,7 @@ def check_backend(spec: ModelSpec, backend: str | None, model_path: str | None, 
     if chosen not in ("tiny", "diffusers", "lightx2v"):
         raise UserError(f"--backend {chosen!r}: expected diffusers or lightx2v")
     if spec.backend == "tiny" and chosen != "tiny":
-        raise UserError(f"model {spec.name} is the embedded tiny model; it runs on its own backend, not {chosen}")
+        raise UserError(f"model {spec.name} is an embedded model; it runs on its own backend, not {chosen}")
     if chosen == "diffusers" and spec.backend == "tiny":
         chosen = "tiny"
     if chosen != "lightx2v" and lightx2v_config is not None:
@@ -180,17 +180,18 @@ def check_backend(spec: ModelSpec, backend: str | None, model_path: str | None, 
 def weights_id(spec: ModelSpec, backend: str, model_path: str | None) -> str:
     """Names the weights a run uses, so a run folder never mixes outputs of different weights."""
     if backend == "tiny":
-        from calib.tiny.model import weights_fingerprint
+        from calib.tiny.model import EMBEDDED, weights_fingerprint
 
-        return weights_fingerprint()
+        return weights_fingerprint(EMBEDDED[spec.name].weights)
     return str(Path(model_path).resolve()) if model_path else str(spec.hub_id)
 
 
 def load_backend(spec: ModelSpec, backend: str, model_path: str | None, device: str, dtype: torch.dtype, lightx2v_config: str | None = None) -> Backend:
     if backend == "tiny":
         from calib.backends.tiny import TinyQwenImageEdit
+        from calib.tiny.model import EMBEDDED
 
-        return TinyQwenImageEdit(device=device, dtype=dtype)
+        return TinyQwenImageEdit(device=device, dtype=dtype, model=EMBEDDED[spec.name])
     if backend == "lightx2v":
         # LightX2V picks its device (PLATFORM) and dtype (DTYPE, bf16 by default) itself.
         from calib.backends.lightx2v import LightX2VQwenImage

@@ -1,0 +1,92 @@
+"""`teacal calibrate` and `teacal evaluate`: the main job in two commands, a plan before any work, a budget that decides
+what is measured, resumable after kill -9 in any stage, the same preset under torchrun, held-out prompts only."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from calib.calibrate import LADDER, CalibrateRequest, make_plan
+from tests.conftest import SMALL_PROMPTS, write_prompts
+
+CALIBRATE = ["calibrate", "run", "--prompts", "calib.jsonl", "--steps", "6", "--size", "64x64", "--budget", "1200"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def _teacal(args, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "calib.cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory) -> tuple[Path, str, bytes]:
+    """One uninterrupted calibration of three prompts at 6 steps: its folder, output and preset."""
+    base = tmp_path_factory.mktemp("calibrated")
+    write_prompts(base / "calib.jsonl", SMALL_PROMPTS[:3])
+    done = _teacal(CALIBRATE, base)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return base, done.stdout, (base / "run" / "preset.json").read_bytes()
+
+
+def test_the_plan_comes_first_and_the_budget_chooses_the_rung(calibrated):
+    _, output, _ = calibrated
+    lines = output.splitlines()
+    assert lines[0].startswith("plan: a budget of 1,200 transformer calls; recording alone costs 36 (3 generations")  # 3 prompts x 6 steps x 2 branches
+    chosen = [line for line in lines[1 : len(LADDER) + 1] if line.startswith("  ->")]
+    assert len(chosen) == 1 and "every step, windows of 4" in chosen[0]
+    assert "calibrated: run/preset.json" in output
+
+
+def test_more_budget_buys_more_measurement_and_never_less():
+    request = CalibrateRequest(run=Path("x"))
+    chosen = [make_plan(request, (20, 40), 4.0, 12, budget).chosen for budget in (1, 2_000, 5_000, 10_000, 50_000, 10**7)]
+    assert chosen == sorted(chosen) and chosen[0] == 0 and chosen[-1] == len(LADDER) - 1
+    plan = make_plan(request, (20,), 4.0, 12, 10_000)
+    assert plan.costs == sorted(plan.costs) and plan.costs[plan.chosen] <= 10_000 < plan.costs[plan.chosen + 1]
+
+
+@pytest.mark.parametrize("stage, marker", [("record", "record: 1/"), ("probe", "probe: 1/"), ("fit", "signal target")])
+def test_killed_in_any_stage_the_rerun_writes_the_same_preset(calibrated, tmp_path, stage, marker):
+    _, _, preset = calibrated
+    write_prompts(tmp_path / "calib.jsonl", SMALL_PROMPTS[:3])
+    process = subprocess.Popen([sys.executable, "-m", "calib.cli", *CALIBRATE], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if line.startswith(marker):
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=600)
+    assert process.returncode == -signal.SIGKILL, f"the calibration ended before its {stage} stage was reached"
+    assert not (tmp_path / "run" / "preset.json").exists()
+    done = _teacal(CALIBRATE, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "run" / "preset.json").read_bytes() == preset
+
+
+def test_torchrun_gives_the_preset_of_one_process(calibrated, tmp_path):
+    _, _, preset = calibrated
+    write_prompts(tmp_path / "calib.jsonl", SMALL_PROMPTS[:3])
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--module", "calib.cli"]
+    done = subprocess.run([*launch, *CALIBRATE], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "shard 0/2" in done.stdout and "shard 1/2" in done.stdout
+    assert (tmp_path / "run" / "preset.json").read_bytes() == preset
+
+
+def test_evaluate_refuses_the_calibration_prompts_and_leads_with_the_answer(calibrated, tmp_path):
+    base, _, _ = calibrated
+    refused = _teacal(["evaluate", str(tmp_path / "held"), "--preset", str(base / "run" / "preset.json"), "--prompts", str(base / "calib.jsonl")], tmp_path)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "3 of its prompts calibrated" in refused.stderr and not (tmp_path / "held").exists()
+    held = write_prompts(tmp_path / "held.jsonl", SMALL_PROMPTS[3:])
+    done = _teacal(["evaluate", str(tmp_path / "held"), "--preset", str(base / "run" / "preset.json"), "--prompts", held, "--baseline", "identity",
+                    "--baseline", "lemica", "--method", "teacache", "--method", "fbcache", "--target-psnr", "20"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = (tmp_path / "held" / "sweep-6" / "report" / "report.md").read_text()
+    answer = text.split("## The answer")[1].split("##")[0]
+    assert "(the preset's default)" in answer and "x measured" in answer and "on the worst prompt, at" in answer
+    assert "on every prompt" in answer and "static: LeMiCa (published Qwen-Image schedules)" in text
