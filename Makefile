@@ -1,4 +1,4 @@
-# teacal: `make demo` runs record -> fit -> sweep -> report on the tiny model; `make test` runs the tests.
+# teacal: `make demo` runs the main job (teacal calibrate, then teacal evaluate) on the tiny model; `make test` runs the tests.
 # Both install into .venv first when needed.
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 # (sharded record, tests that spawn the CLI) no longer fight over them. Override with OMP_NUM_THREADS=N.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install test lint bench bench-real demo report train-tiny
+.PHONY: install test lint bench bench-real demo report train-tiny train-scenes
 
 install: $(STAMP)
 
@@ -47,62 +47,42 @@ bench: install
 bench-real: install
 	$(PY) -m calib.bench real $(BENCH_ARGS)
 
-# The main job on the embedded tiny model (about 18 minutes on 2 idle CPU cores, 17.8 measured with the install): record the calibration prompts, probe what
-# skips cost the final image, fit a preset, tune it by generating on the calibration prompts, then measure it on
-# held-out prompts it never saw and write the report.
+# The main job on the embedded tiny model: calibrate on prompts/calib.jsonl under the default budget of calls (record,
+# probe, fit), then measure the preset on prompts/heldout.jsonl, which it never saw, against a borrowed set, LeMiCa and
+# FirstBlockCache, and write the report (it leads with the threshold to use).
 CALIB_PROMPTS   ?= prompts/calib.jsonl
 HELDOUT_PROMPTS ?= prompts/heldout.jsonl
-
-# The oracle is verified by generating: a sweep of the calibration run measures every static schedule (the cost
-# model's among them), and the second fit keeps the best per budget, and the next two as runners-up that the held-out
-# sweep generates too (its report's oracle is the best static schedule measured there).
-STATIC_BASELINES = --baseline constant --baseline identity --baseline wan21 --baseline uniform
-MODIN_BASELINES = --baseline flux --baseline mlx-qwen  # the borrowed sets on modin: what tune must also match
-# tune then refines the fitted polynomial by generating its schedules on the calibration prompts (calib/tune.py).
-DEMO_TUNE_ROUNDS ?= 60
+DEMO_EVALUATE   ?= --baseline identity --baseline mlx-qwen --baseline lemica --method teacache --method fbcache
 
 demo: install
-	$(TEACAL) record $(RUN)/calib --prompts $(CALIB_PROMPTS)
-	$(TEACAL) probe $(RUN)/calib --forecast
-	$(TEACAL) fit $(RUN)/calib --out $(RUN)/calib-preset.json
-	$(TEACAL) sweep $(RUN)/calib --out $(RUN)/calib-sweep --preset $(RUN)/calib-preset.json $(STATIC_BASELINES) $(MODIN_BASELINES) --forecast none
-	$(TEACAL) fit $(RUN)/calib --out $(RUN)/fitted-preset.json --oracle-from $(RUN)/calib-sweep
-	$(TEACAL) tune $(RUN)/calib --preset $(RUN)/fitted-preset.json --against $(RUN)/calib-sweep --out $(RUN)/preset.json --rounds $(DEMO_TUNE_ROUNDS)
-	$(TEACAL) record $(RUN)/heldout --prompts $(HELDOUT_PROMPTS)
-	$(TEACAL) sweep $(RUN)/heldout --preset $(RUN)/preset.json --baseline identity --baseline flux --baseline mlx-qwen
-	$(TEACAL) report $(RUN)/heldout
-	@echo "report: $(RUN)/heldout/report/report.md"
+	$(TEACAL) calibrate $(RUN)/calib --prompts $(CALIB_PROMPTS)
+	$(TEACAL) evaluate $(RUN)/heldout --preset $(RUN)/calib/preset.json --prompts $(HELDOUT_PROMPTS) $(DEMO_EVALUATE)
 
-# The evidence behind the README's tables: one preset calibrated on prompts/calib.jsonl at 20 and 40 steps, measured on
-# the held-out prompts (never used to calibrate or tune) against every borrowed coefficient set, uniform spacing, the
-# oracle, FirstBlockCache and MagCache, with and without the calibrated forecast. About two hours on 2 CPU cores.
-EVAL ?= results/eval
-EVAL_STEPS ?= 20 40
-EVAL_BASELINES = --baseline constant --baseline identity --baseline flux --baseline wan21 --baseline mlx-qwen --baseline uniform
+# The evidence behind the README's tables, for either embedded model: calibrate on its calibration prompts under
+# EVAL_BUDGET calls, then evaluate on its held-out prompts (never used to calibrate or tune) against every borrowed
+# set, uniform spacing, LeMiCa, FirstBlockCache and MagCache, with and without a calibrated forecast.
+#   make eval                                            the tiny model at 20 and 40 steps
+#   make eval MODEL=scenes-qwen-image-edit EVAL_STEPS=50  the scenes model (prompts/scenes/)
+MODEL       ?= tiny-qwen-image-edit
+EVAL        ?= results/eval/$(MODEL)
+EVAL_STEPS  ?= $(if $(filter scenes-qwen-image-edit,$(MODEL)),50,20 40)
+EVAL_BUDGET ?= 10000
+EVAL_PROMPTS = $(if $(filter scenes-qwen-image-edit,$(MODEL)),prompts/scenes/,prompts/)
 
-.PHONY: eval
+.PHONY: eval ladder
 eval: install
-	$(TEACAL) record $(EVAL)/calib --prompts $(CALIB_PROMPTS) $(EVAL_STEPS:%=--steps %)
-	$(TEACAL) probe $(EVAL)/calib --forecast
-	$(TEACAL) fit $(EVAL)/calib --out $(EVAL)/calib-preset.json
-	for n in $(EVAL_STEPS); do \
-		$(TEACAL) sweep $(EVAL)/calib --steps $$n --out $(EVAL)/calib-sweep-$$n --preset $(EVAL)/calib-preset.json $(STATIC_BASELINES) \
-			--forecast none || exit 1; \
+	$(TEACAL) calibrate $(EVAL)/calib --model $(MODEL) --prompts $(EVAL_PROMPTS)calib.jsonl $(EVAL_STEPS:%=--steps %) --budget $(EVAL_BUDGET)
+	$(TEACAL) evaluate $(EVAL)/heldout --preset $(EVAL)/calib/preset.json --prompts $(EVAL_PROMPTS)heldout.jsonl
+	@echo "reports: $(EVAL)/heldout/sweep-*/report/report.md"
+
+# What calibration costs against what it buys: calibrate at each rung of teacal calibrate's ladder (LADDER_BUDGETS,
+# calls) and measure each preset on the held-out prompts (docs/eval/ladder.py writes the table).
+LADDER_BUDGETS ?= 1500 2300 3100 6000 40000
+ladder: install
+	for b in $(LADDER_BUDGETS); do \
+		$(TEACAL) calibrate $(EVAL)/ladder-$$b --model $(MODEL) --prompts $(EVAL_PROMPTS)calib.jsonl $(EVAL_STEPS:%=--steps %) --budget $$b || exit 1; \
 	done
-	for n in $(EVAL_STEPS); do \
-		$(TEACAL) sweep $(EVAL)/calib --steps $$n --out $(EVAL)/calib-borrowed-$$n --preset $(EVAL)/calib-preset.json $(MODIN_BASELINES) \
-			--oracle none --forecast none || exit 1; \
-	done
-	$(TEACAL) fit $(EVAL)/calib --out $(EVAL)/fitted-preset.json $(EVAL_STEPS:%=--oracle-from $(EVAL)/calib-sweep-%)
-	$(TEACAL) tune $(EVAL)/calib --preset $(EVAL)/fitted-preset.json --out $(EVAL)/preset.json \
-		$(EVAL_STEPS:%=--against $(EVAL)/calib-sweep-%) $(EVAL_STEPS:%=--against $(EVAL)/calib-borrowed-%)
-	$(TEACAL) record $(EVAL)/heldout --prompts $(HELDOUT_PROMPTS) $(EVAL_STEPS:%=--steps %)
-	for n in $(EVAL_STEPS); do \
-		$(TEACAL) sweep $(EVAL)/heldout --steps $$n --out $(EVAL)/sweep-$$n --preset $(EVAL)/preset.json $(EVAL_BASELINES) \
-			--method teacache --method fbcache --method magcache --forecast none --forecast calibrated && \
-		$(TEACAL) report $(EVAL)/sweep-$$n || exit 1; \
-	done
-	@echo "reports: $(EVAL)/sweep-*/report/report.md"
+	$(PY) docs/eval/ladder.py $(EVAL) --prompts $(EVAL_PROMPTS)heldout.jsonl $(EVAL_STEPS:%=--steps %) $(LADDER_BUDGETS:%=--budget %)
 
 report: install
 	$(TEACAL) report $(RUN)
@@ -129,28 +109,15 @@ test-lightx2v: $(LX_VENV)/.installed
 	@test -n "$(LIGHTX2V_SRC)" || { echo "make test-lightx2v: set LIGHTX2V_SRC=/path/to/a/LightX2V/checkout" >&2; exit 2; }
 	LIGHTX2V_SRC=$(abspath $(LIGHTX2V_SRC)) PYTHONPATH=.:$(abspath $(LIGHTX2V_SRC)) $(LX_PY) -m pytest -q -m lightx2v tests/test_lightx2v.py
 
-# Peers on the same chart: calibrated TeaCache (calibrated on prompts/calib.jsonl) against diffusers' FirstBlockCache,
-# MagCache, SeaCache and cache-dit's DBCache, measured in one sweep on the held-out prompts (same seeds, references,
-# timing, metrics).   make compare [RUN=results/compare]
-.PHONY: compare
-compare: RUN = results/compare
-COMPARE_METHODS ?= teacache fbcache magcache seacache dbcache
-
-compare: install
-	$(TEACAL) record $(RUN)/calib --prompts $(CALIB_PROMPTS)
-	$(TEACAL) probe $(RUN)/calib
-	$(TEACAL) fit $(RUN)/calib --out $(RUN)/calib-preset.json
-	$(TEACAL) sweep $(RUN)/calib --out $(RUN)/calib-sweep --preset $(RUN)/calib-preset.json $(STATIC_BASELINES) --forecast none
-	$(TEACAL) fit $(RUN)/calib --out $(RUN)/preset.json --oracle-from $(RUN)/calib-sweep
-	$(TEACAL) record $(RUN)/heldout --prompts $(HELDOUT_PROMPTS)
-	$(TEACAL) sweep $(RUN)/heldout --preset $(RUN)/preset.json $(COMPARE_METHODS:%=--method %)
-	$(TEACAL) report $(RUN)/heldout
-	@echo "report: $(RUN)/heldout/report/report.md"
-
-# Retrain the embedded tiny model (about 20 min on one CPU thread): calib/weights/, docs/tiny/ (loss, edit success, samples).
+# Retrain the embedded models (one CPU thread): the tiny one in about 20 minutes (calib/tiny/weights/, docs/tiny/: loss,
+# edit success, samples); the scenes one in about 65 (docs/scenes/: loss, VAE, samples at several seeds).
 train-tiny: install
 	$(PY) -m calib.training.tiny train --out calib/tiny/weights/tiny-qwen-image-edit.safetensors --docs docs/tiny
 	$(PY) -m calib.training.tiny evaluate --docs docs/tiny
+
+train-scenes: install
+	$(PY) -m calib.training.scenes train --out calib/tiny/weights/scenes-qwen-image-edit.safetensors --docs docs/scenes
+	$(PY) -m calib.training.scenes samples --docs docs/scenes
 
 # Regenerate integrations/lightx2v/qwen_image_tea.patch from a LightX2V tree where it is applied and edited:
 #   make lightx2v-patch LIGHTX2V_TEA=/path/to/patched/LightX2V   (the patch is a plain `git diff` against f8aee98)

@@ -1,0 +1,96 @@
+"""What calibration costs against what it buys: each rung of `teacal calibrate`'s ladder, measured on held-out prompts.
+
+    python docs/eval/ladder.py EVAL --prompts HELDOUT.jsonl --steps N [--steps M] --budget B [--budget C ...] [--full PRESET]
+
+For each budget B, EVAL/ladder-B/preset.json is what `teacal calibrate --budget B` wrote (make ladder). The held-out
+prompts are recorded once (EVAL/ladder-heldout), each preset swept there with `--method teacache` (its own reuse
+rule), and `--full PRESET` (a preset of the full calibration, sweeps and tune included) beside them. The best borrowed
+set or peer per budget comes from make eval's sweep of the same held-out prompts (EVAL/heldout/sweep-N), when it is
+there. Writes EVAL/ladder.md: per step count, mean PSNR (worst prompt) at equal computed calls, and each rung's calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from calib.budgets import best_within, budget_steps  # noqa: E402
+from calib.calibrate import LADDER  # noqa: E402
+from calib.report import with_measured_oracle  # noqa: E402
+from calib.tables import aggregate  # noqa: E402
+
+
+def teacal(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "calib.cli", *args], cwd=ROOT, check=True)
+
+
+def front(view: pd.DataFrame, budgets: list[int]) -> list[str]:
+    """Mean (worst) PSNR of the best configuration within each budget of calls."""
+    best = best_within(view["computed"], view["psnr"], budgets)
+    return ["-" if i < 0 else f"{view['psnr'].iloc[i]:.1f} ({view['psnr_worst'].iloc[i]:.1f})" for i in best]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("eval", type=Path)
+    parser.add_argument("--prompts", type=Path, required=True)
+    parser.add_argument("--steps", type=int, action="append", required=True)
+    parser.add_argument("--budget", type=int, action="append", required=True)
+    parser.add_argument("--full", type=Path, help="a preset of the full calibration (record, probe, fit, sweeps, tune)")
+    args = parser.parse_args()
+    held = args.eval / "ladder-heldout"
+    presets = {f"budget {b:,}": args.eval / f"ladder-{b}" / "preset.json" for b in args.budget}
+    if args.full:
+        presets["full calibration"] = args.full
+    model = json.loads(next(iter(presets.values())).read_text())["model"]
+    teacal("record", str(held), "--model", model, "--prompts", str(args.prompts), *[a for n in args.steps for a in ("--steps", str(n))])
+    lines = [f"# What calibration costs, and what it buys: {model}\n",
+             f"`python docs/eval/ladder.py {' '.join(sys.argv[1:])}`. Held-out prompts: {args.prompts} (never used to calibrate). "
+             "Mean PSNR (worst prompt) in dB against the uncached image, each preset's best threshold within the budget.\n"]
+    for name, preset in presets.items():
+        plan = json.loads((preset.parent / "calibrate.json").read_text()) if (preset.parent / "calibrate.json").exists() else None
+        rung = plan["settings"]["rung"]["name"] if plan else "sweeps and tune included"
+        cost = f", {plan['costs'][[r.name for r in LADDER].index(rung)]:,} calls" if plan else ""
+        lines.append(f"- {name}: {preset} ({rung}{cost})")
+    for steps in args.steps:
+        rows = {}
+        for name, preset in presets.items():
+            out = held / f"{name.replace(' ', '-').replace(',', '')}-{steps}"
+            teacal("sweep", str(held), "--preset", str(preset), "--steps", str(steps), "--out", str(out), "--oracle", "none", "--metrics", "psnr",
+                   "--metrics", "ssim", "--yes")
+            view = aggregate(pd.read_parquet(out / "sweep.parquet"))
+            rows[name] = view[view["method"] == "teacache"]
+        calls = steps * 2
+        budgets = [k * 2 for k in budget_steps(steps)]
+        table = {"calls": [f"{b} of {calls}" for b in budgets], **{name: front(view, budgets) for name, view in rows.items()}}
+        full_sweep = args.eval / "heldout" / f"sweep-{steps}" / "sweep.parquet"
+        if full_sweep.exists():
+            swept = pd.read_parquet(full_sweep)
+            others = with_measured_oracle(aggregate(swept), swept)
+            others = others[~others["method"].isin(["uncached", "teacache", "oracle", "oracle pick"])]
+            best = []
+            for b in budgets:
+                points = []
+                for label, g in others.groupby("label"):
+                    i = best_within(g["computed"], g["psnr"], [b])[0]
+                    if i >= 0:
+                        points.append((float(g["psnr"].iloc[i]), label))
+                best.append(max(points, default=(None, "-")))
+            table["best borrowed set or peer"] = [f"{v:.1f} ({label})" if v is not None else "-" for v, label in best]
+        frame = pd.DataFrame(table)
+        lines += [f"\n## {steps} steps\n", "| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+        lines += ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
+    (args.eval / "ladder.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
