@@ -40,3 +40,19 @@ def values_within(costs, values, budgets, empty: float = np.nan) -> np.ndarray:
     index = best_within(costs, values, budgets)
     values = np.asarray(values, float)
     return np.where(index >= 0, values[np.maximum(index, 0)] if len(values) else empty, empty)
+
+
+# What "the quality" of a method over several prompts is: their mean, the worst prompt, or the mean of the worst
+# fifth (a tail mean, CVaR at 20%). Fit and tune optimise the one a preset is made for (`--objective`).
+OBJECTIVES = ("mean", "worst", "cvar")
+CVAR_SHARE = 0.2
+
+
+def over_prompts(values, objective: str = "mean") -> float:
+    """One number for a method's per-prompt values (dB; higher is better) under `objective`."""
+    values = np.sort(np.asarray(values, float))
+    if objective == "worst":
+        return float(values[0])
+    if objective == "cvar":
+        return float(values[: max(1, math.ceil(CVAR_SHARE * len(values)))].mean())
+    return float(values.mean())

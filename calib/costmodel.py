@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize_scalar
 
-from calib.budgets import IDENTICAL_DB, values_within
+from calib.budgets import IDENTICAL_DB, over_prompts, values_within
 from calib.simulate import UnitSeries, teacache_schedules, uniform_schedule
 from teacache.forecast import NO_FORECAST, Forecast
 from teacache.preset import Preset
@@ -178,15 +178,16 @@ def oracle_schedules(matrix: np.ndarray, forced: np.ndarray) -> dict[int, np.nda
     return out
 
 
-def simulated_front(units: list[UnitSeries], preset: Preset, thresholds, matrices: dict) -> pd.DataFrame:
-    """Per threshold: mean computed calls per branch (as a fraction of steps) and mean modelled dB over the units
-    (`matrices`: each unit's cost matrix)."""
+def simulated_front(units: list[UnitSeries], preset: Preset, thresholds, matrices: dict, objective: str = "mean") -> pd.DataFrame:
+    """Per threshold: mean computed calls per branch (as a fraction of steps) and the modelled dB over the units under
+    `objective` (`calib.budgets.over_prompts`; `matrices`: each unit's cost matrix)."""
     rows = []
     for unit in units:
         for threshold, schedules in zip(thresholds, teacache_schedules(unit, preset, thresholds), strict=True):
             rows.append((float(threshold), schedules.mean(), decibels(schedule_cost(matrices[unit.key], schedules))))
     frame = pd.DataFrame(rows, columns=["threshold", "computed_fraction", "db"])
-    return frame.groupby("threshold", as_index=False).mean()
+    return frame.groupby("threshold", as_index=False).agg(computed_fraction=("computed_fraction", "mean"),
+                                                            db=("db", lambda v: over_prompts(v, objective)))
 
 
 def db_at_budgets(front: pd.DataFrame, budgets: np.ndarray) -> np.ndarray:

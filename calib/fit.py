@@ -35,7 +35,7 @@ import pandas as pd
 import scipy.linalg
 from scipy.optimize import least_squares, minimize
 
-from calib.budgets import COMPARED
+from calib.budgets import COMPARED, OBJECTIVES
 from calib.costmodel import CostModels, cost_models
 from calib.errors import UserError
 from calib.oracle import gap_to_oracle, measured_static, preset_oracle
@@ -191,7 +191,7 @@ def candidate_preset(model: str, candidate: Candidate, coefficients, units: list
 
 
 def evaluate(candidate: Candidate, units: list[UnitSeries], matrices: dict, windows: Windows, groups: np.ndarray, k: int,
-             loss: str, model: str, ret_steps: int, cutoff_steps: int) -> Scored:
+             loss: str, model: str, ret_steps: int, cutoff_steps: int, objective: str = "mean") -> Scored:
     """Cross-validated by prompt: the fitted quantity's held-out error and the simulated held-out dB gap to the oracle."""
     unit_groups = np.array([u.group for u in units])
     y = transform(windows.cost, candidate.transform)
@@ -212,7 +212,7 @@ def evaluate(candidate: Candidate, units: list[UnitSeries], matrices: dict, wind
         for steps in sorted({u.steps for u in test}):
             test_n = [u for u in test if u.steps == steps]
             train_n = [u for u in train if u.steps == steps] or train
-            gaps.append(gap_to_oracle(preset, train_n, test_n, matrices, steps))
+            gaps.append(gap_to_oracle(preset, train_n, test_n, matrices, steps, objective))
     done = np.isfinite(predicted)
     gap = np.concatenate(gaps) if gaps else np.array([np.nan])
     return Scored(candidate, r2(y[done], predicted[done]) if done.any() else float("nan"),
@@ -236,6 +236,7 @@ class FitRequest:
     speedup: float = 1.6
     partial: bool = False  # fit an unfinished recording anyway
     oracle_from: tuple[Path, ...] = ()  # sweeps of these runs whose measured static schedules verify the oracle
+    objective: str = "mean"  # what is optimised over the prompts: mean, worst, cvar (calib.budgets.OBJECTIVES)
 
 
 def signal_is_branch_independent(units: list[UnitSeries], signal: str) -> bool:
@@ -270,6 +271,8 @@ def check_request(request: FitRequest) -> Path:
                                  ("--branch-mode", request.branch_mode, BRANCH_MODES)):
         if value not in ("auto", *choices):
             raise UserError(f"{flag} {value!r}: expected auto, {', '.join(choices)}")
+    if request.objective not in OBJECTIVES:
+        raise UserError(f"--objective {request.objective!r}: expected {', '.join(OBJECTIVES)}")
     if not 1 <= request.degree <= 8:
         raise UserError(f"--degree {request.degree}: expected 1 to 8")
     if request.folds < 2:
@@ -323,7 +326,7 @@ def cross_validate(request: FitRequest, calibration: Calibration, costs: CostMod
             raise UserError(f"only {len(windows[key].cost)} skip windows for degree {c.degree}: record more prompts or steps, or lower --degree")
         groups = np.array([units[i].group for i in windows[key].unit])
         scored.append(evaluate(c, units, costs.rule[c.target], windows[key], groups, k, request.loss, calibration.settings["model"],
-                               request.ret_steps, request.cutoff_steps))
+                               request.ret_steps, request.cutoff_steps, request.objective))
     echo(f"{'signal':<7}{'target':<9}{'fit':<6}{'degree':>6}{'held-out R2':>13}{'MAE':>10}{'dB vs oracle':>14}   (held-out prompts; budgets "
          f"{COMPARED[0]:.0%}..{COMPARED[1]:.0%} of calls)")
     for s in scored:
@@ -354,9 +357,9 @@ def compare_signals(request: FitRequest, calibration: Calibration, costs: CostMo
         coefficients = fit_polynomial(w.features(c.degree), target, request.loss, x_range(units, c.signal), step_floor(w, target))
         fitted = candidate_preset(calibration.settings["model"], c, coefficients, units, request.ret_steps, request.cutoff_steps)
         if signal in EXACT_SIGNALS:
-            fitted, fitted_gaps, gaps = search_shape(fitted, units, costs.plain[YARDSTICK])
+            fitted, fitted_gaps, gaps = search_shape(fitted, units, costs.plain[YARDSTICK], request.objective)
         else:
-            gaps = fitted_gaps = simulated_gaps(fitted, units, costs.plain[YARDSTICK])
+            gaps = fitted_gaps = simulated_gaps(fitted, units, costs.plain[YARDSTICK], request.objective)
         searched = f"{np.mean(gaps):>+11.2f}{np.min(gaps):>+8.2f}" if signal in EXACT_SIGNALS else ""
         echo(f"{signal:<7}{c.target:<9}{c.transform:<6}{np.mean(fitted_gaps):>+9.2f}{np.min(fitted_gaps):>+8.2f}{searched}")
         by_signal[signal] = {"target": c.target, "transform": c.transform, "coefficients": list(fitted.coefficients),
@@ -381,7 +384,7 @@ def assemble(request: FitRequest, calibration: Calibration, costs: CostModels, s
         calibration={
             "runs": [str(r) for r in request.runs], "backend": settings["backend"], "steps": settings["steps"], "sizes": settings["sizes"],
             "cfg": settings["cfg"], "dtype": settings["dtype"], "prompts": calibration.prompts, "units": len(units), "windows": len(windows.cost),
-            "target": chosen.target, "transform": chosen.transform, "loss": request.loss,
+            "target": chosen.target, "transform": chosen.transform, "loss": request.loss, "objective": request.objective,
             "cost_model": {"probed": model.probed, "gamma": round(model.gamma, 6), "gain": model.gain, "measured_check": audit,
                            "forecast_ratio": [list(k) for k in model.forecast_ratio]},
             "prompt_identities": sorted({identity_hash(u.group) for u in units}),  # `teacal evaluate` refuses these prompts

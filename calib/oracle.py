@@ -15,22 +15,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from calib.budgets import COMPARED, IDENTICAL_DB, budget_steps
+from calib.budgets import COMPARED, IDENTICAL_DB, OBJECTIVES, budget_steps, over_prompts
 from calib.costmodel import db_at_budgets, decibels, oracle_schedules, schedule_cost, simulated_front
 from calib.errors import UserError
-from calib.runfiles import SWEEP_FILE, read_json, read_table
+from calib.runfiles import SWEEP_FILE, SWEEP_TABLE, read_json, read_table
 from calib.simulate import UnitSeries, forced_steps, schedule_text, thresholds_for_budgets
 from calib.tables import static_configs
 from teacache.preset import Preset
 
 
-def modelled_db(matrices: dict, units: list[UnitSeries], schedule: np.ndarray) -> float:
-    """Mean over `units` of the modelled dB of one static schedule, shared by every branch."""
-    return float(np.mean([decibels(schedule_cost(matrices[u.key], np.tile(schedule, (len(u.branches), 1)))) for u in units]))
+def modelled_db(matrices: dict, units: list[UnitSeries], schedule: np.ndarray, objective: str = "mean") -> float:
+    """The modelled dB of one static schedule, shared by every branch, over `units` under `objective`."""
+    return over_prompts([decibels(schedule_cost(matrices[u.key], np.tile(schedule, (len(u.branches), 1)))) for u in units], objective)
 
 
-def oracle_db(train: list[UnitSeries], test: list[UnitSeries], matrices: dict, forced: np.ndarray, budgets: np.ndarray) -> np.ndarray:
-    """Modelled dB on `test` of the best static schedules of `train` (one step count), at each budget."""
+def oracle_db(train: list[UnitSeries], test: list[UnitSeries], matrices: dict, forced: np.ndarray, budgets: np.ndarray,
+              objective: str = "mean") -> np.ndarray:
+    """Modelled dB on `test` (under `objective`) of the best static schedules of `train` (one step count), at each budget."""
     mean = np.mean([matrices[u.key].mean(axis=0) for u in train], axis=0)
     schedules = oracle_schedules(mean, forced)
     n = len(forced)
@@ -41,16 +42,16 @@ def oracle_db(train: list[UnitSeries], test: list[UnitSeries], matrices: dict, f
         if schedule is None:
             out.append(np.nan)
             continue
-        out.append(modelled_db(matrices, test, schedule))
+        out.append(modelled_db(matrices, test, schedule, objective))
     return np.array(out)
 
 
-def gap_to_oracle(preset: Preset, train: list[UnitSeries], test: list[UnitSeries], matrices: dict, steps: int) -> np.ndarray:
+def gap_to_oracle(preset: Preset, train: list[UnitSeries], test: list[UnitSeries], matrices: dict, steps: int, objective: str = "mean") -> np.ndarray:
     """At each budget of `steps`: the modelled dB on `test` of the preset's front (thresholds placed on `train`) minus
-    that of `train`'s best static schedules."""
+    that of `train`'s best static schedules, both under `objective`."""
     budgets = np.array(budget_steps(steps)) / steps
-    front = simulated_front(test, preset, thresholds_for_budgets(train, preset, budgets), matrices)
-    return db_at_budgets(front, budgets) - oracle_db(train, test, matrices, forced_steps(preset, steps), budgets)
+    front = simulated_front(test, preset, thresholds_for_budgets(train, preset, budgets), matrices, objective)
+    return db_at_budgets(front, budgets) - oracle_db(train, test, matrices, forced_steps(preset, steps), budgets, objective)
 
 
 # -- the oracle, verified by generating -------------------------------------------------------------------------------
@@ -59,12 +60,12 @@ ORACLE_CANDIDATES = 3  # schedules per budget a sweep generates as oracle candid
 
 def measured_static(sweeps: tuple[Path, ...], runs: list[Path]) -> pd.DataFrame:
     """Every static schedule that sweeps of the calibration runs measured on all their prompts: steps, schedule, mean
-    PSNR over the prompts. Only sweeps of the runs being fitted are accepted: what is measured on held-out prompts
+    PSNR over the prompts (`psnr`), the worst prompt's (`worst`) and the worst fifth's (`cvar`). Only sweeps of the runs being fitted are accepted: what is measured on held-out prompts
     must never tune the calibration."""
     fitted = {Path(r).resolve() for r in runs}
     rows = []
     for folder in map(Path, sweeps):
-        info_path, table_path = folder / SWEEP_FILE, folder / "sweep.parquet"
+        info_path, table_path = folder / SWEEP_FILE, folder / SWEEP_TABLE
         if not info_path.is_file() or not table_path.is_file():
             raise UserError(f"--oracle-from {folder}: no finished sweep here (sweep.json and sweep.parquet); run `teacal sweep RUN --out {folder}` first")
         info = read_json(info_path)
@@ -75,12 +76,12 @@ def measured_static(sweeps: tuple[Path, ...], runs: list[Path]) -> pd.DataFrame:
         table = read_table(table_path)
         schedules = static_configs(table)
         psnr = table["psnr"].where(np.isfinite(table["psnr"]), IDENTICAL_DB)  # identical images: as good as it gets
-        means = psnr[table["config"].isin(schedules.index)].groupby(table["config"]).mean()
-        rows += [(int(info["settings"]["steps"]), schedules[config], float(value)) for config, value in means.items()]
+        per_config = psnr[table["config"].isin(schedules.index)].groupby(table["config"])
+        rows += [(int(info["settings"]["steps"]), schedules[config], *(over_prompts(values, o) for o in OBJECTIVES)) for config, values in per_config]
     if not rows:
         raise UserError(f"--oracle-from {', '.join(map(str, sweeps))}: no static schedule measured on every prompt")
-    frame = pd.DataFrame(rows, columns=["steps", "schedule", "psnr"])
-    return frame.groupby(["steps", "schedule"], as_index=False)["psnr"].max()
+    frame = pd.DataFrame(rows, columns=["steps", "schedule", "psnr", "worst", "cvar"])
+    return frame.groupby(["steps", "schedule"], as_index=False).agg(psnr=("psnr", "max"), worst=("worst", "min"), cvar=("cvar", "min"))
 
 
 def measured_oracle(measured: pd.DataFrame, echo=print) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, list[str]]]]:

@@ -25,7 +25,7 @@ import pandas as pd  # noqa: E402
 
 from calib.budgets import best_within, budget_steps  # noqa: E402
 from calib.errors import UserError  # noqa: E402
-from calib.runfiles import SWEEP_FILE, load_run, load_trace, read_json, read_table  # noqa: E402
+from calib.runfiles import SWEEP_FILE, SWEEP_TABLE, load_run, load_trace, read_json, read_table  # noqa: E402
 from calib.tables import aggregate, static_configs  # noqa: E402
 from teacache._files import atomic_write, remove_stale_temp_files  # noqa: E402
 from teacache.preset import SIGNALS, Preset  # noqa: E402
@@ -39,6 +39,8 @@ METHOD_STYLE = {
     "oracle pick": dict(marker="x", lw=1.0, ls="--", color="black"),
 }
 WEAK_R2 = 0.5
+YLABELS = {"psnr": "PSNR against uncached (dB, mean over prompts)", "psnr_worst": "PSNR of the worst prompt against uncached (dB)",
+           "lpips": "LPIPS against uncached (mean; lower is better)"}
 
 
 def _title(settings: dict, steps: int | None, what: str) -> str:
@@ -102,17 +104,17 @@ def pareto(view: pd.DataFrame, metric: str, x: str, settings: dict, steps: int, 
             value = "threshold" if method == "teacache" else "budget"
             labels += [(getattr(r, x), getattr(r, metric), f"{v:.3g}" if method == "teacache" else f"{int(v)} calls")
                        for r in edge.itertuples() if math.isfinite(v := getattr(r, value))]
-    identical = view[~np.isfinite(view[metric]) & (view["method"] != "uncached")] if metric == "psnr" else view.iloc[:0]
+    identical = view[~np.isfinite(view[metric]) & (view["method"] != "uncached")] if metric.startswith("psnr") else view.iloc[:0]
     base = view[view["method"] == "uncached"]
     if len(base) and x == "speedup":
         ax.axvline(float(base["speedup"].iloc[0]), color="grey", lw=0.8, ls="--", label="uncached (identical images, PSNR infinite)")
     if len(identical):
         ax.text(0.01, 0.01, f"{len(identical)} configuration(s) give images identical to uncached (not plotted)", transform=ax.transAxes, fontsize=7)
     ax.set_xlabel("speedup against uncached (total time, same process per prompt)" if x == "speedup" else "computed transformer calls per generation")
-    ax.set_ylabel("LPIPS against uncached (lower is better)" if metric == "lpips" else "PSNR against uncached (dB, mean over prompts)")
+    ax.set_ylabel(YLABELS[metric])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    ax.set_title(_title(settings, steps, f"{metric.upper()} against {'speed' if x == 'speedup' else 'compute'}: each method's front"
+    ax.set_title(_title(settings, steps, f"{YLABELS[metric].split(' against')[0]} against {'speed' if x == 'speedup' else 'compute'}: each method's front"
                         + ("; labels: thresholds" if labels else "")), fontsize=10)
     fig.tight_layout()  # the final layout first: labels are placed where they will be drawn
     _label_points(ax, labels)
@@ -284,8 +286,8 @@ def report(run: str | Path, preset_path: str | None = None, echo=print) -> Path:
     if preset is not None:
         figures.append(("Rescale fit", fit_figure(trace, preset, settings, folder / "fit.png")))
         lines += preset_lines(preset, named, steps, echo)
-    if (run / "sweep.parquet").exists():
-        table = read_table(run / "sweep.parquet")
+    if (run / SWEEP_TABLE).exists():
+        table = read_table(run / SWEEP_TABLE)
         view = aggregate(table)
         fronts = with_measured_oracle(view, table)
         if preset is not None:
@@ -376,6 +378,7 @@ def sweep_figures(table: pd.DataFrame, fronts: pd.DataFrame, settings: dict, ste
     return [
         ("Pareto: speed against PSNR", pareto(fronts, "psnr", "speedup", settings, steps, folder / "pareto_psnr.png")),
         ("Equal compute: computed calls against PSNR", pareto(fronts, "psnr", "computed", settings, steps, folder / "calls_psnr.png")),
+        ("Equal compute, the worst prompt: computed calls against its PSNR", pareto(fronts, "psnr_worst", "computed", settings, steps, folder / "calls_psnr_worst.png")),
         ("Pareto: speed against LPIPS", pareto(fronts, "lpips", "speedup", settings, steps, folder / "pareto_lpips.png")),
         ("Skip map", skipmap_figure(table, settings, steps, folder / "skipmap.png")),
     ]

@@ -81,12 +81,12 @@ def pattern_search(start: Preset, knots: np.ndarray, log_values: np.ndarray, sco
     return best_preset, best
 
 
-def simulated_gaps(preset: Preset, units: list[UnitSeries], matrices: dict) -> np.ndarray:
+def simulated_gaps(preset: Preset, units: list[UnitSeries], matrices: dict, objective: str = "mean") -> np.ndarray:
     """The preset's simulated front minus the oracle, in modelled dB, at every budget of every step count of `units`."""
     gaps = []
     for steps in sorted({u.steps for u in units}):
         same = [u for u in units if u.steps == steps]
-        gap = gap_to_oracle(preset, same, same, matrices, steps)
+        gap = gap_to_oracle(preset, same, same, matrices, steps, objective)
         gaps.append(np.where(np.isfinite(gap), gap, MISSING_DB))
     return np.concatenate(gaps)
 
@@ -96,7 +96,7 @@ def shape_score(gaps: np.ndarray) -> float:
     return float(2 * np.min(gaps) + np.mean(gaps))
 
 
-def search_shape(preset: Preset, units: list[UnitSeries], matrices: dict) -> tuple[Preset, np.ndarray, np.ndarray]:
+def search_shape(preset: Preset, units: list[UnitSeries], matrices: dict, objective: str = "mean") -> tuple[Preset, np.ndarray, np.ndarray]:
     """The polynomial whose simulated front is closest to the oracle, for a signal read from the timestep alone.
 
     Least squares fits the window costs, not the schedules: on such a signal every step has a fixed distance, so the
@@ -109,7 +109,7 @@ def search_shape(preset: Preset, units: list[UnitSeries], matrices: dict) -> tup
 
     def gaps_of(candidate_preset: Preset) -> np.ndarray:
         if candidate_preset.coefficients not in simulated:
-            simulated[candidate_preset.coefficients] = simulated_gaps(candidate_preset, units, matrices)
+            simulated[candidate_preset.coefficients] = simulated_gaps(candidate_preset, units, matrices, objective)
         return simulated[candidate_preset.coefficients]
 
     knots = knots_of(preset, units)

@@ -44,13 +44,14 @@ import pandas as pd
 from PIL import Image
 
 from calib.backends import Recording, open_recording, reference_mismatch
-from calib.budgets import IDENTICAL_DB, best_within, budget_steps, values_within
+from calib.budgets import IDENTICAL_DB, OBJECTIVES, best_within, budget_steps, over_prompts, values_within
 from calib.errors import UserError
 from calib.metrics import psnr, to_tensor
 from calib.oracle import measured_oracle, measured_static
 from calib.progress import progress
 from calib.runfiles import (
     SWEEP_FILE,
+    SWEEP_TABLE,
     check_output_file,
     check_same_settings,
     load_trace,
@@ -94,16 +95,17 @@ class TuneRequest:
     lightx2v_config: Path | None = None
 
 
-def others_front(sweeps: tuple[Path, ...], recording: Recording) -> dict[int, pd.DataFrame]:
+def others_front(sweeps: tuple[Path, ...], recording: Recording, objective: str = "mean") -> dict[int, pd.DataFrame]:
     """Per step count: every measured configuration of the other methods (borrowed sets, uniform spacing, peers), as
-    mean computed steps per branch and mean PSNR; calibrated TeaCache, its forecasts and the oracle are left out.
+    mean computed steps per branch and PSNR over the prompts under `objective`; calibrated TeaCache, its forecasts and
+    the oracle are left out.
 
     Tune measures on every prompt and seed of the run, so a sweep measured on fewer, or without PSNR, is refused."""
     pairs = {(item.id, seed) for item in recording.prompts.items for seed in recording.settings["seeds"]}
     out: dict[int, list[pd.DataFrame]] = {}
     for folder in map(Path, sweeps):
         steps = int(read_json(folder / SWEEP_FILE)["settings"]["steps"])
-        table = read_table(folder / "sweep.parquet")
+        table = read_table(folder / SWEEP_TABLE)
         swept = set(zip(table["prompt_id"], table["seed"], strict=True))
         if swept != pairs:
             raise UserError(f"--against {folder}: it measured {len(swept)} of the run's {len(pairs)} (prompt, seed) pairs; sweep all of them "
@@ -113,7 +115,11 @@ def others_front(sweeps: tuple[Path, ...], recording: Recording) -> dict[int, pd
         per_step = table.loc[table["method"] == "uncached", "calls"].max() / steps  # 2 with CFG
         view = aggregate(table)
         view = view[(view["method"] != "uncached") & ~view["label"].str.startswith(("teacache (calibrated)", "oracle"))]
-        out.setdefault(steps, []).append(pd.DataFrame({"label": view["label"], "computed": view["computed"] / per_step, "psnr": view["psnr"]}))
+        if objective == "mean":  # as aggregate has it: images identical to their reference left out of the mean
+            psnr = view["psnr"]
+        else:
+            psnr = view["config"].map(table["psnr"].where(np.isfinite(table["psnr"]), IDENTICAL_DB).groupby(table["config"]).agg(lambda v: over_prompts(v, objective)))
+        out.setdefault(steps, []).append(pd.DataFrame({"label": view["label"], "computed": view["computed"] / per_step, "psnr": psnr}))
     return {steps: pd.concat(frames, ignore_index=True) for steps, frames in out.items()}
 
 
@@ -146,6 +152,7 @@ class Measurer:
         self.backend = None
         self.generations = 0
         self.measured: dict[tuple, float] = {}  # (steps, schedule) or (steps, schedule, forecast) -> mean PSNR
+        self.summary: dict[tuple, dict[str, float]] = {}  # the same keys -> the PSNR under each objective (calib.budgets)
 
     def part(self, steps: int, schedule: str, forecast: Forecast = NO_FORECAST) -> Path:
         rule = "" if not forecast.extrapolates else "@" + settings_hash({"axis": forecast.axis, "alpha": [list(k) for k in forecast.alpha]})
@@ -160,7 +167,9 @@ class Measurer:
             return self.measured[key]
         path = self.part(steps, schedule, forecast)
         if path.exists():
-            self.measured[key] = float(read_json(path)["psnr"])
+            part = read_json(path)
+            self.measured[key] = float(part["psnr"])
+            self.summary[key] = {o: over_prompts(list(part["per_generation"].values()), o) for o in OBJECTIVES}
             return self.measured[key]
         if self.backend is None:
             self._load()
@@ -179,7 +188,13 @@ class Measurer:
         mean = float(np.mean(list(values.values())))
         write_json(path, {"steps": steps, "schedule": schedule, "forecast": forecast.to_dict(), "psnr": mean, "per_generation": values})
         self.measured[key] = mean
+        self.summary[key] = {o: over_prompts(list(values.values()), o) for o in OBJECTIVES}
         return mean
+
+    def under(self, objective: str, steps: int, schedule: str, forecast: Forecast = NO_FORECAST) -> float:
+        """The PSNR of `schedule` over the prompts under `objective`, measured by `__call__` when it was not yet."""
+        self(steps, schedule, forecast)
+        return self.summary[(steps, schedule) if not forecast.extrapolates else (steps, schedule, forecast)][objective]
 
     def _load(self) -> None:
         """The model, once, after checking that an uncached run here reproduces the recorded reference."""
@@ -201,8 +216,8 @@ class Measurer:
 class Search:
     """Scores polynomials by their measured fronts against the other methods' (see the module notes)."""
 
-    def __init__(self, units: dict, fronts: dict[int, pd.DataFrame], measure: Measurer) -> None:
-        self.units, self.measure = units, measure
+    def __init__(self, units: dict, fronts: dict[int, pd.DataFrame], measure: Measurer, objective: str = "mean") -> None:
+        self.units, self.measure, self.objective = units, measure, objective
         self.bar = {steps: {b: best_other(fronts[steps], b) for b in budget_steps(steps)} for steps in units}
 
     def schedules(self, preset: Preset, steps: int) -> list[str]:
@@ -216,7 +231,7 @@ class Search:
     def gaps(self, preset: Preset) -> dict[int, np.ndarray]:
         out = {}
         for steps in self.units:
-            measured = [(s.count("x"), self.measure(steps, s)) for s in self.schedules(preset, steps)]
+            measured = [(s.count("x"), self.measure.under(self.objective, steps, s)) for s in self.schedules(preset, steps)]
             bar = np.array([self.bar[steps][b][0] for b in budget_steps(steps)])
             out[steps] = np.where(np.isfinite(bar), front_at(measured, budget_steps(steps), -math.inf) - bar, np.nan)  # NaN: no other method computes this little
         return out
@@ -230,8 +245,9 @@ class Search:
         return float(2 * min(g.min(), 0.0) + np.minimum(g, 0.0).sum() + 0.01 * np.clip(g, -5, 5).sum())
 
 
-FORECAST_DAMPINGS = (0.15, 0.3, 0.5)  # constant dampings measured on the tuned schedules
+CONSTANT_DAMPINGS = (0.15, 0.3, 0.5)  # constant dampings measured on the tuned schedules
 FORECAST_FLOOR_DB = -0.2  # a reuse rule may lose at most this much to plain reuse at any budget
+WORST_FLOOR_DB = -0.5  # nor this much on the worst prompt of any schedule: the image a user sees is one prompt
 
 
 def mean_reach(schedule: str, sigma: np.ndarray) -> float:
@@ -255,6 +271,15 @@ def gains_of(measure: Measurer, schedules: dict[int, list[str]], forecast: Forec
     return out
 
 
+def worst_loss(measure: Measurer, schedules: dict[int, list[str]], forecast: Forecast) -> float:
+    """The largest loss on a schedule's worst prompt, the rule against plain reuse, over the tuned schedules (dB, <= 0)."""
+    losses = [0.0]
+    for steps, found in schedules.items():
+        for s in found:
+            losses.append(min(measure.under("worst", steps, s, forecast) - measure.under("worst", steps, s), 0.0))
+    return min(losses)
+
+
 def forecast_score(gains: dict[int, np.ndarray]) -> float:
     """The mean gain over plain reuse, less twice every loss beyond FORECAST_FLOOR_DB."""
     g = np.concatenate(list(gains.values()))
@@ -268,7 +293,7 @@ def tune_forecast(measure: Measurer, search: Search, tuned: Preset, fitted: Fore
     the constants, the probe-fitted rule and plain reuse. The candidate of the best `forecast_score` wins; plain reuse
     scores 0, so a rule is kept only where it gains on what was measured."""
     schedules = {steps: search.schedules(tuned, steps) for steps in search.units}
-    candidates: dict[str, Forecast] = {f"linear:{a:g}": Forecast("linear", "step", ((0.0, a),)) for a in FORECAST_DAMPINGS}
+    candidates: dict[str, Forecast] = {f"linear:{a:g}": Forecast("linear", "step", ((0.0, a),)) for a in CONSTANT_DAMPINGS}
     if fitted.extrapolates:
         candidates["probe-fitted"] = fitted
     gains = {name: gains_of(measure, schedules, rule) for name, rule in candidates.items()}
@@ -278,10 +303,10 @@ def tune_forecast(measure: Measurer, search: Search, tuned: Preset, fitted: Fore
         for s in found:
             reach = mean_reach(s, sigma)
             if math.isfinite(reach):
-                points.append({"reach": reach, 0.0: measure(steps, s), **{a: measure(steps, s, candidates[f"linear:{a:g}"]) for a in FORECAST_DAMPINGS}})
+                points.append({"reach": reach, 0.0: measure(steps, s), **{a: measure(steps, s, candidates[f"linear:{a:g}"]) for a in CONSTANT_DAMPINGS}})
     if points:
         table = pd.DataFrame(points).sort_values("reach").reset_index(drop=True)
-        dampings = [0.0, *FORECAST_DAMPINGS]
+        dampings = [0.0, *CONSTANT_DAMPINGS]
         # A reach bin's knot: the mean of its schedules' best dampings. (The one damping of the best summed PSNR per
         # bin was tried too: 0.02 better in score on the eval's calibration run, within noise; not kept.)
         groups = [table.iloc[i] for i in np.array_split(np.arange(len(table)), min(6, len(table)))]
@@ -291,10 +316,14 @@ def tune_forecast(measure: Measurer, search: Search, tuned: Preset, fitted: Fore
             candidates["measured knots"] = Forecast("linear", "step", knots)
             gains["measured knots"] = gains_of(measure, schedules, candidates["measured knots"])
     scores = {name: forecast_score(g) for name, g in gains.items()}
-    echo(f"{'reuse rule':<16}{'score':>8}{'mean':>8}{'worst':>8}   gain over plain reuse (dB) on the calibration prompts, budgets 20%..75%")
+    worst = {name: worst_loss(measure, schedules, candidates[name]) for name in gains}
+    echo(f"{'reuse rule':<16}{'score':>8}{'mean':>8}{'worst':>8}{'worst prompt':>14}   gain over plain reuse (dB) on the calibration prompts, "
+         f"budgets 20%..75%; a rule that loses more than {-WORST_FLOOR_DB:g} dB on a schedule's worst prompt is out")
     for name, g in gains.items():
         every = np.concatenate(list(g.values()))
-        echo(f"{name:<16}{scores[name]:>8.2f}{np.nanmean(every):>+8.2f}{np.nanmin(every):>+8.2f}")
+        echo(f"{name:<16}{scores[name]:>8.2f}{np.nanmean(every):>+8.2f}{np.nanmin(every):>+8.2f}{worst[name]:>+14.2f}")
+        if worst[name] < WORST_FLOOR_DB:
+            scores[name] = -math.inf
     best = max(scores, key=scores.get)
     record = {name: {str(steps): [_finite(v) for v in g[steps]] for steps in g} for name, g in gains.items()}
     if scores[best] <= 0:
@@ -335,7 +364,7 @@ def open_tune(request: TuneRequest, preset: Preset, out: Path) -> tuple[Recordin
     recording = open_recording(run, request.model_path, request.lightx2v_config, request.device, request.dtype, what="tune")
     settings = recording.settings
     preset.require_model(settings["model"])
-    fronts = others_front(request.against, recording)
+    fronts = others_front(request.against, recording, preset.calibration.get("objective", "mean"))
     missing = sorted(set(fronts) - set(settings["steps"]))
     if missing:
         raise UserError(f"--against: sweeps of {', '.join(map(str, missing))} steps, which {run} did not record")
@@ -359,7 +388,9 @@ def tune(request: TuneRequest, echo=print) -> Preset:
     measure = Measurer(recording, preset)
     for r in measured.itertuples():  # what the sweeps measured is not generated again
         measure.measured.setdefault((int(r.steps), r.schedule), float(r.psnr))
-    search = Search(units, fronts, measure)
+        measure.summary.setdefault((int(r.steps), r.schedule), {"mean": float(r.psnr), "worst": float(r.worst), "cvar": float(r.cvar)})
+    objective = preset.calibration.get("objective", "mean")  # what fit made the preset for
+    search = Search(units, fronts, measure, objective)
     echo(f"tune {recording.settings['model']}: {request.rounds} rounds at {', '.join(map(str, units))} steps against "
          f"{', '.join(sorted({label for f in fronts.values() for label in f['label']}))}; each new schedule costs {len(measure.pairs)} generations")
     started = time.monotonic()

@@ -311,9 +311,9 @@ def test_a_sweep_elsewhere_and_its_report(recorded_run, preset, tmp_path, lpips_
     stale = stale_temp(out / "report", "fit.png")
     result = runner.invoke(app, ["report", str(out)])
     assert result.exit_code == 0, result.output
-    assert result.output.strip().endswith("and 5 figures")  # no LPIPS chart: LPIPS was not measured
+    assert result.output.strip().endswith("and 6 figures")  # no LPIPS chart: LPIPS was not measured
     assert not stale.exists() and modes(out / "report") == {normal_umask}
-    for name in ("pareto_psnr.png", "calls_psnr.png"):
+    for name in ("pareto_psnr.png", "calls_psnr.png", "calls_psnr_worst.png"):
         lines, (low, high), texts, labels = figures[name][0]
         plotted = [y for data in lines for _, y in data]
         assert all(abs(y) < 99 for y in plotted) and high < 99  # identical images (PSNR inf) are not plotted at 100...

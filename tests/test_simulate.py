@@ -136,3 +136,28 @@ def test_lemica_is_published_at_50_steps_and_mapped_by_sigma_at_other_counts():
             assert any(abs(twenty[m] - fifty[s]) <= min(abs(twenty[m + d] - fifty[s]) for d in (-1, 1)) for s in steps)
     slow = lemica_schedule("slow", twenty, published)
     assert slow[:8].all() and slow[8:].mean() < 0.6  # dense early, as published (steps 0-19 of 50)
+
+
+def test_each_objective_recovers_its_choice_on_a_synthetic_cost_table():
+    """Two static schedules over four prompts: A is better on average, B on the worst prompt (and on the worst fifth,
+    one prompt of four). The cost model scores each under the objective asked for; each objective picks its own."""
+    from calib.budgets import OBJECTIVES, over_prompts
+    from calib.oracle import modelled_db
+
+    n = 6
+    a, b = np.array([1, 0, 1, 0, 1, 1], bool), np.array([1, 1, 0, 1, 0, 1], bool)
+    units, matrices = [], {}
+    for i in range(4):
+        unit = UnitSeries((f"p{i}", 0, n, 8, 8), f"p{i}", ("cond",), np.linspace(1, 0.1, n), {}, {})
+        matrix = np.full((1, n, n, 2), 1e-3)
+        if i == 3:  # one prompt on which A's skips (steps 1 and 3) cost 10 times more
+            matrix[:, [1, 3]] = 0.01
+        else:  # B's skips (steps 2 and 4) cost a little more on the three others
+            matrix[:, [2, 4]] = 3e-3
+        units.append(unit)
+        matrices[unit.key] = matrix
+    scores = {o: {name: modelled_db(matrices, units, s, o) for name, s in (("A", a), ("B", b))} for o in OBJECTIVES}
+    assert max(scores["mean"], key=scores["mean"].get) == "A"
+    assert max(scores["worst"], key=scores["worst"].get) == "B" and max(scores["cvar"], key=scores["cvar"].get) == "B"
+    assert over_prompts([50, 50, 50, 30], "mean") == 45 and over_prompts([50, 50, 50, 30], "worst") == 30
+    assert over_prompts(list(range(10)), "cvar") == 0.5  # the worst fifth: 2 of 10

@@ -18,6 +18,7 @@ from calib.cli import app
 from calib.fit import FitRequest, fit
 from calib.sweep import SweepRequest, sweep
 from calib.tune import Search, TuneRequest, best_other, others_front, tune
+from teacache.forecast import Forecast
 from teacache.preset import Preset
 from tests.conftest import SMALL_PROMPTS, write_prompts
 
@@ -168,3 +169,29 @@ def test_tune_refuses_a_sweep_of_part_of_the_prompts_or_without_psnr(calibrated,
     result = runner.invoke(app, ["tune", str(run), "--preset", str(preset), "--against", str(no_psnr), "--out", str(tmp_path / "o.json")])
     assert result.exit_code == 2 and "no PSNR measured" in result.output
     assert not (tmp_path / "o.json").exists()
+
+
+def test_a_reuse_rule_that_costs_a_schedule_its_worst_prompt_is_out(calibrated):
+    """The forecast must be safe per prompt: a rule whose worst prompt loses more than 0.5 dB on any tuned schedule
+    against plain reuse is never chosen, whatever its mean gain."""
+    from calib.tune import WORST_FLOOR_DB, worst_loss
+
+    class Table:
+        """A Measurer of fixed per-prompt PSNRs: plain reuse 40/40/40; the rule 46/46/39 (mean +3.7, worst -1)."""
+
+        def __init__(self, ruled_worst: float) -> None:
+            self.ruled_worst = ruled_worst
+
+        def under(self, objective, steps, schedule, forecast=None):
+            if forecast is None or not forecast.extrapolates:
+                return 40.0
+            return self.ruled_worst if objective == "worst" else 46.0
+
+    rule = Forecast("linear", "step", ((0.0, 0.3),))
+    losing, within = worst_loss(Table(39.0), {6: ["xx.x.x"]}, rule), worst_loss(Table(39.8), {6: ["xx.x.x"]}, rule)
+    assert losing == pytest.approx(-1.0) and losing < WORST_FLOOR_DB
+    assert within == pytest.approx(-0.2) and within > WORST_FLOOR_DB
+    assert worst_loss(Table(41.0), {6: ["xx.x.x"]}, rule) == 0.0
+    _, _, _, tuned, lines = calibrated
+    header = next(line for line in lines if line.startswith("reuse rule"))
+    assert "worst prompt" in header and "is out" in header  # tune printed the per-prompt check it applied
