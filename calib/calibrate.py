@@ -72,12 +72,14 @@ class CalibrateRequest:
     budget: int | None = None  # calls; None: DEFAULT_BUDGET, unless hours
     hours: float | None = None
     tune_rounds: int = 150  # at most; fewer when the budget ends first
+    objective: str = "mean"  # what fit and tune optimise over the prompts (calib.budgets.OBJECTIVES)
     out: Path | None = None  # the preset (default RUN/preset.json)
     device: str = "auto"
     dtype: str = "auto"
     backend: str | None = None
     model_path: Path | None = None
     lightx2v_config: Path | None = None
+    lora_path: Path | None = None
     shard: str | None = None
 
 
@@ -162,7 +164,8 @@ def calibrate(request: CalibrateRequest, echo=print) -> Path:
     out = Path(request.out) if request.out is not None else run / "preset.json"
     record_request = RecordRequest(out=run, model=request.model, prompts=request.prompts, steps=request.steps, cfg=request.cfg, size=request.size,
                                    seeds=request.seeds, device=request.device, dtype=request.dtype, backend=request.backend,
-                                   model_path=request.model_path, shard=request.shard, lightx2v_config=request.lightx2v_config)
+                                   model_path=request.model_path, shard=request.shard, lightx2v_config=request.lightx2v_config,
+                                   lora_path=request.lora_path)
     _, _, prompts, steps, cfg = check_request(record_request)
     units = len(prompts) * len(request.seeds)
     budget = request.budget if request.budget is not None else DEFAULT_BUDGET
@@ -181,7 +184,7 @@ def calibrate(request: CalibrateRequest, echo=print) -> Path:
     else:
         echo(f"time: {seconds_per_call * 1000:.1f} ms per call while recording; the plan takes about {plan.costs[plan.chosen] * seconds_per_call / 3600:.2f} h here")
     rung = plan.rung
-    settings = {"rung": asdict(rung), "record": load_run(run)["settings"], "tune_rounds": request.tune_rounds}
+    settings = {"rung": asdict(rung), "record": load_run(run)["settings"], "tune_rounds": request.tune_rounds, "objective": request.objective}
     check_same_settings(run / CALIBRATE_FILE, settings, "calibration", flag="another run folder, or the budget it was planned with")
     write_json(run / CALIBRATE_FILE, {"kind": "calibrate", "settings": settings, "budget": budget, "costs": plan.costs})
     if rung.windows:
@@ -197,7 +200,7 @@ def calibrate(request: CalibrateRequest, echo=print) -> Path:
         wait_for(out.exists, f"rank 0's preset {out}", echo)
         return out
     if not rung.tune:
-        fit(FitRequest(runs=(run,), out=out), echo=echo)
+        fit(FitRequest(runs=(run,), out=out, objective=request.objective), echo=echo)
     else:
         _tune_stages(request, run, out, plan, budget, echo)
     echo(f"calibrated: {out} ({rung.name}; {plan.costs[plan.chosen]:,} calls planned). Measure it on held-out prompts: "
@@ -213,7 +216,7 @@ def _tune_stages(request: CalibrateRequest, run: Path, out: Path, plan: Plan, bu
     from calib.tune import TuneRequest, tune
 
     fitted = run / "fitted-preset.json"
-    fit(FitRequest(runs=(run,), out=run / "first-preset.json"), echo=echo)
+    fit(FitRequest(runs=(run,), out=run / "first-preset.json", objective=request.objective), echo=echo)
     sweeps = []
     for steps in plan.steps:
         folder = run / f"calib-sweep-{steps}"
@@ -221,7 +224,7 @@ def _tune_stages(request: CalibrateRequest, run: Path, out: Path, plan: Plan, bu
                            metrics=("psnr",), device=request.device, dtype=request.dtype, model_path=request.model_path,
                            lightx2v_config=request.lightx2v_config, yes=True), echo=echo)
         sweeps.append(folder)
-    fit(FitRequest(runs=(run,), out=fitted, oracle_from=tuple(sweeps)), echo=echo)
+    fit(FitRequest(runs=(run,), out=fitted, oracle_from=tuple(sweeps), objective=request.objective), echo=echo)
     rounds = request.tune_rounds
     while rounds > 0 and plan.record_calls + tune_calls(plan, rounds) > budget:
         rounds -= 10
@@ -265,6 +268,7 @@ class EvaluateRequest:
     dtype: str = "auto"
     model_path: Path | None = None
     lightx2v_config: Path | None = None
+    lora_path: Path | None = None
     shard: str | None = None
 
 
@@ -298,7 +302,7 @@ def evaluate(request: EvaluateRequest, echo=print) -> list[Path]:
     run = Path(request.run)
     record(RecordRequest(out=run, model=preset.model, prompts=request.prompts, steps=steps, cfg=preset.calibration.get("cfg"), size=size,
                          seeds=request.seeds, device=request.device, dtype=request.dtype, model_path=request.model_path,
-                         lightx2v_config=request.lightx2v_config, shard=request.shard), echo=echo)
+                         lightx2v_config=request.lightx2v_config, lora_path=request.lora_path, shard=request.shard), echo=echo)
     wait_for(lambda: not missing_units(load_run(run)), "the recording", echo)
     forecasts = ("preset", "none") if preset.forecast.extrapolates else ("preset",)
     folders = []

@@ -29,6 +29,7 @@ import click  # noqa: E402
 import typer  # noqa: E402
 from typer.core import TyperCommand, TyperGroup  # noqa: E402
 
+from calib.budgets import OBJECTIVES  # noqa: E402
 from calib.configs import MAX_CONFIGS, STATIC  # noqa: E402
 from calib.errors import UserError  # noqa: E402
 from calib.fit import LOSSES, TARGETS  # noqa: E402
@@ -43,6 +44,7 @@ Signal = Literal[("auto", *SIGNALS)]  # type: ignore[valid-type]
 Target = Literal[("auto", *TARGETS)]  # type: ignore[valid-type]
 BranchMode = Literal[("auto", *BRANCH_MODES)]  # type: ignore[valid-type]
 Loss = Literal[LOSSES]  # type: ignore[valid-type]
+Objective = Literal[OBJECTIVES]  # type: ignore[valid-type]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Backend = Literal["diffusers", "lightx2v"]
 Metric = Enum("Metric", {name: name for name in METRICS}, type=str)  # Enums: typer lists take no Literal
@@ -157,6 +159,7 @@ MODEL_PANEL, GENERATION_PANEL, DEVICE_PANEL = "Model", "Generation", "Device and
 CONFIG_PANEL, MEASURE_PANEL = "What to measure", "How to measure"
 DEVICE_HELP = "auto (cuda when present; cuda:LOCAL_RANK under torchrun), cpu or cuda[:N]."
 DTYPE_HELP = "auto: bf16 on CUDA, fp32 on CPU."
+LORA_HELP = "A distilled model's Lightning LoRA, its local .safetensors file (see `teacal models`); later stages reuse the recorded one."
 
 
 @command
@@ -165,7 +168,7 @@ def models() -> None:
     typer.echo(f"{'name':<24}{'backend':<11}{'weights':<28}{'pipeline':<28}{'steps':>6}{'cfg':>6}  size")
     for spec in MODELS.values():
         mark = " (default)" if spec.name == DEFAULT_MODEL else ""
-        typer.echo(f"{spec.name:<24}{spec.backend:<11}{spec.hub_id or 'embedded':<28}{spec.pipeline:<28}{spec.steps:>6}{spec.cfg:>6g}  {spec.size[0]}x{spec.size[1]}{mark}")
+        typer.echo(f"{spec.name:<24}{spec.backend:<11}{(spec.hub_id or 'embedded') + (' + LoRA' if spec.lora else ''):<28}{spec.pipeline:<28}{spec.steps:>6}{spec.cfg:>6g}  {spec.size[0]}x{spec.size[1]}{mark}")
 
 
 @command
@@ -180,10 +183,12 @@ def calibrate(
     budget: Annotated[int | None, typer.Option(min=1, help="Transformer calls to spend (default 10,000): it chooses how much to probe, and whether to tune.")] = None,
     hours: Annotated[float | None, typer.Option(help="Or a budget in hours, at the time per call measured while recording.")] = None,
     tune_rounds: Annotated[int, typer.Option(min=0, help="Tune's search rounds at most, when the budget reaches tune.")] = 150,
+    objective: Annotated[Objective, typer.Option(help="What is optimised over the calibration prompts: their mean, the worst prompt, or the mean of the worst fifth (cvar).")] = "mean",
     out: Annotated[Path | None, typer.Option(help="The preset to write (default: RUN/preset.json).")] = None,
     backend: Annotated[Backend | None, typer.Option(help="Default: the model's own.", rich_help_panel=MODEL_PANEL)] = None,
     model_path: Annotated[Path | None, typer.Option(help="Local folder with the weights; never downloads.", rich_help_panel=MODEL_PANEL)] = None,
     lightx2v_config: Annotated[Path | None, typer.Option(help="--backend lightx2v: its JSON config.", rich_help_panel=MODEL_PANEL)] = None,
+    lora_path: Annotated[Path | None, typer.Option(help=LORA_HELP, rich_help_panel=MODEL_PANEL)] = None,
     device: Annotated[str, typer.Option(help=DEVICE_HELP, rich_help_panel=DEVICE_PANEL)] = "auto",
     dtype: Annotated[Dtype, typer.Option(help=DTYPE_HELP, rich_help_panel=DEVICE_PANEL)] = "auto",
     shard: Annotated[str | None, typer.Option(help="i/K: this process's share of record and probe (torchrun sets RANK/WORLD_SIZE); rank 0 fits.", rich_help_panel=DEVICE_PANEL)] = None,
@@ -194,8 +199,8 @@ def calibrate(
 
     run_calibrate(CalibrateRequest(
         run=run, prompts=prompts, model=model, steps=tuple(steps or ()), cfg=cfg, size=parse_size(size) if size else None, seeds=tuple(seed or (0,)),
-        budget=budget, hours=hours, tune_rounds=tune_rounds, out=out, device=device, dtype=dtype, backend=backend, model_path=model_path,
-        lightx2v_config=lightx2v_config, shard=shard,
+        budget=budget, hours=hours, tune_rounds=tune_rounds, objective=objective, out=out, device=device, dtype=dtype, backend=backend, model_path=model_path,
+        lightx2v_config=lightx2v_config, lora_path=lora_path, shard=shard,
     ), echo=typer.echo)
 
 
@@ -211,6 +216,7 @@ def evaluate(
     target_psnr: Annotated[float | None, typer.Option(min=0.0, help="The report also names the fewest calls keeping every prompt at this PSNR.")] = None,
     model_path: Annotated[Path | None, typer.Option(help="Local folder with the weights (real models).", rich_help_panel=DEVICE_PANEL)] = None,
     lightx2v_config: Annotated[Path | None, typer.Option(help="--backend lightx2v: its JSON config.", rich_help_panel=DEVICE_PANEL)] = None,
+    lora_path: Annotated[Path | None, typer.Option(help=LORA_HELP, rich_help_panel=DEVICE_PANEL)] = None,
     device: Annotated[str, typer.Option(help=DEVICE_HELP, rich_help_panel=DEVICE_PANEL)] = "auto",
     dtype: Annotated[Dtype, typer.Option(help=DTYPE_HELP, rich_help_panel=DEVICE_PANEL)] = "auto",
     shard: Annotated[str | None, typer.Option(help="i/K: this process's share (torchrun sets RANK/WORLD_SIZE).", rich_help_panel=DEVICE_PANEL)] = None,
@@ -222,7 +228,7 @@ def evaluate(
     run_evaluate(EvaluateRequest(
         run=run, preset=preset, prompts=prompts, steps=tuple(steps or ()), seeds=tuple(seed or (0,)),
         baselines=tuple(baseline) if baseline else EVALUATE_BASELINES, methods=tuple(dict.fromkeys(m.value for m in method)) if method else EVALUATE_METHODS,
-        target_psnr=target_psnr, device=device, dtype=dtype, model_path=model_path, lightx2v_config=lightx2v_config, shard=shard,
+        target_psnr=target_psnr, device=device, dtype=dtype, model_path=model_path, lightx2v_config=lightx2v_config, lora_path=lora_path, shard=shard,
     ), echo=typer.echo)
 
 
@@ -242,6 +248,7 @@ def record(
     dtype: Annotated[Dtype, typer.Option(help=DTYPE_HELP, rich_help_panel=DEVICE_PANEL)] = "auto",
     shard: Annotated[str | None, typer.Option(help="i/K: record every K-th prompt from i (torchrun sets RANK/WORLD_SIZE).", rich_help_panel=DEVICE_PANEL)] = None,
     max_gap: Annotated[int, typer.Option(min=1, max=64, help="Reuse errors are recorded for skips of up to this many steps.", rich_help_panel=GENERATION_PANEL)] = 16,
+    lora_path: Annotated[Path | None, typer.Option(help=LORA_HELP, rich_help_panel=MODEL_PANEL)] = None,
 ) -> None:
     """Run prompts uncached and record, per step and CFG branch, the signals' and the output's rel-L1."""
     from calib.record import RecordRequest
@@ -250,7 +257,7 @@ def record(
     run_record(RecordRequest(
         model=model, prompts=prompts, out=run, steps=tuple(steps or ()), cfg=cfg, size=parse_size(size) if size else None,
         seeds=tuple(seed or (0,)), device=device, dtype=dtype, backend=backend, model_path=model_path, shard=shard,
-        lightx2v_config=lightx2v_config, max_gap=max_gap,
+        lightx2v_config=lightx2v_config, max_gap=max_gap, lora_path=lora_path,
     ), echo=typer.echo)
 
 
@@ -291,13 +298,15 @@ def fit(
     speedup: Annotated[float, typer.Option(min=1.0, help="The default threshold is the one simulated to reach this speedup.")] = 1.6,
     partial: Annotated[bool, typer.Option("--partial", help="Fit an unfinished recording anyway (it says how much is missing).")] = False,
     oracle_from: Annotated[list[Path] | None, typer.Option(help="A sweep (--out folder) of these runs: the oracle becomes the best static schedule it measured per budget, the cost model's among them. Repeatable.")] = None,
+    objective: Annotated[Objective, typer.Option(help="What is optimised over the calibration prompts: their mean, the worst prompt, or the mean of the worst fifth (cvar).")] = "mean",
 ) -> None:
     """Fit the rescale polynomial (np.poly1d order) to what skips cost, with scipy; write a preset with its provenance, domain and fit quality."""
     from calib.fit import FitRequest
     from calib.fit import fit as run_fit
 
     run_fit(FitRequest(runs=tuple(runs), out=out, signal=signal, degree=degree, target=target, branch_mode=branch_mode, loss=loss, folds=folds,
-                       ret_steps=ret_steps, cutoff_steps=cutoff_steps, speedup=speedup, partial=partial, oracle_from=tuple(oracle_from or ())), echo=typer.echo)
+                       ret_steps=ret_steps, cutoff_steps=cutoff_steps, speedup=speedup, partial=partial, oracle_from=tuple(oracle_from or ()),
+                       objective=objective), echo=typer.echo)
 
 
 @command

@@ -21,6 +21,8 @@ class ModelSpec:
     edit: bool  # takes a reference image
     description: str
     prompts: str  # the default prompt set, in the repository's prompts/
+    lora: str | None = None  # a published LoRA the base weights run with ("hub repo/file"); record takes its local file (--lora-path)
+    lightx2v_config: str | None = None  # LightX2V's own config for it (configs/qwen_image/...), for --backend lightx2v
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -52,6 +54,19 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             "qwen-image", "diffusers", "Qwen/Qwen-Image", "QwenImagePipeline", 50, 4.0, (1328, 1328), False,
             "Qwen-Image text-to-image", "t2i.jsonl",
+        ),
+        # Distilled: 8 steps, CFG off (one branch), the base weights with the published Lightning LoRA; LightX2V ships a config
+        ModelSpec(
+            "qwen-image-edit-2511-lightning", "diffusers", "Qwen/Qwen-Image-Edit-2511", "QwenImageEditPlusPipeline", 8, 1.0, (1024, 1024), True,
+            "Qwen-Image-Edit-2511 distilled to 8 steps, CFG off", "edit.jsonl",
+            lora="lightx2v/Qwen-Image-Edit-2511-Lightning/Qwen-Image-Edit-2511-Lightning-8steps-V1.0-fp32.safetensors",
+            lightx2v_config="configs/qwen_image/qwen_image_i2i_2511_distill.json",
+        ),
+        ModelSpec(
+            "qwen-image-2512-lightning", "diffusers", "Qwen/Qwen-Image-2512", "QwenImagePipeline", 8, 1.0, (1328, 1328), False,
+            "Qwen-Image-2512 text-to-image distilled to 8 steps, CFG off", "t2i.jsonl",
+            lora="lightx2v/Qwen-Image-2512-Lightning/Qwen-Image-2512-Lightning-8steps-V1.0-fp32.safetensors",
+            lightx2v_config="configs/qwen_image/qwen_image_t2i_2512_distill.json",
         ),
     )
 }

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from calib.backends import check_backend, load_backend, resolve_device, resolve_dtype, weights_id
+from calib.backends import check_backend, check_lora, load_backend, resolve_device, resolve_dtype, weights_id
 from calib.errors import UserError
 from calib.models import DEFAULT_MODEL, get_model
 from calib.progress import progress
@@ -70,6 +70,7 @@ class RecordRequest:
     model_path: Path | None = None
     shard: str | None = None
     lightx2v_config: Path | None = None  # --backend lightx2v: the LightX2V JSON config
+    lora_path: Path | None = None  # a distilled model's LoRA file (calib.models.ModelSpec.lora)
     max_gap: int = 16  # reuse errors r_<target>_k for k up to this
     residual_tokens: int = 64  # target tokens sampled per call into residuals/ (0: none)
 
@@ -151,6 +152,7 @@ def check_request(request: RecordRequest):
     """Everything a user can get wrong, checked before a model is loaded."""
     spec = get_model(request.model)
     backend_name = check_backend(spec, request.backend, request.model_path, request.lightx2v_config)
+    check_lora(spec, backend_name, request.lora_path)
     prompts = load_prompts(request.prompts or default_prompts(spec.prompts), need_image=spec.edit)
     steps = tuple(sorted(set(request.steps or (spec.steps,))))
     if min(steps) < 2:
@@ -178,8 +180,9 @@ def record(request: RecordRequest, echo=print) -> Path:
     settings = {
         "model": spec.name, "backend": backend_name, "steps": list(steps), "cfg": cfg, "sizes": [list(size)],
         "seeds": list(request.seeds), "dtype": str(dtype).removeprefix("torch."), "device": device.split(":")[0],
-        "prompts": prompts.path.name, "inputs_sha256": prompts.sha256, "weights": weights_id(spec, backend_name, request.model_path),
+        "prompts": prompts.path.name, "inputs_sha256": prompts.sha256, "weights": weights_id(spec, backend_name, request.model_path, request.lora_path),
         "max_gap": request.max_gap, "residual_tokens": request.residual_tokens,
+        "lora": str(Path(request.lora_path).resolve()) if request.lora_path else None,  # later stages load it from here
         # CPU kernels sum in an order that depends on the thread count: references reproduce only with the same one
         "cpu_threads": torch.get_num_threads() if device == "cpu" else None,
     }
@@ -199,7 +202,7 @@ def record(request: RecordRequest, echo=print) -> Path:
          f"shard {shard_index}/{shard_count}: {len(todo)} to run, {len(mine) - len(todo)} done")
     if todo:
         # The model loads before anything is written: a failed load leaves nothing that blocks the corrected rerun.
-        backend = load_backend(spec, backend_name, request.model_path, device, dtype, request.lightx2v_config)
+        backend = load_backend(spec, backend_name, request.model_path, device, dtype, request.lightx2v_config, request.lora_path)
         try:
             write_run_file(out, settings, units, prompts)
             with progress("record", len(todo)) as advance:

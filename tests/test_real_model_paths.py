@@ -144,3 +144,46 @@ def test_the_sweep_times_the_denoising_loop(folders):
     assert generation.image.size == SIZE and steps == [0, 1, 2]
     assert 0 < generation.denoise_seconds < generation.seconds
     assert generation.latents.shape[1] == (SIZE[0] // 16) * (SIZE[1] // 16)  # packed target tokens
+
+
+def _lora(folder: Path, path: Path) -> Path:
+    """A small random LoRA on the tiny transformer's attention (to_q, to_v), in the diffusers/PEFT key layout."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(next((folder / "transformer").glob("*.safetensors"))))
+    generator = torch.Generator().manual_seed(0)
+    lora = {}
+    for key, weight in state.items():
+        if key.endswith(("attn.to_q.weight", "attn.to_v.weight")):
+            name = key.removesuffix(".weight")
+            lora[f"transformer.{name}.lora_A.weight"] = torch.randn(4, weight.shape[1], generator=generator) * 0.2
+            lora[f"transformer.{name}.lora_B.weight"] = torch.randn(weight.shape[0], 4, generator=generator) * 0.2
+    save_file(lora, str(path))
+    return path
+
+
+def test_a_distilled_model_runs_its_lora_with_cfg_off_and_later_stages_reuse_it(folders, tmp_path):
+    """qwen-image-edit-2511-lightning: the 2511 base weights with a Lightning LoRA from a local file, 8 steps by
+    default, CFG off: one branch. The LoRA changes the images; sweep loads it from the recording; a missing one is one line."""
+    folder = folders["qwen-image-edit-2511"]
+    lora = _lora(folder, tmp_path / "lightning.safetensors")
+    prompts = write_prompts(tmp_path / "p.jsonl", EDITS[:1])
+    common = ["--model-path", folder, "--device", "cpu", "--prompts", prompts, "--steps", 3, "--size", "64x48"]
+    missing = _cli("record", tmp_path / "none", "--model", "qwen-image-edit-2511-lightning", *common)
+    assert missing.exit_code == 2 and "--lora-path FILE: qwen-image-edit-2511-lightning runs the base weights with the Lightning LoRA" in missing.output
+    assert not (tmp_path / "none").exists()
+    run = tmp_path / "lightning"
+    result = _cli("record", run, "--model", "qwen-image-edit-2511-lightning", "--lora-path", lora, *common)
+    assert result.exit_code == 0, result.output
+    settings = json.loads((run / "run.json").read_text())["settings"]
+    assert settings["cfg"] == 1.0 and settings["lora"] == str(lora.resolve()) and "LoRA" in settings["weights"]
+    assert set(pd.read_parquet(run / "trace.parquet")["branch"]) == {"cond"}
+    base = tmp_path / "base"
+    assert _cli("record", base, "--model", "qwen-image-edit-2511", "--cfg", 1, *common).exit_code == 0
+    name = f"{EDITS[0]['id']}-0-3st-64x48.npy"
+    assert not np.array_equal(np.load(run / "refs" / name), np.load(base / "refs" / name))  # the LoRA is in
+    preset = Preset(model="qwen-image-edit-2511-lightning", signal="sigma", coefficients=(1.0, 0.0), ret_steps=1, cutoff_steps=-1, threshold=0.1)
+    result = _cli("sweep", run, "--preset", preset.save(tmp_path / "preset.json"), "--model-path", folder, "--device", "cpu", "--thresh", "0",
+                  "--metrics", "psnr", "--oracle", "none", "--out", tmp_path / "sweep")
+    assert result.exit_code == 0, result.output  # threshold 0 reproduced the recorded reference, LoRA included
+    assert (pd.read_parquet(tmp_path / "sweep" / "sweep.parquet")["calls"] == 3).all()

@@ -281,9 +281,9 @@ def test_report_writes_readable_figures_and_the_equal_calls_table(swept, monkeyp
     monkeypatch.setattr(report_module, "_save", keep)
     result = runner.invoke(app, ["report", str(out)])
     assert result.exit_code == 0, result.output
-    assert "and 6 figures" in result.output
+    assert "and 7 figures" in result.output
     folder = out / "report"
-    for name in ("pareto_lpips.png", "pareto_psnr.png", "calls_psnr.png", "fit.png", "steps.png", "skipmap.png"):
+    for name in ("pareto_lpips.png", "pareto_psnr.png", "calls_psnr.png", "calls_psnr_worst.png", "fit.png", "steps.png", "skipmap.png"):
         with Image.open(folder / name) as image:
             assert image.format == "PNG" and image.size[0] > 400
             assert np.asarray(image.convert("L")).std() > 10  # not blank
@@ -457,3 +457,23 @@ def test_baseline_lemica_runs_the_published_schedules_mapped_to_the_recorded_ste
     schedules = lemica.groupby("config")["schedule"].first()
     assert all(s[0] == "x" and s[-1] == "x" and len(s) == 6 for s in schedules)  # 6 recorded steps: mapped, first and last computed
     assert (lemica["computed"] == lemica["budget"]).all() and (lemica["computed_cond"] == lemica["computed_uncond"]).all()
+
+
+def test_with_cfg_off_there_is_one_branch_from_record_to_report(tmp_path):
+    """A distilled model runs without CFG: one branch, cond. Record, fit, sweep (TeaCache, a borrowed set, a static
+    schedule, a peer) and report handle it, and budgets count its calls (one per step)."""
+    from calib.record import RecordRequest, record
+
+    prompts = write_prompts(tmp_path / "p.jsonl", SMALL_PROMPTS[:2])
+    run = record(RecordRequest(out=tmp_path / "run", prompts=Path(prompts), steps=(8,), cfg=1.0, size=(64, 64), max_gap=4), echo=lambda *_: None)
+    trace = pd.read_parquet(run / "trace.parquet")
+    assert set(trace["branch"]) == {"cond"}
+    fit(FitRequest(runs=(run,), out=tmp_path / "p.json", degree=2, folds=2), echo=lambda *_: None)
+    table = sweep(SweepRequest(run=run, preset=tmp_path / "p.json", thresholds="0.1,1", baselines=("identity", "uniform"), methods=("teacache", "fbcache"),
+                               peer_grids=("fbcache.threshold=0.3",), metrics=("psnr",)), echo=lambda *_: None)
+    assert (table["calls"] == 8).all() and (table["computed_uncond"] == 0).all() and (table["computed_cond"] == table["computed"]).all()
+    result = runner.invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    columns = _equal_calls_columns(run / "report" / "report.md")
+    assert {"teacache (calibrated)", "baseline: identity", "static: uniform spacing", "FirstBlockCache (diffusers)"} <= set(columns)
+    assert "| 2 of 8 |" in (run / "report" / "report.md").read_text()

@@ -177,16 +177,35 @@ def check_backend(spec: ModelSpec, backend: str | None, model_path: str | None, 
     return chosen
 
 
-def weights_id(spec: ModelSpec, backend: str, model_path: str | None) -> str:
+def weights_id(spec: ModelSpec, backend: str, model_path: str | None, lora_path: str | None = None) -> str:
     """Names the weights a run uses, so a run folder never mixes outputs of different weights."""
     if backend == "tiny":
         from calib.tiny.model import EMBEDDED, weights_fingerprint
 
         return weights_fingerprint(EMBEDDED[spec.name].weights)
-    return str(Path(model_path).resolve()) if model_path else str(spec.hub_id)
+    base = str(Path(model_path).resolve()) if model_path else str(spec.hub_id)
+    return base + (f" + LoRA {Path(lora_path).resolve()}" if lora_path else "")
 
 
-def load_backend(spec: ModelSpec, backend: str, model_path: str | None, device: str, dtype: torch.dtype, lightx2v_config: str | None = None) -> Backend:
+def check_lora(spec: ModelSpec, backend: str, lora_path: str | None) -> None:
+    """A distilled model's LoRA: its local file is required on the diffusers backend, and refused for other models."""
+    if spec.lora is None:
+        if lora_path is not None:
+            raise UserError(f"--lora-path: model {spec.name} runs no LoRA (the distilled entries of `teacal models` do)")
+        return
+    if backend == "lightx2v":
+        if lora_path is not None:
+            raise UserError("--lora-path: with --backend lightx2v the LoRA is named in the LightX2V config (lora_configs)")
+        return
+    if lora_path is None:
+        raise UserError(f"--lora-path FILE: {spec.name} runs the base weights with the Lightning LoRA {spec.lora}; download it and "
+                        "pass its local file (teacal never downloads)")
+    if not Path(lora_path).is_file():
+        raise UserError(f"--lora-path {lora_path}: no such file")
+
+
+def load_backend(spec: ModelSpec, backend: str, model_path: str | None, device: str, dtype: torch.dtype, lightx2v_config: str | None = None,
+                 lora_path: str | None = None) -> Backend:
     if backend == "tiny":
         from calib.backends.tiny import TinyQwenImageEdit
         from calib.tiny.model import EMBEDDED
@@ -199,7 +218,7 @@ def load_backend(spec: ModelSpec, backend: str, model_path: str | None, device: 
         return LightX2VQwenImage(spec, model_path, lightx2v_config)
     from calib.backends.diffusers import DiffusersBackend
 
-    return DiffusersBackend(spec, model_path, device, dtype)
+    return DiffusersBackend(spec, model_path, device, dtype, lora_path)
 
 
 # -- a recorded run, opened again by a stage that generates (probe, sweep) ------------------------------------------
@@ -216,6 +235,7 @@ class Recording:
     dtype: torch.dtype
     model_path: str | None
     lightx2v_config: str | None
+    lora_path: str | None = None
 
     @property
     def settings(self) -> dict:
@@ -226,7 +246,7 @@ class Recording:
         return tuple(self.settings["sizes"][0])
 
     def load(self) -> Backend:
-        return load_backend(self.spec, self.backend, self.model_path, self.device, self.dtype, self.lightx2v_config)
+        return load_backend(self.spec, self.backend, self.model_path, self.device, self.dtype, self.lightx2v_config, self.lora_path)
 
 
 def open_recording(run: Path, model_path=None, lightx2v_config=None, device: str = "auto", dtype: str = "auto",
@@ -250,8 +270,9 @@ def open_recording(run: Path, model_path=None, lightx2v_config=None, device: str
 
         check_same_lightx2v_config(settings, run)
     backend = check_backend(spec, settings["backend"], model_path, lightx2v_config)
+    lora_path = settings.get("lora")  # a distilled model's LoRA file, as recorded
     recorded_weights = settings.get("weights")
-    weights = weights_id(spec, backend, model_path)
+    weights = weights_id(spec, backend, model_path, lora_path)
     if recorded_weights is not None and weights != recorded_weights:
         raise UserError(f"{run}: recorded with weights {recorded_weights}, but {what} would run {weights}; record again (or pass the same --model-path)")
     prompts = load_prompts(run / info["prompt_file"], need_image=spec.edit)
@@ -271,7 +292,7 @@ def open_recording(run: Path, model_path=None, lightx2v_config=None, device: str
         if settings.get("cpu_threads") is not None and threads != settings["cpu_threads"]:
             raise UserError(f"{run} was recorded with {settings['cpu_threads']} CPU thread(s), this process has {threads}: CPU results depend on "
                             f"the thread count; set OMP_NUM_THREADS={settings['cpu_threads']}{' (or pass --remake-references)' if what == 'sweep' else ''}")
-    return Recording(run, info, spec, backend, prompts, resolved, torch_dtype, model_path, lightx2v_config)
+    return Recording(run, info, spec, backend, prompts, resolved, torch_dtype, model_path, lightx2v_config, lora_path)
 
 
 def reference_mismatch(generation: Generation, reference_latents: np.ndarray) -> str | None:

@@ -37,7 +37,7 @@ def check_real_dependencies() -> None:
 
 
 class DiffusersBackend(HookedTransformerBackend):
-    def __init__(self, spec: ModelSpec, model_path: str | None, device: str, dtype: torch.dtype) -> None:
+    def __init__(self, spec: ModelSpec, model_path: str | None, device: str, dtype: torch.dtype, lora_path: str | None = None) -> None:
         import diffusers
 
         self.spec = spec
@@ -53,6 +53,12 @@ class DiffusersBackend(HookedTransformerBackend):
         except Exception as err:  # noqa: BLE001 - whatever a broken weights folder raises, it is one line to the user
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise UserError(f"cannot load {spec.name} weights from {source}: {type(err).__name__}{': ' + first if first else ''}") from None
+        if lora_path is not None:  # a distilled model: the base weights with its LoRA, from a local file
+            try:
+                self.pipe.load_lora_weights(str(lora_path))
+            except Exception as err:  # noqa: BLE001 - whatever a wrong LoRA file raises, it is one line to the user
+                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                raise UserError(f"cannot load the LoRA {lora_path} into {spec.name}: {type(err).__name__}{': ' + first if first else ''}") from None
         self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.transformer = self.pipe.transformer
