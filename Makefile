@@ -78,11 +78,14 @@ eval: install
 # What calibration costs against what it buys: calibrate at each rung of teacal calibrate's ladder (LADDER_BUDGETS,
 # calls) and measure each preset on the held-out prompts (docs/eval/ladder.py writes the table).
 LADDER_BUDGETS ?= 1500 2300 3100 6000 40000
+# The full calibration beside the rungs: the shipped tiny preset is one (record, probe, fit, sweeps, tune; 2026-12-04).
+FULL_PRESET ?= $(if $(filter tiny-qwen-image-edit,$(MODEL)),presets/tiny-qwen-image-edit.json,)
 ladder: install
 	for b in $(LADDER_BUDGETS); do \
 		$(TEACAL) calibrate $(EVAL)/ladder-$$b --model $(MODEL) --prompts $(EVAL_PROMPTS)calib.jsonl $(EVAL_STEPS:%=--steps %) --budget $$b || exit 1; \
 	done
-	$(PY) docs/eval/ladder.py $(EVAL) --prompts $(EVAL_PROMPTS)heldout.jsonl $(EVAL_STEPS:%=--steps %) $(LADDER_BUDGETS:%=--budget %)
+	$(PY) docs/eval/ladder.py $(EVAL) --prompts $(EVAL_PROMPTS)heldout.jsonl $(EVAL_STEPS:%=--steps %) $(LADDER_BUDGETS:%=--budget %) \
+		$(if $(FULL_PRESET),--full $(FULL_PRESET))
 
 report: install
 	$(TEACAL) report $(RUN)

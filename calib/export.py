@@ -9,12 +9,11 @@ stock LightX2V.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from calib.errors import UserError
-from calib.runfiles import check_output_file, write_json
+from calib.runfiles import check_output_file, read_json, write_json
 from teacache.lightx2v_config import KEYS, config_keys
 from teacache.preset import Preset, check_threshold
 
@@ -34,16 +33,7 @@ def export_lightx2v(preset_path: Path, out: Path, base_path: Path | None = None,
     preset = Preset.load(preset_path)
     if out.resolve() in {preset_path.resolve(), *([base_path.resolve()] if base_path else [])}:
         raise UserError(f"--out {out}: would overwrite an input; name another file")
-    base = None
-    if base_path is not None:
-        try:
-            base = json.loads(base_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"--base {base_path}: no such file") from None
-        except json.JSONDecodeError as err:
-            raise UserError(f"--base {base_path}: invalid JSON at line {err.lineno}: {err.msg}") from None
-        if not isinstance(base, dict):
-            raise UserError(f"--base {base_path}: expected a JSON object of LightX2V config keys")
+    base = read_json(base_path, f"--base {base_path}", "a JSON object of LightX2V config keys") if base_path is not None else None
     config = lightx2v_config(preset, base, threshold)
     write_json(out, config)
     return config

@@ -60,13 +60,13 @@ class ProbeRequest:
     model_path: Path | None = None
     lightx2v_config: Path | None = None
     shard: str | None = None
-    forecast: bool = False  # also measure the reuse rule (FORECAST_DAMPINGS on evenly spaced schedules)
+    forecast: bool = False  # also measure the reuse rule (PROBE_DAMPINGS on evenly spaced schedules)
     steps: tuple[int, ...] = ()  # which recorded step counts to probe (default: all); fit maps the sensitivity by sigma
     stride: int = 1  # single steps: every stride-th step (fit interpolates between them)
 
 
 FORECAST_SHARES = (0.2, 0.25, 0.3, 0.35, 0.4, 0.5)  # forecast probes: budgets as shares of the steps (wide to narrow spans)
-FORECAST_DAMPINGS = (0.0, 0.2, 0.4, 0.6, 0.8)
+PROBE_DAMPINGS = (0.0, 0.2, 0.4, 0.6, 0.8)
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def plan(recording: Recording, request: ProbeRequest) -> list[Probe]:
                 probes += [Probe(item, seed, steps, recording.size, first, length) for first in window_starts(steps, length, request.stride)]
             if request.forecast:
                 for budget in sorted({max(3, round(share * steps)) for share in FORECAST_SHARES}):
-                    probes += [Probe(item, seed, steps, recording.size, kind="forecast", budget=budget, alpha=a) for a in FORECAST_DAMPINGS]
+                    probes += [Probe(item, seed, steps, recording.size, kind="forecast", budget=budget, alpha=a) for a in PROBE_DAMPINGS]
     return probes
 
 

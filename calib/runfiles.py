@@ -24,6 +24,7 @@ from teacache.preset import SIGNALS
 
 RUN_FILE = "run.json"
 SWEEP_FILE = "sweep.json"
+SWEEP_TABLE = "sweep.parquet"  # beside it in a sweep's --out folder, once every part is merged
 PROBE_FILE = "probe.json"
 # kind "window": only steps first..first+length-1 skipped; kind "forecast": the uniform schedule of `budget` computed
 # steps, with a linear forecast of constant damping `alpha` (0: plain reuse)
@@ -51,19 +52,21 @@ def settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path, name: str | None = None, expected: str = "a JSON object") -> dict[str, Any]:
+    """A JSON object, or one line naming the file (as `name`, e.g. the flag that gave it) and what is wrong with it."""
+    name = name or str(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UserError(f"{path}: not found") from None
+        raise UserError(f"{name}: no such file") from None
     except IsADirectoryError:
-        raise UserError(f"{path}: is a folder, not a JSON file") from None
+        raise UserError(f"{name}: is a folder, not a JSON file") from None
     except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
+        raise UserError(f"{name}: not UTF-8 text") from None
     except json.JSONDecodeError as err:
-        raise UserError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+        raise UserError(f"{name}: invalid JSON at line {err.lineno}: {err.msg}") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
+        raise UserError(f"{name}: expected {expected}")
     return data
 
 

@@ -57,6 +57,7 @@ from calib.progress import progress
 from calib.prompts import load_prompts
 from calib.runfiles import (
     SWEEP_FILE,
+    SWEEP_TABLE,
     check_finite,
     check_output_file,
     check_output_folder,
@@ -279,9 +280,9 @@ def sweep(request: SweepRequest, echo=print) -> pd.DataFrame:
         echo("other shards still have generations to run; the last one to finish merges sweep.parquet")
         return pd.DataFrame()
     table = with_earlier_sweeps(merge(p.out / "sweep", p, pairs), p.out, echo)
-    write_table(p.out / "sweep.parquet", table)
+    write_table(p.out / SWEEP_TABLE, table)
     echo(summary(table))
-    echo(f"wrote {p.out / 'sweep.parquet'}")
+    echo(f"wrote {p.out / SWEEP_TABLE}")
     target = ("lpips", request.target_lpips) if request.target_lpips is not None else ("psnr", request.target_psnr) if request.target_psnr is not None else None
     if target is not None:
         recommend(table, Preset.load(request.preset), request.save_preset or p.out / "recommended-preset.json", *target, echo=echo)
@@ -301,7 +302,7 @@ def prepare_output(request: SweepRequest, p: Plan, pairs: list[tuple]) -> None:
         "record.inputs_sha256": f"the recording's prompt set {run / 'inputs'}: other text or images than swept",
         "lightx2v_config_sha256": f"LightX2V config {p.recording.settings.get('lightx2v_config')}: other contents"})
     remove_stale_temp_files(out / "sweep")
-    remove_stale_temp_files(out, [SWEEP_FILE, "sweep-preset.json", "sweep.parquet", peers.MAGCACHE_FILE, "recommended-preset.json"])
+    remove_stale_temp_files(out, [SWEEP_FILE, "sweep-preset.json", SWEEP_TABLE, peers.MAGCACHE_FILE, "recommended-preset.json"])
     if request.save_preset is not None:
         remove_stale_temp_files(Path(request.save_preset).parent, [Path(request.save_preset).name])
     if request.remake_references:

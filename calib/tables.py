@@ -15,7 +15,7 @@ import pandas as pd
 
 from calib.configs import parse_forecast
 from calib.errors import UserError
-from calib.runfiles import read_table
+from calib.runfiles import SWEEP_TABLE, read_table
 from teacache.preset import Preset
 
 
@@ -65,7 +65,7 @@ def static_configs(table: pd.DataFrame) -> pd.Series:
 def with_earlier_sweeps(table: pd.DataFrame, out: Path, echo=print) -> pd.DataFrame:
     """One folder, one table: the configurations that earlier sweeps into `out` measured (another --method, --baseline
     or --thresh, under the same settings, which `check_same_settings` holds to) stay in it beside this sweep's."""
-    path = out / "sweep.parquet"
+    path = out / SWEEP_TABLE
     if not path.exists():
         return table
     earlier = read_table(path)
@@ -78,7 +78,7 @@ def with_earlier_sweeps(table: pd.DataFrame, out: Path, echo=print) -> pd.DataFr
 
 def check_same_pairs(out: Path, pairs: list[tuple]) -> None:
     """A sweep into a folder whose table measured other (prompt, seed) pairs would mix prompt sets in one table."""
-    path = out / "sweep.parquet"
+    path = out / SWEEP_TABLE
     if not path.exists():
         return
     earlier = read_table(path)

@@ -213,7 +213,7 @@ def test_the_fitted_damping_recovers_a_known_one_per_sigma_span():
     at every probed span (between the probed dampings, by the parabola through the best three), and where every
     damping loses to plain reuse it keeps α = 0, so the fitted rule never does worse than reuse on what was measured."""
     from calib.costmodel import forecast_from_probes
-    from calib.probe import FORECAST_DAMPINGS
+    from calib.probe import PROBE_DAMPINGS
     from calib.simulate import uniform_schedule
 
     steps = 20
@@ -222,7 +222,7 @@ def test_the_fitted_damping_recovers_a_known_one_per_sigma_span():
     best_by_budget = {10: 0.5, 7: 0.3, 4: -1.0}  # -1: every positive damping hurts
     rows = []
     for budget, best in best_by_budget.items():
-        for alpha in FORECAST_DAMPINGS:
+        for alpha in PROBE_DAMPINGS:
             error = 0.01 * math.exp(3.0 * (alpha - best) ** 2)  # log error is a parabola in α, least at `best`
             rows.append({"kind": "forecast", "prompt_id": "p", "seed": 0, "steps": steps, "budget": budget, "alpha": alpha, "image_rmse": error})
     fitted = forecast_from_probes([unit], pd.DataFrame(rows))

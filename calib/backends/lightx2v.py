@@ -49,7 +49,6 @@ import dataclasses
 import functools
 import gc
 import hashlib
-import json
 import os
 import tempfile
 import time
@@ -64,6 +63,7 @@ from PIL import Image
 from calib.backends import CacheHandle, Generation, recording_preset
 from calib.errors import UserError
 from calib.models import ModelSpec
+from calib.runfiles import read_json
 from teacache.policy import TeaCacheCall
 from teacache.preset import Preset
 
@@ -90,16 +90,7 @@ def check_lightx2v_config(path: str | None) -> Path:
             "configs/qwen_image/qwen_image_i2i_2511.json"
         )
     file = Path(path)
-    if not file.is_file():
-        raise UserError(f"--lightx2v-config {path}: no such file")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"--lightx2v-config {path}: invalid JSON at line {err.lineno}: {err.msg}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"--lightx2v-config {path}: cannot read it ({type(err).__name__})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"--lightx2v-config {path}: expected a JSON object of LightX2V config keys")
+    config = read_json(file, f"--lightx2v-config {path}", "a JSON object of LightX2V config keys")
     for key, why in UNSUPPORTED_CONFIG.items():
         if config.get(key):
             raise UserError(f"--lightx2v-config {path}: {key!r} is not supported here ({why})")

@@ -337,13 +337,19 @@ HELD_OUT_PROMPTS = 24
 
 def write_prompt_set(path: Path, n: int = 30, seed: int = HELD_OUT_SEED) -> list[dict]:
     """Write `n` held-out edits as a prompt set: `path` (jsonl) and one reference PNG each in `<stem>/`."""
+    return write_edits(path, sample_edits(seed, n, balanced=True), lambda edit: to_pil(edit.source))
+
+
+def write_edits(path: Path, edits, reference) -> list[dict]:
+    """Edits (each with `kind` and `prompt`) as a prompt set: `path` (jsonl) and each one's reference image
+    (`reference(edit)`, a PIL image) as a PNG in `<stem>/`; ids number them and say their kind."""
     path = Path(path)
     folder = path.parent / path.stem
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i, edit in enumerate(sample_edits(seed, n, balanced=True)):
+    for i, edit in enumerate(edits):
         row_id = f"{i:03d}-{edit.kind}"
-        to_pil(edit.source).save(folder / f"{row_id}.png")
+        reference(edit).save(folder / f"{row_id}.png")
         rows.append({"id": row_id, "prompt": edit.prompt, "image": f"{path.stem}/{row_id}.png"})
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
