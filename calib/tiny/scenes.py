@@ -19,16 +19,14 @@ Everything is drawn from a seeded `numpy.random.Generator`, so a seed names a da
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from calib.tiny.shapes import COLOURS, SHAPES, Shape, coverage
+from calib.tiny.shapes import COLOURS, SHAPES, Shape, coverage, write_edits
 
 SIZE = 64
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
@@ -147,8 +145,8 @@ def _fits(shape: Shape, others, gap: float = 2.0) -> bool:
 
 
 def random_texture(rng: np.random.Generator, kind: str | None = None) -> Texture:
-    kind = str(rng.choice(TEXTURES, p=(0.25, 0.2, 0.15, 0.15, 0.1, 0.15))) if kind is None else kind
-    amplitude = float(rng.uniform(14, 34))
+    kind = str(rng.choice(TEXTURES, p=(0.1, 0.2, 0.15, 0.25, 0.1, 0.2))) if kind is None else kind  # mostly textured: detail to decide
+    amplitude = float(rng.uniform(18, 40))
     if kind == "plain":
         return Texture()
     if kind == "stripes":
@@ -159,7 +157,7 @@ def random_texture(rng: np.random.Generator, kind: str | None = None) -> Texture
     elif kind == "gradient":
         params = (float(rng.uniform(0, 2 * math.pi)),)
     elif kind == "dots":
-        params = (float(rng.integers(0, 2**31)), float(rng.integers(8, 30)))
+        params = (float(rng.integers(0, 2**31)), float(rng.integers(15, 50)))
     else:
         params = (float(rng.integers(0, 2**31)), float(rng.integers(3, 7)))
     return Texture(kind, amplitude, params)
@@ -169,7 +167,7 @@ def random_item(rng: np.random.Generator, others, kind: str | None = None, colou
     kind = str(rng.choice(SHAPES)) if kind is None else kind
     colour = str(rng.choice(list(COLOURS))) if colour is None else colour
     r = float(rng.uniform(2.5, 4.0)) if small else float(rng.uniform(5.0, 10.0))
-    hatch = None if small or rng.random() < 0.6 else (float(rng.uniform(0, math.pi)), float(rng.uniform(3, 6)), float(rng.uniform(0, 1)))
+    hatch = None if small or rng.random() < 0.4 else (float(rng.uniform(0, math.pi)), float(rng.uniform(3, 6)), float(rng.uniform(0, 1)))
     for _ in range(60):
         x, y = rng.uniform(r + MARGIN, SIZE - r - MARGIN, size=2)
         shape = Shape(kind, colour, round(float(x), 2), round(float(y), 2), round(r, 2))
@@ -284,15 +282,17 @@ def sample_edit(rng: np.random.Generator, kind: str) -> Edit | None:
     return _about(rng, scene, kind, named[int(rng.integers(len(named)))])
 
 
-KIND_WEIGHTS = (0.3, 0.1, 0.1, 0.15, 0.25, 0.1)  # of KINDS: most edits leave the outcome open
+KIND_WEIGHTS = (0.3, 0.05, 0.15, 0.1, 0.3, 0.1)  # of KINDS: most edits leave the outcome open
+# Prompt sets cycle through these: the open kinds (draw, add, move) twice as often as the rest
+PROMPT_CYCLE = ("draw", "add", "move", "background", "draw", "add", "move", "recolour", "exact")
 
 
 def sample_edits(seed: int, n: int, balanced: bool = False):
-    """Yield `n` edits drawn from `seed`: cycling through the kinds when `balanced`, else by KIND_WEIGHTS."""
+    """Yield `n` edits drawn from `seed`: cycling through PROMPT_CYCLE when `balanced`, else by KIND_WEIGHTS."""
     rng = np.random.default_rng(seed)
     made = 0
     while made < n:
-        kind = KINDS[made % len(KINDS)] if balanced else str(rng.choice(KINDS, p=KIND_WEIGHTS))
+        kind = PROMPT_CYCLE[made % len(PROMPT_CYCLE)] if balanced else str(rng.choice(KINDS, p=KIND_WEIGHTS))
         edit = sample_edit(rng, kind)
         if edit is not None:
             made += 1
@@ -305,20 +305,9 @@ def sample_edits(seed: int, n: int, balanced: bool = False):
 CALIBRATION_SEED = 12
 CALIBRATION_PROMPTS = 12
 HELD_OUT_PROMPT_SEED = 20_261_206
-HELD_OUT_PROMPTS = 24
+HELD_OUT_PROMPTS = 27  # three turns of PROMPT_CYCLE
 
 
 def write_prompt_set(path: Path, n: int, seed: int) -> list[dict]:
-    """Write `n` edits (balanced over the kinds) as a prompt set: `path` (jsonl) and one reference PNG each in `<stem>/`."""
-    path = Path(path)
-    folder = path.parent / path.stem
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, edit in enumerate(sample_edits(seed, n, balanced=True)):
-        row_id = f"{i:03d}-{edit.kind}"
-        to_pil(edit.source).save(folder / f"{row_id}.png")
-        rows.append({"id": row_id, "prompt": edit.prompt, "image": f"{path.stem}/{row_id}.png"})
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, path)
-    return rows
+    """Write `n` edits (cycling through PROMPT_CYCLE) as a prompt set: `path` (jsonl) and one reference PNG each in `<stem>/`."""
+    return write_edits(path, sample_edits(seed, n, balanced=True), lambda edit: to_pil(edit.source))

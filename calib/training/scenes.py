@@ -24,7 +24,7 @@ from calib.tiny.model import SCENES
 from calib.training.common import Pool, TrainConfig, build_pool, to_pixels, train_model
 
 # 4 blocks at 128 wide, 64 + 64 tokens: about 1 s per optimiser step of 64 on one thread.
-DEFAULTS = TrainConfig(vae_steps=2000, vae_scenes=3000, scenes=24000, edits_per_scene=1, steps=3000, batch=64, lr=1e-3,
+DEFAULTS = TrainConfig(vae_steps=2000, vae_scenes=3000, scenes=24000, edits_per_scene=1, steps=3800, batch=64, lr=1e-3,
                        text_dropout=0.1, changed_weight=1.0)
 POOL_SEED = 3  # the pool's edits; the prompt sets draw from scenes.CALIBRATION_SEED and scenes.HELD_OUT_PROMPT_SEED
 SAMPLE_SEED = 20_261_207
@@ -86,7 +86,7 @@ def samples(
 
     torch.set_num_threads(1)
     model = TinyQwenImageEdit(weights=weights, model=SCENES)
-    edits = list(S.sample_edits(SAMPLE_SEED, 2 * len(S.KINDS), balanced=True))
+    edits = list(S.sample_edits(SAMPLE_SEED, len(S.PROMPT_CYCLE) + 3, balanced=True))
     fig, axes = plt.subplots(len(edits), seeds + 1, figsize=(1.4 * (seeds + 1), 1.5 * len(edits)))
     for row, edit in zip(axes, edits, strict=True):
         row[0].imshow(S.render(edit.source))
