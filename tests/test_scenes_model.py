@@ -13,9 +13,11 @@ import torch
 
 from calib.backends import load_backend
 from calib.models import get_model
+from calib.runfiles import prompt_set_identities
 from calib.tiny import scenes as S
 from calib.tiny.model import SCENES
 
+ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).parent / "data" / "scenes-reference.npz"  # written once with the shipped weights (see below)
 PROMPT, SEED, STEPS = "add a red star", 3, 8
 
@@ -55,6 +57,14 @@ def test_open_edits_have_many_outcomes(scenes):
     images = [np.asarray(scenes.generate("draw three shapes", S.to_pil(S.Scene((), S.BLANK, S.Texture())), seed=s, steps=12,
                                          cfg=4.0, size=SCENES.size).image, dtype=float) for s in range(3)]
     assert min(np.abs(a - b).mean() for i, a in enumerate(images) for b in images[i + 1:]) > 10  # of 255, per pixel
+
+
+def test_the_held_out_scenes_prompts_share_no_input_with_the_calibration_prompts():
+    """teacal evaluate refuses a prompt that calibrated the preset: the shipped sets must never overlap, nor repeat."""
+    calibration = prompt_set_identities(ROOT / "prompts/scenes/calib.jsonl")
+    held_out = prompt_set_identities(ROOT / "prompts/scenes/heldout.jsonl")
+    assert len(set(held_out.values())) == len(held_out) >= 24
+    assert not set(held_out.values()) & set(calibration.values())
 
 
 def test_the_shipped_weights_reproduce_a_recorded_image_bit_for_bit(scenes):

@@ -305,9 +305,20 @@ def sample_edits(seed: int, n: int, balanced: bool = False):
 CALIBRATION_SEED = 12
 CALIBRATION_PROMPTS = 12
 HELD_OUT_PROMPT_SEED = 20_261_206
-HELD_OUT_PROMPTS = 27  # three turns of PROMPT_CYCLE
+HELD_OUT_PROMPTS = 27  # three turns of PROMPT_CYCLE, less the inputs the calibration set holds or the set repeats
 
 
-def write_prompt_set(path: Path, n: int, seed: int) -> list[dict]:
-    """Write `n` edits (cycling through PROMPT_CYCLE) as a prompt set: `path` (jsonl) and one reference PNG each in `<stem>/`."""
-    return write_edits(path, sample_edits(seed, n, balanced=True), lambda edit: to_pil(edit.source))
+def write_prompt_set(path: Path, n: int, seed: int, exclude_seed: int | None = None) -> list[dict]:
+    """Write `n` edits (cycling through PROMPT_CYCLE) as a prompt set: `path` (jsonl) and one reference PNG each in
+    `<stem>/`. An input drawn twice (a `draw` prompt starts from the one blank canvas) is written once, and none that
+    the set of `exclude_seed` holds is written: `teacal evaluate` refuses a prompt that calibrated the preset."""
+    seen = {(e.prompt, e.source) for e in sample_edits(exclude_seed, CALIBRATION_PROMPTS, balanced=True)} if exclude_seed is not None else set()
+
+    def repeated(edit: Edit) -> bool:
+        key = (edit.prompt, edit.source)
+        if key in seen:
+            return True
+        seen.add(key)
+        return False
+
+    return write_edits(path, sample_edits(seed, n, balanced=True), lambda edit: to_pil(edit.source), skip=repeated)

@@ -340,14 +340,17 @@ def write_prompt_set(path: Path, n: int = 30, seed: int = HELD_OUT_SEED) -> list
     return write_edits(path, sample_edits(seed, n, balanced=True), lambda edit: to_pil(edit.source))
 
 
-def write_edits(path: Path, edits, reference) -> list[dict]:
+def write_edits(path: Path, edits, reference, skip=lambda edit: False) -> list[dict]:
     """Edits (each with `kind` and `prompt`) as a prompt set: `path` (jsonl) and each one's reference image
-    (`reference(edit)`, a PIL image) as a PNG in `<stem>/`; ids number them and say their kind."""
+    (`reference(edit)`, a PIL image) as a PNG in `<stem>/`; ids number them as drawn and say their kind. Edits that
+    `skip` leave their number unused, so dropping one leaves the other ids as they were."""
     path = Path(path)
     folder = path.parent / path.stem
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, edit in enumerate(edits):
+        if skip(edit):
+            continue
         row_id = f"{i:03d}-{edit.kind}"
         reference(edit).save(folder / f"{row_id}.png")
         rows.append({"id": row_id, "prompt": edit.prompt, "image": f"{path.stem}/{row_id}.png"})

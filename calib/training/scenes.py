@@ -2,7 +2,7 @@
 
     python -m calib.training.scenes train --out W.safetensors --docs DIR   # VAE, then transformer; DIR/loss.*, vae.png
     python -m calib.training.scenes samples --docs DIR                      # DIR/samples.png: each edit at several seeds
-    python -m calib.training.scenes prompts --out P.jsonl --seed S --n N    # a prompt set and its reference PNGs
+    python -m calib.training.scenes prompts --out P.jsonl --seed S --n N [--exclude-seed C]  # a prompt set and its PNGs
 
 `make train-scenes` runs `train` then `samples` into calib/tiny/weights/ and docs/scenes/. How both embedded models
 train is `calib.training.common`. Every edit of the pool starts from its own random scene (`draw` edits from the
@@ -109,10 +109,11 @@ def samples(
 def prompts(
     out: Annotated[Path, typer.Option(help="prompt set to write (JSONL); the reference PNGs go in a folder named after it")],
     seed: Annotated[int, typer.Option(help="seed of the scenes and edits: a seed names a prompt set exactly")],
-    n: Annotated[int, typer.Option(help="number of prompts")] = 24,
+    n: Annotated[int, typer.Option(help="number of prompts to draw (repeats are dropped)")] = 24,
+    exclude_seed: Annotated[int | None, typer.Option(help="drop the inputs of the calibration set of this seed")] = None,
 ) -> None:
     """Write a scenes prompt set (balanced over the edit kinds)."""
-    rows = S.write_prompt_set(out, n=n, seed=seed)
+    rows = S.write_prompt_set(out, n=n, seed=seed, exclude_seed=exclude_seed)
     print(f"wrote {out} ({len(rows)} prompts)")
 
 

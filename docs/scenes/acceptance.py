@@ -1,6 +1,6 @@
 """Does the scenes model behave like a real one? The acceptance measurement of issue 24, on held-out prompts.
 
-    python docs/scenes/acceptance.py RUN [--probe-prompts 8]
+    python docs/scenes/acceptance.py RUN [--probe-prompts 8] [--tables-only]
 
 RUN is a `teacal record` run of scenes-qwen-image-edit at 50 steps, CFG 4, on prompts/scenes/heldout.jsonl (this script
 records it when RUN does not exist yet, and probes single steps with `teacal probe`). Then:
@@ -13,6 +13,7 @@ records it when RUN does not exist yet, and probes single steps with `teacal pro
    first 30% of the steps, against the last 30%: a real model is sensitive early.
 
 It writes docs/scenes/acceptance.md (the tables and the verdicts) and acceptance.csv (every generation).
+`--tables-only` rewrites the tables from acceptance.csv, for the prompts the held-out set holds now.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from calib.simulate import LEMICA, LEMICA_STEPS, StaticSchedulePolicy  # noqa: E
 PUBLISHED_DB = {"slow": 29.2, "medium": 24.3, "fast": 17.8}  # LeMiCa on Qwen-Image-2512, 50 steps (MeanCache README)
 TOLERANCE_DB = 4.0
 SHARE = 0.3  # the first and last 30% of the steps
+HELD_OUT = ROOT / "prompts/scenes/heldout.jsonl"
 
 
 def schedules() -> dict[str, np.ndarray]:
@@ -77,18 +79,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--probe-prompts", type=int, default=8)
+    parser.add_argument("--tables-only", action="store_true", help="rewrite the tables from acceptance.csv")
     args = parser.parse_args()
     started = time.perf_counter()
-    if not (args.run / "run.json").exists():
-        teacal("record", str(args.run), "--model", "scenes-qwen-image-edit", "--prompts", str(ROOT / "prompts/scenes/heldout.jsonl"), "--steps", "50")
-    teacal("probe", str(args.run), "--prompts", str(args.probe_prompts), "--window", "1")
-    table = measure(args.run)
     out = Path(__file__).resolve().parent
+    if args.tables_only:
+        held_out = set(pd.read_json(HELD_OUT, lines=True)["id"])
+        table = pd.read_csv(out / "acceptance.csv").query("prompt_id in @held_out")
+    else:
+        if not (args.run / "run.json").exists():
+            teacal("record", str(args.run), "--model", "scenes-qwen-image-edit", "--prompts", str(HELD_OUT), "--steps", "50")
+        teacal("probe", str(args.run), "--prompts", str(args.probe_prompts), "--window", "1")
+        table = measure(args.run)
     table.to_csv(out / "acceptance.csv", index=False)
     per = table.groupby("schedule", sort=False).agg(computed=("computed", "first"), mean=("psnr", "mean"), worst=("psnr", "min"))
     lines = ["# scenes-qwen-image-edit: does it behave like a real model?\n",
              f"`python docs/scenes/acceptance.py {args.run}`: 50 steps, CFG 4, {table['prompt_id'].nunique()} held-out prompts "
-             f"(prompts/scenes/heldout.jsonl); {(time.perf_counter() - started) / 60:.1f} min.\n",
+             f"(prompts/scenes/heldout.jsonl)" + ("" if args.tables_only else f"; {(time.perf_counter() - started) / 60:.1f} min") + ".\n",
              "## LeMiCa's published schedules, and mirrored in time\n",
              "| computed steps of 50 | LeMiCa (dense early): mean (worst) | mirrored (dense late): mean (worst) | published on Qwen-Image-2512 | within ±4 dB | beats its mirror |",
              "|---|---|---|---|---|---|"]
