@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 # (sharded record, tests that spawn the CLI) no longer fight over them. Override with OMP_NUM_THREADS=N.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install test lint bench bench-real demo report train-tiny train-scenes
+.PHONY: install test lint bench bench-real demo report train-tiny train-scenes train-distilled
 
 install: $(STAMP)
 
@@ -62,12 +62,13 @@ demo: install
 # EVAL_BUDGET calls, then evaluate on its held-out prompts (never used to calibrate or tune) against every borrowed
 # set, uniform spacing, LeMiCa, FirstBlockCache and MagCache, with and without a calibrated forecast.
 #   make eval                                            the tiny model at 20 and 40 steps
-#   make eval MODEL=scenes-qwen-image-edit EVAL_STEPS=50  the scenes model (prompts/scenes/)
+#   make eval MODEL=scenes-qwen-image-edit               the scenes model at 50 steps (prompts/scenes/)
+#   make eval MODEL=scenes-qwen-image-edit-8step         its distilled students, CFG off, at 8 (or -4step: 4) steps
 MODEL       ?= tiny-qwen-image-edit
 EVAL        ?= results/eval/$(MODEL)
-EVAL_STEPS  ?= $(if $(filter scenes-qwen-image-edit,$(MODEL)),50,20 40)
+EVAL_STEPS  ?= $(if $(filter scenes-qwen-image-edit,$(MODEL)),50,$(if $(filter %step,$(MODEL)),$(patsubst scenes-qwen-image-edit-%step,%,$(MODEL)),20 40))
 EVAL_BUDGET ?= 10000
-EVAL_PROMPTS = $(if $(filter scenes-qwen-image-edit,$(MODEL)),prompts/scenes/,prompts/)
+EVAL_PROMPTS = $(if $(findstring scenes,$(MODEL)),prompts/scenes/,prompts/)
 
 .PHONY: eval ladder
 eval: install
@@ -121,6 +122,11 @@ train-tiny: install
 train-scenes: install
 	$(PY) -m calib.training.scenes train --out calib/tiny/weights/scenes-qwen-image-edit.safetensors --docs docs/scenes
 	$(PY) -m calib.training.scenes samples --docs docs/scenes
+
+# The scenes model distilled to 8 and 4 steps with CFG off (about 15 minutes each on one thread; docs/scenes/)
+train-distilled: install
+	$(PY) -m calib.training.distill train --steps 8
+	$(PY) -m calib.training.distill train --steps 4
 
 # Regenerate integrations/lightx2v/qwen_image_tea.patch from a LightX2V tree where it is applied and edited:
 #   make lightx2v-patch LIGHTX2V_TEA=/path/to/patched/LightX2V   (the patch is a plain `git diff` against f8aee98)

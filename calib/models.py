@@ -40,6 +40,14 @@ MODELS: dict[str, ModelSpec] = {
             "about 1 s per 50-step edit on a CPU thread", "scenes/calib.jsonl",
         ),
         ModelSpec(
+            "scenes-qwen-image-edit-8step", "tiny", None, "QwenImageEditPipeline", 8, 1.0, (64, 64), True,
+            "the scenes model distilled to 8 steps with CFG off, as Lightning is (calib.training.distill)", "scenes/calib.jsonl",
+        ),
+        ModelSpec(
+            "scenes-qwen-image-edit-4step", "tiny", None, "QwenImageEditPipeline", 4, 1.0, (64, 64), True,
+            "the scenes model distilled to 4 steps with CFG off", "scenes/calib.jsonl",
+        ),
+        ModelSpec(
             "qwen-image-edit", "diffusers", "Qwen/Qwen-Image-Edit", "QwenImageEditPipeline", 50, 4.0, (1024, 1024), True,
             "Qwen-Image-Edit (2508), 20B MMDiT", "edit.jsonl",
         ),

@@ -72,7 +72,10 @@ SCENES = Embedded(
              latents_mean=[0.0] * 4, latents_std=[1.0] * 4),
     size=(64, 64),
 )
-EMBEDDED = {model.name: model for model in (TINY, SCENES)}
+# The scenes model distilled to 8 and 4 steps with CFG off (calib.training.distill), as Lightning distils Qwen-Image-Edit.
+SCENES_8STEP = Embedded("scenes-qwen-image-edit-8step", SCENES.transformer, SCENES.vae, SCENES.size)
+SCENES_4STEP = Embedded("scenes-qwen-image-edit-4step", SCENES.transformer, SCENES.vae, SCENES.size)
+EMBEDDED = {model.name: model for model in (TINY, SCENES, SCENES_8STEP, SCENES_4STEP)}
 
 # The tiny model's names, as the tests and the LightX2V harness use them.
 TRANSFORMER_CONFIG, VAE_CONFIG, DEFAULT_WEIGHTS, DEFAULT_SIZE = TINY.transformer, TINY.vae, TINY.weights, TINY.size
