@@ -84,8 +84,8 @@ def main() -> None:
     started = time.perf_counter()
     out = Path(__file__).resolve().parent
     if args.tables_only:
-        held_out = set(pd.read_json(HELD_OUT, lines=True)["id"])
-        table = pd.read_csv(out / "acceptance.csv").query("prompt_id in @held_out")
+        table = pd.read_csv(out / "acceptance.csv")
+        table = table[table["prompt_id"].isin(pd.read_json(HELD_OUT, lines=True)["id"])]
     else:
         if not (args.run / "run.json").exists():
             teacal("record", str(args.run), "--model", "scenes-qwen-image-edit", "--prompts", str(HELD_OUT), "--steps", "50")
