@@ -629,6 +629,30 @@ def test_shipped_tiny_config_runs_on_lightx2v(tl, tiny_dir, request_inputs):
 
 
 @pytest.mark.lightx2v
+def test_an_8_step_cfg_off_preset_exported_onto_lightx2vs_distill_config_runs_one_branch(tl, tiny_dir, request_inputs, tmp_path):
+    """The seed's own case: a preset recorded at 8 steps with CFG off, `teacal export`ed onto LightX2V's own
+    qwen_image_i2i_2511_distill.json, runs on LightX2V's transformer with the tiny weights: 8 steps, the cond branch
+    only, forced first and last step, some skipped. The config's LoRA is the runner's to load and its flash_attn3
+    needs a GPU, so the model here takes the config with torch attention."""
+    base = _lightx2v_src() / "configs/qwen_image/qwen_image_i2i_2511_distill.json"
+    from tests.conftest import SMALL_PROMPTS, write_prompts
+
+    prompts = write_prompts(tmp_path / "p.jsonl", SMALL_PROMPTS[:2])
+    assert _cli(["record", str(tmp_path / "run"), "--prompts", prompts, "--steps", "8", "--cfg", "1", "--size", "64x64"]).exit_code == 0
+    assert _cli(["fit", str(tmp_path / "run"), "--out", str(tmp_path / "preset.json")]).exit_code == 0
+    result = _cli(["export", str(tmp_path / "preset.json"), "--base", str(base), "--out", str(tmp_path / "distill_tea.json"), "--threshold", "0.5"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "distill_tea.json").read_text())
+    assert config["enable_cfg"] is False and config["infer_steps"] == 8 and config["feature_caching"] == "Tea" and config["lora_configs"]
+    lx = build(tiny_dir, **{k: v for k, v in config.items() if k not in ("attn_type", "lora_configs")})
+    run(lx, request_inputs, steps=config["infer_steps"])
+    stats = lx.transformer_infer.stats
+    assert stats.num_steps == 8 and stats.branches == ["cond"]
+    schedule = stats.schedule("cond")
+    assert schedule[0] and schedule[-1] and 0 < stats.skipped < 6, schedule
+
+
+@pytest.mark.lightx2v
 def test_relative_preset_path_is_found_beside_the_config(tl, tmp_path):
     (tmp_path / "configs").mkdir()
     make_preset(tmp_path, model="qwen-image-edit-2511")
