@@ -12,7 +12,7 @@ last rung of `LADDER` that fits (listed from least to most useful; at many steps
 tiny model's held-out prompts (docs/eval/README.md, "What calibration costs") what the full calibration gains over
 record + fit comes from the window probes and the forecast probes, at one step count (fit maps them to the others by
 sigma); the sweeps and tune, about 90% of the full cost, change little. At 20 and 40 steps the default budget buys
-both; at 50 steps they cost about 23,600 calls.
+both; at 50 steps they cost about 23,200 calls.
 
 Files, in RUN: the record's (run.json, trace/, refs/, ...), the probes', calibrate.json (the plan: its resume key),
 preset.json (the result); with tune, calib-sweep-<steps>/ and fitted-preset.json as well.
@@ -138,6 +138,10 @@ def print_plan(plan: Plan, budget: int, seconds_per_call: float | None, echo=pri
         echo(f"  {mark} {rung.name:<68}{cost:>12,} calls{' (estimated)' if rung.tune else ''}{when}")
     if plan.costs[plan.chosen] > budget:
         echo(f"note: the budget is below what recording alone costs; recording and fit run anyway ({plan.costs[0]:,} calls)")
+    forecast = next((i for i, rung in enumerate(LADDER) if rung.forecast), None)
+    if forecast is not None and not LADDER[plan.chosen].forecast:
+        # on the scenes model at 50 steps the forecast probes turned a loss into a 5-9 dB win (docs/eval/README.md)
+        echo(f"note: --budget {plan.costs[forecast]} would buy the forecast probes, which gained most on held-out prompts")
 
 
 def wait_for(done, what: str, echo=print, poll: float = 2.0) -> None:

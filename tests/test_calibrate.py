@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from calib.calibrate import LADDER, CalibrateRequest, make_plan
+from calib.calibrate import LADDER, CalibrateRequest, make_plan, print_plan
 from tests.conftest import SMALL_PROMPTS, write_prompts
 
 CALIBRATE = ["calibrate", "run", "--prompts", "calib.jsonl", "--steps", "6", "--size", "64x64", "--budget", "1200"]
@@ -90,3 +90,12 @@ def test_evaluate_refuses_the_calibration_prompts_and_leads_with_the_answer(cali
     answer = text.split("## The answer")[1].split("##")[0]
     assert "(the preset's default)" in answer and "x measured" in answer and "on the worst prompt, at" in answer
     assert "on every prompt" in answer and "static: LeMiCa (published Qwen-Image schedules)" in text
+
+
+def test_a_plan_short_of_the_forecast_probes_says_which_budget_buys_them():
+    request, said = CalibrateRequest(run=Path("x")), []
+    print_plan(make_plan(request, (50,), 4.0, 12, 10_000), 10_000, None, echo=said.append)
+    assert said[-1] == "note: --budget 23200 would buy the forecast probes, which gained most on held-out prompts"
+    said.clear()
+    print_plan(make_plan(request, (20,), 4.0, 12, 10_000), 10_000, None, echo=said.append)  # the default buys them here
+    assert not any("would buy" in line for line in said)
