@@ -114,7 +114,7 @@ test-lightx2v: $(LX_VENV)/.installed
 	LIGHTX2V_SRC=$(abspath $(LIGHTX2V_SRC)) PYTHONPATH=.:$(abspath $(LIGHTX2V_SRC)) $(LX_PY) -m pytest -q -m lightx2v tests/test_lightx2v.py
 
 # Retrain the embedded models (one CPU thread): the tiny one in about 20 minutes (calib/tiny/weights/, docs/tiny/: loss,
-# edit success, samples); the scenes one in about 65 (docs/scenes/: loss, VAE, samples at several seeds).
+# edit success, samples); the scenes one in about 90 (docs/scenes/: loss, VAE, samples at several seeds).
 train-tiny: install
 	$(PY) -m calib.training.tiny train --out calib/tiny/weights/tiny-qwen-image-edit.safetensors --docs docs/tiny
 	$(PY) -m calib.training.tiny evaluate --docs docs/tiny
