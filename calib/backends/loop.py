@@ -36,6 +36,12 @@ def qwen_scheduler() -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER_CONFIG)
 
 
+def qwen_shift(n_tokens: int) -> float:
+    """The shift `mu` the Qwen pipelines' dynamic shifting gives `n_tokens` image tokens."""
+    c = QWEN_SCHEDULER_CONFIG
+    return calculate_shift(n_tokens, c["base_image_seq_len"], c["max_image_seq_len"], c["base_shift"], c["max_shift"])
+
+
 def qwen_sigmas(steps: int, mu: float) -> np.ndarray:
     """The sigma of each of `steps` steps, as the Qwen pipelines set them (linear, shifted by `mu`, stretched to the terminal)."""
     scheduler = qwen_scheduler()

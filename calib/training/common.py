@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from calib.backends.loop import pack, qwen_scheduler
+from calib.backends.loop import pack, qwen_shift
 from calib.tiny.model import Embedded, build, embed_text
 
 
@@ -105,10 +105,7 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
 
 def training_sigmas(generator: torch.Generator, n: int, seq_len: int) -> torch.Tensor:
     """Training noise levels: logit-normal, then the scheduler's exponential shift for `seq_len` tokens."""
-    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_shift
-
-    config = qwen_scheduler().config
-    mu = calculate_shift(seq_len, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)
+    mu = qwen_shift(seq_len)
     u = torch.sigmoid(torch.randn(n, generator=generator))
     return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
 
@@ -270,6 +267,15 @@ def zero_init(transformer) -> None:
         torch.nn.init.zeros_(linear.bias)
 
 
+def predict_target(transformer, latents: torch.Tensor, reference: torch.Tensor, text: torch.Tensor, mask: torch.Tensor,
+                   timestep: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The transformer's prediction for a batch of target tokens beside their reference tokens (the edit layout)."""
+    h, w = grid
+    out = transformer(hidden_states=torch.cat([latents, reference], dim=1), timestep=timestep, encoder_hidden_states=text,
+                      encoder_hidden_states_mask=mask, img_shapes=[[(1, h, w), (1, h, w)]] * latents.shape[0], return_dict=False)[0]
+    return out[:, : latents.shape[1]]
+
+
 def train_transformer(model: Embedded, cfg: TrainConfig, pool: Pool, log: list[dict]) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed + 3)
@@ -278,9 +284,7 @@ def train_transformer(model: Embedded, cfg: TrainConfig, pool: Pool, log: list[d
     transformer.train()
     ema = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.01)
-    h, w = pool.grid
-    n_tokens = h * w
-    img_shapes = [[(1, h, w), (1, h, w)]] * cfg.batch
+    n_tokens = pool.grid[0] * pool.grid[1]
     empty_text, empty_mask = embed_text("", model.text_dim)
     started = time.perf_counter()
     for step in range(cfg.steps):
@@ -297,14 +301,7 @@ def train_transformer(model: Embedded, cfg: TrainConfig, pool: Pool, log: list[d
         sigma = training_sigmas(generator, cfg.batch, n_tokens)
         noise = torch.randn(x0.shape, generator=generator)
         noisy = (1 - sigma.view(-1, 1, 1)) * x0 + sigma.view(-1, 1, 1) * noise
-        prediction = transformer(
-            hidden_states=torch.cat([noisy, reference], dim=1),
-            timestep=sigma,
-            encoder_hidden_states=text,
-            encoder_hidden_states_mask=mask,
-            img_shapes=img_shapes,
-            return_dict=False,
-        )[0][:, :n_tokens]
+        prediction = predict_target(transformer, noisy, reference, text, mask, sigma, pool.grid)
         weight = 1 + cfg.changed_weight * pool.changed[idx]
         per_token = (prediction - (noise - x0)).pow(2).mean(-1)
         loss = (per_token * weight).sum() / weight.sum()

@@ -21,16 +21,17 @@ import numpy as np
 import torch
 import typer
 
-from calib.backends.loop import calculate_shift, qwen_scheduler, qwen_sigmas, true_cfg
+from calib.backends.loop import qwen_shift, qwen_sigmas, true_cfg
 from calib.backends.tiny import TinyQwenImageEdit
 from calib.tiny import scenes as S
 from calib.tiny.model import EMBEDDED, SCENES, Embedded
-from calib.training.common import log_progress, save_weights
+from calib.training.common import log_progress, predict_target, save_weights
 
 TEACHER_CFG = 4.0
 SUBSTEPS = 24  # the teacher's Euler steps per trajectory, spread evenly over the student's steps
 POOL_SEED = 5  # the distillation prompts: a seed apart from the training pool's and both prompt sets'
 HELD_OUT = Path(__file__).resolve().parents[2] / "prompts/scenes/heldout.jsonl"
+GRID = SCENES.size[1] // (2 * SCENES.vae_scale_factor)  # 8x8 target tokens, and as many reference tokens
 
 app = typer.Typer(add_completion=False, no_args_is_help=True)
 
@@ -44,18 +45,9 @@ def student_of(teacher: Embedded, steps: int) -> Embedded:
     return EMBEDDED[f"{teacher.name}-{steps}step"]
 
 
-def student_sigmas(steps: int, n_tokens: int) -> np.ndarray:
-    """The student's sigmas, then 0: exactly the ones the Qwen loop uses at `steps` steps for this many tokens."""
-    config = qwen_scheduler().config
-    mu = calculate_shift(n_tokens, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)
-    return np.append(qwen_sigmas(steps, mu), 0.0)
-
-
-def call(transformer, latents, reference, text, mask, sigma: float, shapes) -> torch.Tensor:
-    timestep = torch.full((latents.shape[0],), sigma, dtype=latents.dtype)
-    out = transformer(hidden_states=torch.cat([latents, reference], dim=1), timestep=timestep, encoder_hidden_states=text,
-                      encoder_hidden_states_mask=mask, img_shapes=shapes, return_dict=False)[0]
-    return out[:, : latents.shape[1]]
+def student_sigmas(steps: int) -> np.ndarray:
+    """The student's sigmas, then 0: exactly the ones the Qwen loop uses at `steps` steps for the scenes model's tokens."""
+    return np.append(qwen_sigmas(steps, qwen_shift(GRID * GRID)), 0.0)
 
 
 @torch.no_grad()
@@ -63,8 +55,6 @@ def teacher_trajectories(teacher: TinyQwenImageEdit, edits: list[S.Edit], sigmas
     """Per edit: the teacher's latents at each student sigma [steps+1, N, C], its reference tokens and prompt."""
     substeps = SUBSTEPS // (len(sigmas) - 1)
     width, height = SCENES.size
-    grid = height // teacher.vae_scale_factor // 2
-    shapes = [[(1, grid, grid), (1, grid, grid)]]
     generator = torch.Generator().manual_seed(seed)
     out, started = [], time.perf_counter()
     for i, edit in enumerate(edits):
@@ -74,8 +64,9 @@ def teacher_trajectories(teacher: TinyQwenImageEdit, edits: list[S.Edit], sigmas
         path = [x]
         for a, b in zip(sigmas[:-1], sigmas[1:], strict=True):
             for s, t in zip(np.linspace(a, b, substeps + 1)[:-1], np.linspace(a, b, substeps + 1)[1:], strict=True):
-                cond = call(teacher.transformer, x, reference, c.prompt_embeds, c.prompt_mask, float(s), shapes)
-                uncond = call(teacher.transformer, x, reference, c.negative_embeds, c.negative_mask, float(s), shapes)
+                timestep = torch.full((1,), float(s))
+                cond = predict_target(teacher.transformer, x, reference, c.prompt_embeds, c.prompt_mask, timestep, (GRID, GRID))
+                uncond = predict_target(teacher.transformer, x, reference, c.negative_embeds, c.negative_mask, timestep, (GRID, GRID))
                 x = x + (float(t) - float(s)) * true_cfg(cond, uncond, TEACHER_CFG)
             path.append(x)
         out.append((torch.cat(path), reference[0], c.prompt_embeds[0], c.prompt_mask[0]))
@@ -84,12 +75,11 @@ def teacher_trajectories(teacher: TinyQwenImageEdit, edits: list[S.Edit], sigmas
 
 
 def distil(teacher: TinyQwenImageEdit, trajectories, sigmas: np.ndarray, steps: int, batch: int, lr: float, seed: int, log: list):
-    student = teacher.transformer
+    student = teacher.transformer  # initialised from the teacher, whose trajectories are taken by now
     student.train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     n, length = len(trajectories), max(t[2].shape[0] for t in trajectories)
-    grid = int(round((trajectories[0][1].shape[0]) ** 0.5))
     started = time.perf_counter()
     for step in range(steps):
         idx = torch.randint(n, (batch,), generator=generator).tolist()
@@ -102,10 +92,7 @@ def distil(teacher: TinyQwenImageEdit, trajectories, sigmas: np.ndarray, steps: 
         target = torch.stack([(trajectories[i][0][j + 1] - trajectories[i][0][j]) / (sigmas[j + 1] - sigmas[j]) for i, j in zip(idx, k, strict=True)])
         reference = torch.stack([trajectories[i][1] for i in idx])
         timestep = torch.tensor([sigmas[j] for j in k], dtype=torch.float32)
-        prediction = student(hidden_states=torch.cat([x, reference], dim=1), timestep=timestep, encoder_hidden_states=text,
-                             encoder_hidden_states_mask=mask, img_shapes=[[(1, grid, grid), (1, grid, grid)]] * batch,
-                             return_dict=False)[0][:, : x.shape[1]]
-        loss = (prediction - target.float()).pow(2).mean()
+        loss = (predict_target(student, x, reference, text, mask, timestep, (GRID, GRID)) - target.float()).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -132,7 +119,7 @@ def train(
     out = out or student.weights
     teacher = TinyQwenImageEdit(model=SCENES)
     edits = list(S.sample_edits(POOL_SEED, prompts))
-    sigmas = student_sigmas(steps, (SCENES.size[0] // 8) ** 2)
+    sigmas = student_sigmas(steps)
     started = time.perf_counter()
     trajectories = teacher_trajectories(teacher, edits, sigmas, seed)
     teacher_seconds = time.perf_counter() - started
@@ -148,24 +135,30 @@ def train(
     print(f"wrote {out} in {(time.perf_counter() - started) / 60:.1f} min; final velocity loss {info['distillation']['final_loss']:.4f}")
 
 
-@app.command()
-def fidelity(
-    steps: Annotated[int, typer.Option(help="the student's steps: 8 or 4")] = 8,
-    prompts: Annotated[int, typer.Option(help="the first N held-out scenes prompts")] = 10,
-) -> None:
-    """PSNR against the teacher's 50-step image with CFG 4: the student (CFG off), the teacher in as many steps without
-    CFG (as many calls), and with CFG (twice the calls)."""
+def fidelity_psnr(steps: int, prompts: int) -> np.ndarray:
+    """[prompt, 3] PSNR against the teacher's 50-step image with CFG 4, on the first `prompts` held-out prompts: the
+    student (CFG off), the teacher in as many steps without CFG (as many calls), and with CFG (twice the calls)."""
     from calib.metrics import psnr, to_tensor
     from calib.prompts import load_prompts
 
-    torch.set_num_threads(1)
     teacher, student = TinyQwenImageEdit(model=SCENES), TinyQwenImageEdit(model=student_of(SCENES, steps))
     rows = []
     for item in load_prompts(HELD_OUT).items[:prompts]:
         target = to_tensor(teacher.run(item, 0, 50, TEACHER_CFG, SCENES.size).image)
         runs = ((student, 1.0), (teacher, 1.0), (teacher, TEACHER_CFG))
         rows.append([psnr(to_tensor(backend.run(item, 0, steps, cfg, SCENES.size).image), target) for backend, cfg in runs])
-    mean, worst = np.mean(rows, axis=0), np.min(rows, axis=0)
+    return np.array(rows)
+
+
+@app.command()
+def fidelity(
+    steps: Annotated[int, typer.Option(help="the student's steps: 8 or 4")] = 8,
+    prompts: Annotated[int, typer.Option(help="the first N held-out scenes prompts")] = 10,
+) -> None:
+    """How close the student comes to its teacher's guided 50-step image, beside the teacher in as few steps."""
+    torch.set_num_threads(1)
+    rows = fidelity_psnr(steps, prompts)
+    mean, worst = rows.mean(axis=0), rows.min(axis=0)
     print(f"PSNR against the teacher's 50-step image with CFG {TEACHER_CFG:g}, {len(rows)} held-out prompts, mean (worst):")
     for label, m, w in zip((f"student, {steps} calls", f"teacher, {steps} steps, CFG off", f"teacher, {steps} steps, CFG {TEACHER_CFG:g}"), mean, worst, strict=True):
         print(f"  {label:<28} {m:5.1f} ({w:.1f}) dB")
