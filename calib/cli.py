@@ -159,6 +159,7 @@ MODEL_PANEL, GENERATION_PANEL, DEVICE_PANEL = "Model", "Generation", "Device and
 CONFIG_PANEL, MEASURE_PANEL = "What to measure", "How to measure"
 DEVICE_HELP = "auto (cuda when present; cuda:LOCAL_RANK under torchrun), cpu or cuda[:N]."
 DTYPE_HELP = "auto: bf16 on CUDA, fp32 on CPU."
+OBJECTIVE_HELP = "What is optimised over the calibration prompts: their mean, the worst prompt, or the mean of the worst fifth (cvar)."
 LORA_HELP = "A distilled model's Lightning LoRA, its local .safetensors file (see `teacal models`); later stages reuse the recorded one."
 
 
@@ -183,7 +184,7 @@ def calibrate(
     budget: Annotated[int | None, typer.Option(min=1, help="Transformer calls to spend (default 10,000): it chooses how much to probe, and whether to tune.")] = None,
     hours: Annotated[float | None, typer.Option(help="Or a budget in hours, at the time per call measured while recording.")] = None,
     tune_rounds: Annotated[int, typer.Option(min=0, help="Tune's search rounds at most, when the budget reaches tune.")] = 150,
-    objective: Annotated[Objective, typer.Option(help="What is optimised over the calibration prompts: their mean, the worst prompt, or the mean of the worst fifth (cvar).")] = "mean",
+    objective: Annotated[Objective, typer.Option(help=OBJECTIVE_HELP)] = "mean",
     out: Annotated[Path | None, typer.Option(help="The preset to write (default: RUN/preset.json).")] = None,
     backend: Annotated[Backend | None, typer.Option(help="Default: the model's own.", rich_help_panel=MODEL_PANEL)] = None,
     model_path: Annotated[Path | None, typer.Option(help="Local folder with the weights; never downloads.", rich_help_panel=MODEL_PANEL)] = None,
@@ -298,7 +299,7 @@ def fit(
     speedup: Annotated[float, typer.Option(min=1.0, help="The default threshold is the one simulated to reach this speedup.")] = 1.6,
     partial: Annotated[bool, typer.Option("--partial", help="Fit an unfinished recording anyway (it says how much is missing).")] = False,
     oracle_from: Annotated[list[Path] | None, typer.Option(help="A sweep (--out folder) of these runs: the oracle becomes the best static schedule it measured per budget, the cost model's among them. Repeatable.")] = None,
-    objective: Annotated[Objective, typer.Option(help="What is optimised over the calibration prompts: their mean, the worst prompt, or the mean of the worst fifth (cvar).")] = "mean",
+    objective: Annotated[Objective, typer.Option(help=OBJECTIVE_HELP)] = "mean",
 ) -> None:
     """Fit the rescale polynomial (np.poly1d order) to what skips cost, with scipy; write a preset with its provenance, domain and fit quality."""
     from calib.fit import FitRequest

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from calib.backends import Generation, HookedTransformerBackend, synchronize
-from calib.errors import UserError
+from calib.errors import UserError, described
 from calib.models import ModelSpec
 
 
@@ -51,14 +51,12 @@ class DiffusersBackend(HookedTransformerBackend):
             # A local folder never triggers a download; a hub id uses the hub cache (and the network, if any).
             self.pipe = pipeline_class.from_pretrained(source, dtype=dtype, local_files_only=model_path is not None)
         except Exception as err:  # noqa: BLE001 - whatever a broken weights folder raises, it is one line to the user
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise UserError(f"cannot load {spec.name} weights from {source}: {type(err).__name__}{': ' + first if first else ''}") from None
+            raise UserError(f"cannot load {spec.name} weights from {source}: {described(err)}") from None
         if lora_path is not None:  # a distilled model: the base weights with its LoRA, from a local file
             try:
                 self.pipe.load_lora_weights(str(lora_path))
             except Exception as err:  # noqa: BLE001 - whatever a wrong LoRA file raises, it is one line to the user
-                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-                raise UserError(f"cannot load the LoRA {lora_path} into {spec.name}: {type(err).__name__}{': ' + first if first else ''}") from None
+                raise UserError(f"cannot load the LoRA {lora_path} into {spec.name}: {described(err)}") from None
         self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.transformer = self.pipe.transformer
