@@ -17,21 +17,22 @@ both; at 50 steps they cost about 23,200 calls.
 Files, in RUN: the record's (run.json, trace/, refs/, ...), the probes', calibrate.json (the plan: its resume key),
 preset.json (the result); with tune, calib-sweep-<steps>/ and fitted-preset.json as well.
 
-Under torchrun (or `--shard i/K`) every rank records and probes its share and waits for the others at the end of each
-stage; rank 0 fits and tunes (tune's search is sequential), the others wait for the preset.
+Under torchrun (or `--shard i/K`) every rank records, probes, sweeps and tunes its share of the prompts and waits for the
+others at the end of each stage; rank 0 fits (and writes the presets), the others wait for its files. Tune's search is
+sequential, but each schedule it measures is a generation per prompt: every rank runs the same search and generates
+its share of each schedule.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from calib.errors import UserError
 from calib.probe import ProbeRequest, window_starts
 from calib.record import RecordRequest, check_request
-from calib.runfiles import check_same_settings, load_run, missing_units, resolve_shard, write_json
+from calib.runfiles import check_same_settings, load_run, missing_units, resolve_shard, wait_for, write_json
 
 CALIBRATE_FILE = "calibrate.json"
 DEFAULT_BUDGET = 10_000  # calls: about TeaCache's own 70-prompt calibration of a 50-step CFG model
@@ -144,15 +145,6 @@ def print_plan(plan: Plan, budget: int, seconds_per_call: float | None, echo=pri
         echo(f"note: --budget {plan.costs[forecast]} would buy the forecast probes, which gained most on held-out prompts")
 
 
-def wait_for(done, what: str, echo=print, poll: float = 2.0) -> None:
-    """Other shards' work: poll until `done()`; say once what is awaited."""
-    if done():
-        return
-    echo(f"waiting for other shards: {what}")
-    while not done():
-        time.sleep(poll)
-
-
 def calibrate(request: CalibrateRequest, echo=print) -> Path:
     from calib.fit import FitRequest, fit
     from calib.probe import probe
@@ -201,42 +193,51 @@ def calibrate(request: CalibrateRequest, echo=print) -> Path:
         probe(probe_request, echo=echo)
         parts = _probe_parts(run, probe_request)
         wait_for(lambda: all(part.exists() for part in parts), "the probes", echo)
-    shard_index, _ = resolve_shard(request.shard)
-    if shard_index != 0:
+    first = resolve_shard(request.shard)[0] == 0
+    if not rung.tune:
+        if first:
+            fit(FitRequest(runs=(run,), out=out, objective=request.objective), echo=echo)
+    else:
+        _tune_stages(request, run, out, plan, budget, first, echo)
+    if not first:
         wait_for(out.exists, f"rank 0's preset {out}", echo)
         return out
-    if not rung.tune:
-        fit(FitRequest(runs=(run,), out=out, objective=request.objective), echo=echo)
-    else:
-        _tune_stages(request, run, out, plan, budget, echo)
     echo(f"calibrated: {out} ({rung.name}; {plan.costs[plan.chosen]:,} calls planned). Measure it on held-out prompts: "
          f"teacal evaluate HELD --preset {out} --prompts HELDOUT.jsonl")
     return out
 
 
-def _tune_stages(request: CalibrateRequest, run: Path, out: Path, plan: Plan, budget: int, echo=print) -> None:
+def _tune_stages(request: CalibrateRequest, run: Path, out: Path, plan: Plan, budget: int, first: bool, echo=print) -> None:
     """fit; sweeps of the calibration prompts (the fitted preset's schedules beside what tune must match); fit again
-    with the measured oracle; tune, its rounds sized to the budget left."""
+    with the measured oracle; tune, its rounds sized to the budget left. Every shard sweeps and tunes its share of
+    the prompts; rank 0 fits, the others wait for its presets."""
     from calib.fit import FitRequest, fit
+    from calib.runfiles import SWEEP_TABLE
     from calib.sweep import SweepRequest, sweep
     from calib.tune import TuneRequest, tune
 
-    fitted = run / "fitted-preset.json"
-    fit(FitRequest(runs=(run,), out=run / "first-preset.json", objective=request.objective), echo=echo)
+    fitted, first_preset = run / "fitted-preset.json", run / "first-preset.json"
+    if first:
+        fit(FitRequest(runs=(run,), out=first_preset, objective=request.objective), echo=echo)
+    wait_for(first_preset.exists, f"rank 0's first fit {first_preset}", echo)
     sweeps = []
     for steps in plan.steps:
         folder = run / f"calib-sweep-{steps}"
-        sweep(SweepRequest(run=run, preset=run / "first-preset.json", out=folder, baselines=TUNE_BASELINES, forecasts=("none",), steps=steps,
+        sweep(SweepRequest(run=run, preset=first_preset, out=folder, baselines=TUNE_BASELINES, forecasts=("none",), steps=steps,
                            metrics=("psnr",), device=request.device, dtype=request.dtype, model_path=request.model_path,
-                           lightx2v_config=request.lightx2v_config, yes=True), echo=echo)
+                           lightx2v_config=request.lightx2v_config, shard=request.shard, yes=True), echo=echo)
         sweeps.append(folder)
-    fit(FitRequest(runs=(run,), out=fitted, oracle_from=tuple(sweeps), objective=request.objective), echo=echo)
+    for folder in sweeps:
+        wait_for((folder / SWEEP_TABLE).exists, f"the calibration sweep {folder}", echo)
+    if first:
+        fit(FitRequest(runs=(run,), out=fitted, oracle_from=tuple(sweeps), objective=request.objective), echo=echo)
+    wait_for(fitted.exists, f"rank 0's fit with the measured oracle {fitted}", echo)
     rounds = request.tune_rounds
     while rounds > 0 and plan.record_calls + tune_calls(plan, rounds) > budget:
         rounds -= 10
     echo(f"tune: {max(rounds, 0)} rounds fit the budget")
     tune(TuneRequest(run=run, preset=fitted, against=tuple(sweeps), out=out, rounds=max(rounds, 0), device=request.device, dtype=request.dtype,
-                     model_path=request.model_path, lightx2v_config=request.lightx2v_config), echo=echo)
+                     model_path=request.model_path, lightx2v_config=request.lightx2v_config, shard=request.shard), echo=echo)
 
 
 def _probe_parts(run: Path, request: ProbeRequest) -> list[Path]:

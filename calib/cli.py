@@ -192,7 +192,7 @@ def calibrate(
     lora_path: Annotated[Path | None, typer.Option(help=LORA_HELP, rich_help_panel=MODEL_PANEL)] = None,
     device: Annotated[str, typer.Option(help=DEVICE_HELP, rich_help_panel=DEVICE_PANEL)] = "auto",
     dtype: Annotated[Dtype, typer.Option(help=DTYPE_HELP, rich_help_panel=DEVICE_PANEL)] = "auto",
-    shard: Annotated[str | None, typer.Option(help="i/K: this process's share of record and probe (torchrun sets RANK/WORLD_SIZE); rank 0 fits.", rich_help_panel=DEVICE_PANEL)] = None,
+    shard: Annotated[str | None, typer.Option(help="i/K: this process's share of record, probe, the calibration sweeps and tune (torchrun sets RANK/WORLD_SIZE); rank 0 fits.", rich_help_panel=DEVICE_PANEL)] = None,
 ) -> None:
     """Calibrate a preset end to end under one budget of transformer calls: record, probe, fit (and tune, when the budget reaches it). Prints its plan first."""
     from calib.calibrate import CalibrateRequest
@@ -322,13 +322,14 @@ def tune(
     lightx2v_config: Annotated[Path | None, typer.Option(help="LightX2V JSON config (default: the recorded one).", rich_help_panel=DEVICE_PANEL)] = None,
     device: Annotated[str, typer.Option(help=DEVICE_HELP, rich_help_panel=DEVICE_PANEL)] = "auto",
     dtype: Annotated[Dtype, typer.Option(help=DTYPE_HELP + " Must be the recording's.", rich_help_panel=DEVICE_PANEL)] = "auto",
+    shard: Annotated[str | None, typer.Option(help="i/K: generate every K-th (prompt, seed) of each schedule; every shard runs the same search, rank 0 writes --out (torchrun sets RANK/WORLD_SIZE).", rich_help_panel=DEVICE_PANEL)] = None,
 ) -> None:
     """Refine the fitted polynomial by generating its schedules on the calibration prompts: keep the one whose measured front best matches every other method's."""
     from calib.tune import TuneRequest
     from calib.tune import tune as run_tune
 
     run_tune(TuneRequest(run=run, preset=preset, against=tuple(against), out=out, rounds=rounds, forecast=forecast, device=device, dtype=dtype,
-                         model_path=model_path, lightx2v_config=lightx2v_config), echo=typer.echo)
+                         model_path=model_path, lightx2v_config=lightx2v_config, shard=shard), echo=typer.echo)
 
 
 @command

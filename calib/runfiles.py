@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -233,6 +234,15 @@ def resolve_shard(shard: str | None) -> tuple[int, int]:
     if count < 1 or not 0 <= index < count:
         raise UserError(f"{source} {shard!r}: need 0 <= i < K")
     return index, count
+
+
+def wait_for(done, what: str, echo=print, poll: float = 2.0) -> None:
+    """Other shards' work: poll until `done()`; say once what is awaited."""
+    if done():
+        return
+    echo(f"waiting for other shards: {what}")
+    while not done():
+        time.sleep(poll)
 
 
 # -- record: run.json and the trace -------------------------------------------------------------------------

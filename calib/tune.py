@@ -59,8 +59,10 @@ from calib.runfiles import (
     read_array,
     read_json,
     read_table,
+    resolve_shard,
     settings_hash,
     unit_name,
+    wait_for,
     write_json,
 )
 from calib.search import knots_of, log_values_at, pattern_search
@@ -93,6 +95,7 @@ class TuneRequest:
     dtype: str = "auto"
     model_path: Path | None = None
     lightx2v_config: Path | None = None
+    shard: str | None = None  # i/K (or torchrun's RANK/WORLD_SIZE): this process generates every K-th (prompt, seed)
 
 
 def others_front(sweeps: tuple[Path, ...], recording: Recording, objective: str = "mean") -> dict[int, pd.DataFrame]:
@@ -144,11 +147,17 @@ def front_at(points: list[tuple[int, float]], budgets: list[int], empty: float) 
 
 
 class Measurer:
-    """Measures static schedules on the run's prompts and seeds, once each (parts in RUN/tune/)."""
+    """Measures static schedules on the run's prompts and seeds, once each (parts in RUN/tune/).
 
-    def __init__(self, recording: Recording, preset: Preset) -> None:
+    Sharded (`shard` = (i, K)), every process runs the same deterministic search, so all ask for the same schedules in
+    the same order: each generates every K-th (prompt, seed) into its own part, waits for the others' parts and merges
+    them, in the order one process would have written, into the schedule's part."""
+
+    def __init__(self, recording: Recording, preset: Preset, shard: tuple[int, int] = (0, 1), echo=print) -> None:
         self.recording, self.preset = recording, preset.replace(forecast=NO_FORECAST)
         self.pairs = [(item, seed) for item in recording.prompts.items for seed in recording.settings["seeds"]]
+        self.shard, self.echo = shard, echo
+        self.mine = self.pairs[shard[0]:: shard[1]]
         self.backend = None
         self.generations = 0
         self.measured: dict[tuple, float] = {}  # (steps, schedule) or (steps, schedule, forecast) -> mean PSNR
@@ -171,25 +180,45 @@ class Measurer:
             self.measured[key] = float(part["psnr"])
             self.summary[key] = {o: over_prompts(list(part["per_generation"].values()), o) for o in OBJECTIVES}
             return self.measured[key]
-        if self.backend is None:
-            self._load()
-        run, cfg, size = self.recording.run, self.recording.settings["cfg"], self.recording.size
-        policy_schedule = np.array([c == "x" for c in schedule])
-        preset = self.preset.replace(forecast=forecast)
-        values = {}
-        for item, seed in self.pairs:
-            with self.backend.caching(preset, 0.0, StaticSchedulePolicy(preset, policy_schedule)):
-                generation = self.backend.run(item, seed, steps, cfg, size)
-            name = unit_name(item.id, seed, steps, size)
-            with Image.open(run / "refs" / f"{name}.png") as reference:
-                value = psnr(to_tensor(generation.image), to_tensor(reference.convert("RGB")))
-            values[name] = value if math.isfinite(value) else IDENTICAL_DB
-        self.generations += len(self.pairs)
+        values = self._generate(steps, schedule, forecast, path)
         mean = float(np.mean(list(values.values())))
         write_json(path, {"steps": steps, "schedule": schedule, "forecast": forecast.to_dict(), "psnr": mean, "per_generation": values})
         self.measured[key] = mean
         self.summary[key] = {o: over_prompts(list(values.values()), o) for o in OBJECTIVES}
         return mean
+
+    def _generate(self, steps: int, schedule: str, forecast: Forecast, path: Path) -> dict[str, float]:
+        """PSNR per generation of `schedule` over the run's pairs, in their order: this shard's generated (or read back
+        from its part), the others' read from theirs once they are written."""
+        index, count = self.shard
+        size = self.recording.size
+        mine = path.with_name(f"{path.stem}.shard-{index}of{count}.json") if count > 1 else None
+        if mine is not None and mine.exists():
+            values = read_json(mine)["per_generation"]
+        else:
+            if self.backend is None and self.mine:
+                self._load()
+            policy_schedule = np.array([c == "x" for c in schedule])
+            preset = self.preset.replace(forecast=forecast)
+            values = {}
+            for item, seed in self.mine:
+                with self.backend.caching(preset, 0.0, StaticSchedulePolicy(preset, policy_schedule)):
+                    generation = self.backend.run(item, seed, steps, self.recording.settings["cfg"], size)
+                name = unit_name(item.id, seed, steps, size)
+                with Image.open(self.recording.run / "refs" / f"{name}.png") as reference:
+                    value = psnr(to_tensor(generation.image), to_tensor(reference.convert("RGB")))
+                values[name] = value if math.isfinite(value) else IDENTICAL_DB
+            self.generations += len(self.mine)
+            if mine is None:
+                return values
+            write_json(mine, {"steps": steps, "schedule": schedule, "forecast": forecast.to_dict(), "per_generation": values})
+        parts = [path.with_name(f"{path.stem}.shard-{i}of{count}.json") for i in range(count)]
+        wait_for(lambda: path.exists() or all(p.exists() for p in parts), f"their share of schedule {schedule} at {steps} steps", self.echo, poll=0.2)
+        if path.exists():  # another shard merged already
+            return read_json(path)["per_generation"]
+        for part in parts:
+            values.update(read_json(part)["per_generation"])
+        return {name: values[name] for name in (unit_name(item.id, seed, steps, size) for item, seed in self.pairs)}
 
     def under(self, objective: str, steps: int, schedule: str, forecast: Forecast = NO_FORECAST) -> float:
         """The PSNR of `schedule` over the prompts under `objective`, measured by `__call__` when it was not yet."""
@@ -199,7 +228,7 @@ class Measurer:
     def _load(self) -> None:
         """The model, once, after checking that an uncached run here reproduces the recorded reference."""
         self.backend = self.recording.load()
-        item, seed = self.pairs[0]
+        item, seed = self.mine[0]
         steps = self.recording.settings["steps"][0]
         generation = self.backend.run(item, seed, steps, self.recording.settings["cfg"], self.recording.size)
         reference = read_array(self.recording.run / "refs" / f"{unit_name(item.id, seed, steps, self.recording.size)}.npy")
@@ -385,7 +414,8 @@ def tune(request: TuneRequest, echo=print) -> Preset:
     preset, out = load_request_preset(request)
     recording, fronts, measured, trace = open_tune(request, preset, out)
     units = {steps: unit_series(trace[trace["steps"] == steps])[0] for steps in sorted(fronts)}
-    measure = Measurer(recording, preset)
+    shard = resolve_shard(request.shard)
+    measure = Measurer(recording, preset, shard, echo)
     for r in measured.itertuples():  # what the sweeps measured is not generated again
         measure.measured.setdefault((int(r.steps), r.schedule), float(r.psnr))
         measure.summary.setdefault((int(r.steps), r.schedule), {"mean": float(r.psnr), "worst": float(r.worst), "cvar": float(r.cvar)})
@@ -409,6 +439,8 @@ def tune(request: TuneRequest, echo=print) -> Preset:
         measure.close()
     echo(f"measured {measure.generations} generations in {(time.monotonic() - started) / 60:.1f} min")
     tuned = tuned_preset(request, preset, best_preset, forecast, forecast_record, search, trace, echo)
+    if shard[0] != 0:  # every shard found the same preset; the first writes it
+        return tuned
     tuned.save(out)
     echo(f"tuned coefficients {[float(f'{c:.6g}') for c in tuned.coefficients]}; default threshold {tuned.threshold:.4g} "
          f"(simulated {tuned.fit['default_threshold_speedup']:.2f}x); wrote {out}")

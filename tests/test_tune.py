@@ -5,7 +5,10 @@ generating, and bad input exits 2 before any generation."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -195,3 +198,36 @@ def test_a_reuse_rule_that_costs_a_schedule_its_worst_prompt_is_out(calibrated):
     _, _, _, tuned, lines = calibrated
     header = next(line for line in lines if line.startswith("reuse rule"))
     assert "worst prompt" in header and "is out" in header  # tune printed the per-prompt check it applied
+
+
+def test_tune_sharded_over_two_processes_finds_the_preset_of_one(calibrated, tmp_path):
+    """`--shard i/K`: every process runs the same search and generates its share of each schedule; together they
+    write the one-process preset, each generating only its share of the prompts."""
+    run, preset, against, tuned, lines = calibrated
+    shutil.copytree(run, tmp_path / "run", ignore=shutil.ignore_patterns("tune", "tune.json"))
+    shutil.copytree(against, tmp_path / "sweep")
+    shutil.copy(preset, tmp_path / "fitted.json")
+    args = ["tune", "run", "--preset", "fitted.json", "--against", "sweep", "--out", "sharded.json", "--rounds", "12"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    shards = [subprocess.Popen([sys.executable, "-m", "calib.cli", *args, "--shard", f"{i}/2"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [shard.communicate(timeout=900) for shard in shards]
+    assert [shard.returncode for shard in shards] == [0, 0], [err[-3000:] for _, err in outputs]
+
+    def generated(text: str) -> int:
+        return int(next(line for line in text.splitlines() if line.startswith("measured ")).split()[1])
+
+    alone, recorded = generated("\n".join(lines)), json.loads((run / "run.json").read_text())
+    pairs = len(recorded["status"]) // len(recorded["settings"]["steps"])
+    share = [len(range(i, pairs, 2)) for i in range(2)]  # every 2nd (prompt, seed) from i
+    assert alone > 0 and [generated(out) for out, _ in outputs] == [alone // pairs * n for n in share]
+
+    def without_paths(data: dict) -> dict:
+        calibration = {k: v for k, v in data["calibration"].items() if k != "oracle_source"}
+        calibration["tune"] = {k: v for k, v in calibration["tune"].items() if k != "against"}
+        return {**data, "calibration": calibration}
+
+    sharded = json.loads((tmp_path / "sharded.json").read_text())
+    assert without_paths(sharded) == without_paths(tuned.to_dict())
+    parts = [p.name.split(".")[-2] for p in (tmp_path / "run" / "tune").rglob("*.shard-*.json")]
+    assert parts.count("shard-0of2") == parts.count("shard-1of2") > 0  # each shard's share of every generated schedule
