@@ -12,14 +12,17 @@ import math
 
 import numpy as np
 
-COMPARED = (0.2, 0.75)  # the budgets compared: 20% to 75% of the calls
+COMPARED = (0.2, 0.75)  # the budgets compared: 20% to 75% of the calls (few-step schedules: up to all but one)
 SWEPT = (0.15, 0.8)  # `sweep --thresh auto`: a threshold for every budget in this share
 IDENTICAL_DB = 100.0  # an image identical to its reference (PSNR infinite) counts as this much in means and scores
 
 
+FEW_STEPS = 8  # a distilled model's schedule: every skip count up to one is a budget users pick (7 of 8 computed)
+
+
 def budget_steps(steps: int, share: tuple[float, float] = COMPARED) -> list[int]:
-    """The computed steps per branch from `share[0]` to `share[1]` of `steps`."""
-    return list(range(math.ceil(share[0] * steps), math.floor(share[1] * steps) + 1))
+    """The computed steps per branch from `share[0]` to `share[1]` of `steps`; at FEW_STEPS or fewer, up to all but one."""
+    return list(range(math.ceil(share[0] * steps), (steps - 1 if steps <= FEW_STEPS else math.floor(share[1] * steps)) + 1))
 
 
 def best_within(costs, values, budgets) -> np.ndarray:

@@ -29,6 +29,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from calib.budgets import budget_steps
 from calib.errors import UserError
 from calib.probe import ProbeRequest, window_starts
 from calib.record import RecordRequest, check_request
@@ -113,7 +114,7 @@ def tune_calls(plan: Plan, rounds: int) -> int:
     """An estimate, from the tiny model's make eval (12 prompts, 20 and 40 steps: 3,108 sweep generations, 7.4 per
     compared budget and prompt; 2,688 tune generations in 150 rounds, 1.5 new schedules a round per prompt)."""
     per_generation = {n: n * plan.branches for n in plan.steps}
-    budgets = {n: math.floor(0.75 * n) - math.ceil(0.2 * n) + 1 for n in plan.steps}
+    budgets = {n: len(budget_steps(n)) for n in plan.steps}
     sweeps = sum(7.4 * budgets[n] * plan.units * per_generation[n] for n in plan.steps)
     return round(sweeps + rounds * 1.5 * plan.units * sum(per_generation.values()) / len(per_generation))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from calib.budgets import COMPARED, IDENTICAL_DB, OBJECTIVES, budget_steps, over_prompts
+from calib.budgets import IDENTICAL_DB, OBJECTIVES, budget_steps, over_prompts
 from calib.costmodel import db_at_budgets, decibels, oracle_schedules, schedule_cost, simulated_front
 from calib.errors import UserError
 from calib.runfiles import SWEEP_FILE, SWEEP_TABLE, read_json, read_table
@@ -123,7 +123,7 @@ def check_cost_model(matrices: dict, units: list[UnitSeries], measured: pd.DataF
         same = [u for u in units if u.steps == steps]
         for r in measured[measured["steps"] == steps].itertuples():
             schedule = np.array([c == "x" for c in r.schedule])
-            if len(schedule) != steps or not COMPARED[0] <= schedule.mean() <= COMPARED[1]:
+            if len(schedule) != steps or int(schedule.sum()) not in budget_steps(steps):
                 continue  # outside the compared budgets; near no skips, 8-bit rounding decides the PSNR
             rows.append((steps, int(schedule.sum()), r.psnr, modelled_db(matrices, same, schedule)))
     table = pd.DataFrame(rows, columns=["steps", "budget", "measured", "modelled"])
