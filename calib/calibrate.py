@@ -58,6 +58,7 @@ LADDER = (
     Rung("+ probes: 2 prompts, every 2nd step", 2, 2, (1,)),
     Rung("+ probes: 4 prompts, every 2nd step", 4, 2, (1,)),
     Rung("+ probes: 4 prompts, every step, windows of 4", 4, 1, (1, 4)),
+    Rung("+ probes: 2 prompts, every 5th step, forecasts", 2, 5, (1,), False, True),  # the forecast within 10,000 calls at 50 steps
     Rung("+ probes: 4 prompts, every 2nd step, forecasts", 4, 2, (1,), False, True),  # the tiny model's: the full calibration at 30 of 35 budgets
     Rung("+ probes: 4 prompts, every step count, windows of 1/4/8, forecasts", 4, 1, (1, 4, 8), True, True),
     Rung("+ calibration sweeps and tune", 4, 1, (1, 4, 8), True, True, tune=True),
