@@ -267,11 +267,23 @@ class ForecastFit:
     table: pd.DataFrame  # per probed budget: its sigma span, the measured error per damping, the best damping
 
 
+PROMPT_LOSS_DB = 0.5  # the most a reuse rule may cost any probed prompt against plain reuse (issue 27's bound)
+
+
+def _safe_dampings(group: pd.DataFrame) -> list[float]:
+    """The probed dampings under which no probed prompt's final error exceeds plain reuse's by PROMPT_LOSS_DB: the
+    geometric mean hides a prompt the rule ruins (on the scenes model's probes, 0.8 lost one prompt 5.5 dB)."""
+    per_prompt = group.pivot_table(index=["prompt_id", "seed"], columns="alpha", values="image_rmse")
+    loss_db = 20 * np.log10(per_prompt.div(per_prompt[0.0], axis=0))
+    return [float(a) for a in loss_db.columns if (loss_db[a] <= PROMPT_LOSS_DB).all()]
+
+
 def _best_damping(errors: pd.Series) -> float:
-    """The damping of least measured error, refined by a parabola through it and its neighbours."""
+    """The damping of least measured error, refined by a parabola through it and its neighbours (among the dampings
+    given: a refinement never leaves them)."""
     alphas, values = errors.index.to_numpy(float), np.log(errors.to_numpy(float))
     i = int(np.argmin(values))
-    if 0 < i < len(alphas) - 1:
+    if 0 < i < len(alphas) - 1 and np.allclose(np.diff(alphas), alphas[1] - alphas[0]):
         a, b, c = np.polyfit(alphas[i - 1 : i + 2], values[i - 1 : i + 2], 2)
         if a > 0:
             return float(np.clip(-b / (2 * a), alphas[i - 1], alphas[i + 1]))
@@ -284,8 +296,9 @@ def forecast_from_probes(units: list[UnitSeries], probes: pd.DataFrame | None) -
     Each probe runs an evenly spaced static schedule with a constant damping; the slope of every window after the
     first is measured over the window before it and carried across a window as long, so the schedule's mean span
     stands for the reaches it used (`teacache.forecast.Forecast.reach`). For each
-    probed budget the damping of least final error (geometric mean over the probed prompts) becomes a knot. Where
-    no damping beats plain reuse the knot is 0, so the fitted rule never does worse on what was measured.
+    probed budget the damping of least final error (geometric mean over the probed prompts), among those that cost no
+    probed prompt more than PROMPT_LOSS_DB against plain reuse, becomes a knot. Where no damping beats plain reuse the
+    knot is 0, so the fitted rule never does worse on what was measured, on the mean or on any probed prompt.
     """
     if probes is None or "kind" not in probes or not (probes["kind"] == "forecast").any():
         return None
@@ -297,6 +310,7 @@ def forecast_from_probes(units: list[UnitSeries], probes: pd.DataFrame | None) -
         errors = group.groupby("alpha")["image_rmse"].apply(lambda v: float(np.exp(np.mean(np.log(v)))))
         if 0.0 not in errors.index:
             continue
+        errors = errors[_safe_dampings(group)]  # plain reuse (0) is always safe
         best = _best_damping(errors)
         measured_best = float(errors.min())
         rows.append({"steps": int(steps), "budget": int(budget), "span": float(np.mean(spans[:-1])) if len(spans) > 1 else float(spans[0]),

@@ -240,6 +240,28 @@ def test_the_fitted_damping_recovers_a_known_one_per_sigma_span():
     assert ratios[round(spans[10], 4)] == pytest.approx(math.exp(3.0 * (0.1**2 - 0.5**2)), rel=1e-6)  # best probed: 0.4 and 0.6
 
 
+def test_the_fitted_damping_costs_no_probed_prompt_more_than_half_a_db():
+    """Three probed prompts gain from a strong damping and one loses: the geometric mean favours 0.8, but the rule
+    fitted from them is the strongest damping under which the losing prompt stays within 0.5 dB of plain reuse."""
+    from calib.costmodel import PROMPT_LOSS_DB, forecast_from_probes
+    from calib.probe import PROBE_DAMPINGS
+
+    steps, budget = 20, 8
+    sigma = np.linspace(1.0, 0.05, steps)
+    unit = UnitSeries(("a", 0, steps, 48, 48), "a", ("cond",), sigma, {}, {})
+    loses_db = {0.0: 0.0, 0.2: 0.1, 0.4: 0.45, 0.6: 1.5, 0.8: 3.0}  # the fourth prompt's loss against plain reuse
+    rows = []
+    for alpha in PROBE_DAMPINGS:
+        for prompt in "abc":
+            rows.append({"kind": "forecast", "prompt_id": prompt, "seed": 0, "steps": steps, "budget": budget, "alpha": alpha, "image_rmse": 0.02 * (1 - alpha)})
+        rows.append({"kind": "forecast", "prompt_id": "d", "seed": 0, "steps": steps, "budget": budget, "alpha": alpha, "image_rmse": 0.02 * 10 ** (loses_db[alpha] / 20)})
+    table = pd.DataFrame(rows)
+    geometric = table.groupby("alpha")["image_rmse"].apply(lambda v: np.exp(np.log(v).mean()))
+    assert geometric.idxmin() == 0.8  # what the mean alone would choose
+    fitted = forecast_from_probes([unit], table)
+    assert [a for _, a in fitted.forecast.alpha] == [0.4] and loses_db[0.4] <= PROMPT_LOSS_DB < loses_db[0.6]
+
+
 def _sweep_folder(folder: Path, run: Path, rows: list[tuple[str, str, str, list[float]]], steps: int = 6) -> Path:
     """A sweep's files as `teacal sweep --out folder` writes them: (method, config, schedule per prompt, PSNR per prompt)."""
     from calib.runfiles import write_json, write_table
