@@ -1426,3 +1426,26 @@ def test_a_size_lightx2v_would_change_is_refused(runner_dir, teacal_deps, tmp_pa
     last = result.output.strip().splitlines()[-1]  # after record's header: one line, no traceback
     assert last.startswith("error: --size 64x64: LightX2V made a 256x256 image") and "Traceback" not in result.output
     assert not list((tmp_path / "o").glob("refs/*.png"))
+
+
+@pytest.mark.lightx2v
+@pytest.mark.parametrize("signal", ["sigma", "temb", "modin"])
+def test_diffusers_and_lightx2v_take_the_same_schedule(tiny_backend, prompt_items, signal):
+    """The same preset and threshold on the same tiny weights: TeaCache in diffusers (hooks) and in LightX2V (its infer
+    class) computes and skips the same calls, bit for bit, per branch, at thresholds from few to many skips."""
+    from calib.backends.tiny import TinyQwenImageEdit
+
+    diffusers_backend = TinyQwenImageEdit(dtype=torch.bfloat16)  # LightX2V runs Qwen-Image in bf16
+    preset = Preset(model=TINY, signal=signal, coefficients=(1.0, 0.0), ret_steps=1, cutoff_steps=-1)
+    item = prompt_items[0]
+    skipped = []
+    for threshold in (0.05, 0.15, 0.4, 1.0):
+        schedules = []
+        for backend in (diffusers_backend, tiny_backend):
+            with backend.caching(preset, threshold) as handle:
+                backend.run(item, 0, STEPS, 4.0, SIZE)
+                stats = handle.stats()
+            schedules.append({branch: stats.schedule(branch) for branch in stats.branches})
+        assert schedules[0] == schedules[1], (signal, threshold)
+        skipped.append(sum(not c for s in schedules[0].values() for c in s))
+    assert skipped[0] < skipped[-1] and 0 < skipped[-1] < 2 * (STEPS - 2) + 1  # the thresholds span few to many skips
