@@ -12,7 +12,7 @@ last rung of `LADDER` that fits (listed from least to most useful; at many steps
 tiny model's held-out prompts (docs/eval/README.md, "What calibration costs") what the full calibration gains over
 record + fit comes from the window probes and the forecast probes, at one step count (fit maps them to the others by
 sigma); the sweeps and tune, about 90% of the full cost, change little. At 20 and 40 steps the default budget buys
-both; at 50 steps they cost about 23,200 calls.
+both on 4 prompts (7,840 calls for 12 prompts with CFG); at 50 steps it buys them on 2 prompts, every 5th step (9,400).
 
 Files, in RUN: the record's (run.json, trace/, refs/, ...), the probes', calibrate.json (the plan: its resume key),
 preset.json (the result); with tune, calib-sweep-<steps>/ and fitted-preset.json as well.

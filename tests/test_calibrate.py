@@ -3,6 +3,7 @@ what is measured, resumable after kill -9 in any stage, the same preset under to
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -77,6 +78,21 @@ def test_torchrun_gives_the_preset_of_one_process(calibrated, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "shard 0/2" in done.stdout and "shard 1/2" in done.stdout
     assert (tmp_path / "run" / "preset.json").read_bytes() == preset
+
+
+def test_with_sweeps_and_tune_torchrun_gives_the_preset_of_one_process(tmp_path):
+    """The top rung: every rank records, probes, sweeps and tunes its share; rank 0 fits and writes the same preset."""
+    args = [*CALIBRATE[:-1], "3000", "--tune-rounds", "2"]  # 3 prompts at 6 steps: 3,000 calls buy sweeps and tune
+    presets = []
+    for folder, launch in (("one", [sys.executable, "-m", "calib.cli"]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--module", "calib.cli"])):
+        (tmp_path / folder).mkdir()
+        write_prompts(tmp_path / folder / "calib.jsonl", SMALL_PROMPTS[:3])
+        done = subprocess.run([*launch, *args], cwd=tmp_path / folder, env=ENV, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "-> + calibration sweeps and tune" in done.stdout and "tune: 2 rounds fit the budget" in done.stdout
+        presets.append((tmp_path / folder / "run" / "preset.json").read_bytes())
+    assert presets[0] == presets[1] and json.loads(presets[0])["calibration"]["tune"]["rounds"] == 2
 
 
 def test_evaluate_refuses_the_calibration_prompts_and_leads_with_the_answer(calibrated, tmp_path):
