@@ -1,12 +1,13 @@
 """What calibration costs against what it buys: each rung of `teacal calibrate`'s ladder, measured on held-out prompts.
 
     python docs/eval/ladder.py EVAL --prompts HELDOUT.jsonl --steps N [--steps M] --budget B [--budget C ...] [--full PRESET]
+                               [--plain B]
 
 For each budget B, EVAL/ladder-B/preset.json is what `teacal calibrate --budget B` wrote (make ladder). The held-out
 prompts are recorded once (EVAL/ladder-heldout), each preset swept there with `--method teacache` (its own reuse
-rule), and `--full PRESET` (a preset of the full calibration, sweeps and tune included) beside them. The best borrowed
-set or peer per budget comes from make eval's sweep of the same held-out prompts (EVAL/heldout/sweep-N), when it is
-there. Writes EVAL/ladder.md: per step count, mean PSNR (worst prompt) at equal computed calls, and each rung's calls.
+rule; with `--plain B`, budget B's preset also with plain reuse), and `--full PRESET` (a preset of the full
+calibration, sweeps and tune included) beside them. The best borrowed set or peer per budget, by mean and by worst
+prompt, comes from make eval's sweep of the same held-out prompts (EVAL/heldout/sweep-N), when it is there. Writes EVAL/ladder.md: per step count, mean PSNR (worst prompt) at equal computed calls, and each rung's calls.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from calib.budgets import best_within, budget_steps  # noqa: E402
-from calib.calibrate import LADDER  # noqa: E402
 from calib.report import with_measured_oracle  # noqa: E402
 from calib.tables import aggregate  # noqa: E402
 
@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, action="append", required=True)
     parser.add_argument("--budget", type=int, action="append", required=True)
     parser.add_argument("--full", type=Path, help="a preset of the full calibration (record, probe, fit, sweeps, tune)")
+    parser.add_argument("--plain", type=int, action="append", default=[], metavar="B",
+                        help="also sweep budget B's preset, if it forecasts, with plain reuse: a column of its own (repeatable)")
     args = parser.parse_args()
     held = args.eval / "ladder-heldout"
     presets = {f"budget {b:,}": args.eval / f"ladder-{b}" / "preset.json" for b in args.budget}
@@ -58,16 +60,23 @@ def main() -> None:
     for name, preset in presets.items():
         plan = json.loads((preset.parent / "calibrate.json").read_text()) if (preset.parent / "calibrate.json").exists() else None
         rung = plan["settings"]["rung"]["name"] if plan else "sweeps and tune included"
-        cost = f", {plan['costs'][[r.name for r in LADDER].index(rung)]:,} calls" if plan else ""
+        # the rung calibrate chose: the last within its budget, in the costs of the ladder it was planned with
+        cost = f", {next((c for c in reversed(plan['costs']) if c <= plan['budget']), plan['costs'][0]):,} calls" if plan else ""
         lines.append(f"- {name}: {preset} ({rung}{cost})")
     for steps in args.steps:
         rows = {}
         for name, preset in presets.items():
             out = held / f"{name.replace(' ', '-').replace(',', '')}-{steps}"
+            plain = name in {f"budget {b:,}" for b in args.plain} and json.loads(preset.read_text()).get("forecast", {}).get("rule", "none") != "none"
             teacal("sweep", str(held), "--preset", str(preset), "--steps", str(steps), "--out", str(out), "--oracle", "none", "--metrics", "psnr",
-                   "--metrics", "ssim", "--yes")
+                   "--metrics", "ssim", "--yes", *(["--forecast", "preset", "--forecast", "none"] if plain else []))
             view = aggregate(pd.read_parquet(out / "sweep.parquet"))
-            rows[name] = view[view["method"] == "teacache"]
+            view = view[view["method"] == "teacache"]
+            if plain:  # the two fronts apart: the preset's own rule, and the same polynomial with plain reuse
+                reuse = ~view["label"].str.contains("forecast")  # "teacache (calibrated)"; the rule: "..., forecast calibrated"
+                rows[name], rows[f"{name}, plain reuse"] = view[~reuse], view[reuse]
+            else:
+                rows[name] = view
         calls = steps * 2
         budgets = [k * 2 for k in budget_steps(steps)]
         table = {"calls": [f"{b} of {calls}" for b in budgets], **{name: front(view, budgets) for name, view in rows.items()}}
@@ -76,15 +85,16 @@ def main() -> None:
             swept = pd.read_parquet(full_sweep)
             others = with_measured_oracle(aggregate(swept), swept)
             others = others[~others["method"].isin(["uncached", "teacache", "oracle", "oracle pick"])]
-            best = []
-            for b in budgets:
-                points = []
-                for label, g in others.groupby("label"):
-                    i = best_within(g["computed"], g["psnr"], [b])[0]
-                    if i >= 0:
-                        points.append((float(g["psnr"].iloc[i]), label))
-                best.append(max(points, default=(None, "-")))
-            table["best borrowed set or peer"] = [f"{v:.1f} ({label})" if v is not None else "-" for v, label in best]
+            for column, what in (("psnr", "best borrowed set or peer"), ("psnr_worst", "best worst prompt of those")):
+                best = []
+                for b in budgets:
+                    points = []
+                    for label, g in others.groupby("label"):
+                        i = best_within(g["computed"], g[column], [b])[0]
+                        if i >= 0:
+                            points.append((float(g[column].iloc[i]), label))
+                    best.append(max(points, default=(None, "-")))
+                table[what] = [f"{v:.1f} ({label})" if v is not None else "-" for v, label in best]
         frame = pd.DataFrame(table)
         lines += [f"\n## {steps} steps\n", "| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
         lines += ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
