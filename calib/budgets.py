@@ -45,6 +45,11 @@ def values_within(costs, values, budgets, empty: float = np.nan) -> np.ndarray:
     return np.where(index >= 0, values[np.maximum(index, 0)] if len(values) else empty, empty)
 
 
+def front_at(points: list[tuple[int, float]], budgets: list[int], empty: float) -> np.ndarray:
+    """For each budget, the best value among (computed steps, value) points computing no more; `empty` where none does."""
+    return values_within([k for k, _ in points], [v for _, v in points], budgets, empty)
+
+
 # What "the quality" of a method over several prompts is: their mean, the worst prompt, or the mean of the worst
 # fifth (a tail mean, CVaR at 20%). Fit and tune optimise the one a preset is made for (`--objective`).
 OBJECTIVES = ("mean", "worst", "cvar")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import time
 from datetime import datetime, timezone
@@ -234,6 +235,11 @@ def resolve_shard(shard: str | None) -> tuple[int, int]:
     if count < 1 or not 0 <= index < count:
         raise UserError(f"{source} {shard!r}: need 0 <= i < K")
     return index, count
+
+
+def json_number(value: float) -> float | None:
+    """A measured dB for a JSON file: rounded to 3 decimals, None where not finite (JSON has no NaN or infinity)."""
+    return round(float(value), 3) if math.isfinite(value) else None
 
 
 def wait_for(done, what: str, echo=print, poll: float = 2.0) -> None:

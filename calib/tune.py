@@ -16,10 +16,7 @@ candidate's measured front with the best *other* method that the `--against` swe
 budget, 20% to 75% of the steps: twice the worst gap, plus every shortfall, plus a hundredth of every gap (clipped to
 ±5 dB), so that being at par everywhere comes first and being ahead second.
 
-Then the reuse rule (`--forecast`, on by default): the tuned schedules are generated with constant dampings of a
-linear forecast; each schedule's best damping, keyed by the mean sigma reach of its skips, gives a table of knots;
-that table, the constants, the rule fitted from forecast probes and plain reuse are scored by their mean gain over
-plain reuse less twice every loss beyond 0.2 dB, and the best is kept (plain reuse when nothing gains).
+Then the reuse rule (`--forecast`, on by default), chosen by generating too (`calib.reuse_rule`).
 
 Files (its own, in the run folder)::
 
@@ -44,16 +41,18 @@ import pandas as pd
 from PIL import Image
 
 from calib.backends import Recording, open_recording, reference_mismatch
-from calib.budgets import IDENTICAL_DB, OBJECTIVES, best_within, budget_steps, over_prompts, values_within
+from calib.budgets import IDENTICAL_DB, OBJECTIVES, best_within, budget_steps, front_at, over_prompts
 from calib.errors import UserError
 from calib.metrics import psnr, to_tensor
 from calib.oracle import measured_oracle, measured_static
 from calib.progress import progress
+from calib.reuse_rule import tune_forecast
 from calib.runfiles import (
     SWEEP_FILE,
     SWEEP_TABLE,
     check_output_file,
     check_same_settings,
+    json_number,
     load_trace,
     now_iso,
     read_array,
@@ -139,11 +138,6 @@ def best_other(front: pd.DataFrame, budget: int) -> tuple[float, str]:
     """The best mean PSNR any other method reached computing no more than `budget` steps per branch, and which."""
     index = best_within(front["computed"], front["psnr"].where(np.isfinite(front["psnr"])), [budget])[0]
     return (-math.inf, "none") if index < 0 else (float(front["psnr"].iloc[index]), str(front["label"].iloc[index]))
-
-
-def front_at(points: list[tuple[int, float]], budgets: list[int], empty: float) -> np.ndarray:
-    """For each budget, the best value among (computed steps, value) points computing no more; `empty` where none does."""
-    return values_within([k for k, _ in points], [v for _, v in points], budgets, empty)
 
 
 class Measurer:
@@ -274,97 +268,6 @@ class Search:
         return float(2 * min(g.min(), 0.0) + np.minimum(g, 0.0).sum() + 0.01 * np.clip(g, -5, 5).sum())
 
 
-CONSTANT_DAMPINGS = (0.15, 0.3, 0.5)  # constant dampings measured on the tuned schedules
-FORECAST_FLOOR_DB = -0.2  # a reuse rule may lose at most this much to plain reuse at any budget
-WORST_FLOOR_DB = -0.5  # nor this much on the worst prompt of any schedule: the image a user sees is one prompt
-
-
-def mean_reach(schedule: str, sigma: np.ndarray) -> float:
-    """The mean sigma reach (`Forecast.reach`) of the skipped calls that have a slope (two computed steps before)."""
-    computed = [m for m, c in enumerate(schedule) if c == "x"]
-    reaches = []
-    for m, c in enumerate(schedule):
-        before = [j for j in computed if j < m]
-        if c == "." and len(before) >= 2:
-            reaches.append(Forecast.reach(sigma[before[-2]], sigma[before[-1]], sigma[m]))
-    return float(np.mean(reaches)) if reaches else math.nan
-
-
-def gains_of(measure: Measurer, schedules: dict[int, list[str]], forecast: Forecast) -> dict[int, np.ndarray]:
-    """Per step count and budget: the rule's measured front minus plain reuse's, on the same schedules."""
-    out = {}
-    for steps, found in schedules.items():
-        plain = [(s.count("x"), measure(steps, s)) for s in found]
-        ruled = [(s.count("x"), measure(steps, s, forecast)) for s in found]
-        out[steps] = front_at(ruled, budget_steps(steps), math.nan) - front_at(plain, budget_steps(steps), math.nan)
-    return out
-
-
-def worst_loss(measure: Measurer, schedules: dict[int, list[str]], forecast: Forecast) -> float:
-    """The largest loss on a schedule's worst prompt, the rule against plain reuse, over the tuned schedules (dB, <= 0)."""
-    losses = [0.0]
-    for steps, found in schedules.items():
-        for s in found:
-            losses.append(min(measure.under("worst", steps, s, forecast) - measure.under("worst", steps, s), 0.0))
-    return min(losses)
-
-
-def forecast_score(gains: dict[int, np.ndarray]) -> float:
-    """The mean gain over plain reuse, less twice every loss beyond FORECAST_FLOOR_DB."""
-    g = np.concatenate(list(gains.values()))
-    g = g[np.isfinite(g)]
-    return float(g.mean() + 2 * np.minimum(g - FORECAST_FLOOR_DB, 0).sum()) if g.size else 0.0
-
-
-def tune_forecast(measure: Measurer, search: Search, tuned: Preset, fitted: Forecast, echo=print) -> tuple[Forecast, dict]:
-    """The reuse rule, chosen by generating: constant dampings on the tuned schedules give each schedule its best
-    damping, keyed by the schedule's mean sigma reach; those points, pooled into knots, are one more candidate next to
-    the constants, the probe-fitted rule and plain reuse. The candidate of the best `forecast_score` wins; plain reuse
-    scores 0, so a rule is kept only where it gains on what was measured."""
-    schedules = {steps: search.schedules(tuned, steps) for steps in search.units}
-    candidates: dict[str, Forecast] = {f"linear:{a:g}": Forecast("linear", "step", ((0.0, a),)) for a in CONSTANT_DAMPINGS}
-    if fitted.extrapolates:
-        candidates["probe-fitted"] = fitted
-    gains = {name: gains_of(measure, schedules, rule) for name, rule in candidates.items()}
-    points = []  # per tuned schedule: the mean reach of its skips and its measured PSNR per constant damping
-    for steps, found in schedules.items():
-        sigma = search.units[steps].sigma
-        for s in found:
-            reach = mean_reach(s, sigma)
-            if math.isfinite(reach):
-                points.append({"reach": reach, 0.0: measure(steps, s), **{a: measure(steps, s, candidates[f"linear:{a:g}"]) for a in CONSTANT_DAMPINGS}})
-    if points:
-        table = pd.DataFrame(points).sort_values("reach").reset_index(drop=True)
-        dampings = [0.0, *CONSTANT_DAMPINGS]
-        # A reach bin's knot: the mean of its schedules' best dampings. (The one damping of the best summed PSNR per
-        # bin was tried too: 0.02 better in score on the eval's calibration run, within noise; not kept.)
-        groups = [table.iloc[i] for i in np.array_split(np.arange(len(table)), min(6, len(table)))]
-        knots = tuple((round(float(b["reach"].mean()), 4), round(float(b[dampings].idxmax(axis=1).astype(float).mean()), 4)) for b in groups if len(b))
-        knots = tuple(k for i, k in enumerate(knots) if i == 0 or k[0] > knots[i - 1][0])
-        if any(a > 0 for _, a in knots):
-            candidates["measured knots"] = Forecast("linear", "step", knots)
-            gains["measured knots"] = gains_of(measure, schedules, candidates["measured knots"])
-    scores = {name: forecast_score(g) for name, g in gains.items()}
-    worst = {name: worst_loss(measure, schedules, candidates[name]) for name in gains}
-    echo(f"{'reuse rule':<16}{'score':>8}{'mean':>8}{'worst':>8}{'worst prompt':>14}   gain over plain reuse (dB) on the calibration prompts, "
-         f"budgets 20%..75%; a rule that loses more than {-WORST_FLOOR_DB:g} dB on a schedule's worst prompt is out")
-    for name, g in gains.items():
-        every = np.concatenate(list(g.values()))
-        echo(f"{name:<16}{scores[name]:>8.2f}{np.nanmean(every):>+8.2f}{np.nanmin(every):>+8.2f}{worst[name]:>+14.2f}")
-        if worst[name] < WORST_FLOOR_DB:
-            scores[name] = -math.inf
-    best = max(scores, key=scores.get)
-    record = {name: {str(steps): [_finite(v) for v in g[steps]] for steps in g} for name, g in gains.items()}
-    if scores[best] <= 0:
-        echo("chose plain reuse: no reuse rule gains over it on what was measured")
-        return NO_FORECAST, {"chosen": "none", "gains_db": record}
-    chosen = candidates[best]
-    echo(f"chose the reuse rule {best}: damping per sigma reach {[list(k) for k in chosen.alpha]}")
-    fit = {"measured_on": "the calibration prompts, by teacal tune", "chosen": best, "gains_db": record,
-           "candidates": {name: [list(k) for k in rule.alpha] for name, rule in candidates.items()}}
-    return Forecast("linear", chosen.axis, chosen.alpha, fit=fit), {"chosen": best, "gains_db": record}
-
-
 def load_request_preset(request: TuneRequest) -> tuple[Preset, Path]:
     """The flags and the fitted preset, checked before any run is opened."""
     if request.rounds < 0:
@@ -434,7 +337,8 @@ def tune(request: TuneRequest, echo=print) -> Preset:
                                             advance, improved)
         forecast, forecast_record = preset.forecast, {}
         if request.forecast:
-            forecast, forecast_record = tune_forecast(measure, search, best_preset, preset.forecast, echo)
+            schedules = {steps: search.schedules(best_preset, steps) for steps in units}
+            forecast, forecast_record = tune_forecast(measure, schedules, {steps: u.sigma for steps, u in units.items()}, preset.forecast, echo)
     finally:
         measure.close()
     echo(f"measured {measure.generations} generations in {(time.monotonic() - started) / 60:.1f} min")
@@ -459,7 +363,7 @@ def tuned_preset(request: TuneRequest, preset: Preset, best_preset: Preset, fore
         for b, before, after in zip(budget_steps(steps), first[steps], best_gaps[steps], strict=True):
             label = search.bar[steps][b][1]
             echo(f"{steps:>5}{b:>7}{before:>+8.2f}{after:>+8.2f}   {label}")
-            rows[str(steps)][str(b)] = {"fitted": _finite(before), "tuned": _finite(after), "best_other": label}
+            rows[str(steps)][str(b)] = {"fitted": json_number(before), "tuned": json_number(after), "best_other": label}
     measured = search.measure.measured
     everything = pd.DataFrame([(*key, p) for key, p in measured.items() if len(key) == 2], columns=["steps", "schedule", "psnr"])
     oracle, runners_up = dict(preset.calibration.get("oracle", {})), dict(preset.calibration.get("oracle_runners_up", {}))
@@ -476,7 +380,3 @@ def tuned_preset(request: TuneRequest, preset: Preset, best_preset: Preset, fore
                                    fit=dict(preset.fit, default_threshold_speedup=round(reached, 4)))
     except PresetError as err:
         raise UserError(str(err)) from None
-
-
-def _finite(value: float) -> float | None:
-    return round(float(value), 3) if math.isfinite(value) else None  # JSON has no NaN or infinity

@@ -21,7 +21,7 @@ LAYERS = [
     ("calib.backends", "calib.costmodel", "calib.configs"),
     ("calib.tables", "calib.peers"),
     ("calib.oracle",),
-    ("calib.search",),
+    ("calib.search", "calib.reuse_rule"),
     ("calib.record", "calib.probe", "calib.fit", "calib.tune", "calib.sweep", "calib.report", "calib.export"),
     ("calib.bench", "calib.training", "calib.calibrate"),
     ("calib.cli",),

@@ -133,7 +133,7 @@ def test_tune_refuses_a_latent_dependent_signal_and_sweeps_of_other_runs(calibra
 def test_the_reuse_rule_is_the_best_measured_candidate_and_plain_reuse_when_none_gains(calibrated):
     """tune measures constant dampings (and dampings per reach) on the tuned schedules and keeps the candidate of the
     best score; plain reuse scores 0, so a rule that gains nothing is never chosen."""
-    from calib.tune import forecast_score
+    from calib.reuse_rule import forecast_score
 
     _, _, _, tuned, lines = calibrated
     record = tuned.calibration["tune"]["forecast"]
@@ -149,7 +149,7 @@ def test_the_reuse_rule_is_the_best_measured_candidate_and_plain_reuse_when_none
 
 
 def test_the_mean_reach_of_a_schedule_is_that_of_its_extrapolated_skips():
-    from calib.tune import mean_reach
+    from calib.reuse_rule import mean_reach
 
     sigma = np.array([1.0, 0.9, 0.7, 0.6, 0.4, 0.0])
     # computed 0, 1, 3, 5: the skip at 2 extrapolates from 0 and 1, reach max(0.1, 0.2) = 0.2; the skip at 4 from
@@ -177,7 +177,7 @@ def test_tune_refuses_a_sweep_of_part_of_the_prompts_or_without_psnr(calibrated,
 def test_a_reuse_rule_that_costs_a_schedule_its_worst_prompt_is_out(calibrated):
     """The forecast must be safe per prompt: a rule whose worst prompt loses more than 0.5 dB on any tuned schedule
     against plain reuse is never chosen, whatever its mean gain."""
-    from calib.tune import WORST_FLOOR_DB, worst_loss
+    from calib.reuse_rule import WORST_FLOOR_DB, worst_loss
 
     class Table:
         """A Measurer of fixed per-prompt PSNRs: plain reuse 40/40/40; the rule 46/46/39 (mean +3.7, worst -1)."""
