@@ -295,7 +295,7 @@ def fit(
     loss: Annotated[Loss, typer.Option(help="linear (= np.polyfit) or a robust loss.")] = "linear",
     folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds, grouped by prompt.")] = 5,
     ret_steps: Annotated[int, typer.Option(min=0, help="First steps always computed.")] = 1,
-    cutoff_steps: Annotated[int, typer.Option(help="First step always computed again at the end; negative counts from the end.")] = -1,
+    cutoff_steps: Annotated[int | None, typer.Option(help="First step always computed again at the end; negative counts from the end. Default: the last step (-1), unless the probes of a model of 8 steps or fewer measure the last step as the cheapest to skip.")] = None,
     speedup: Annotated[float, typer.Option(min=1.0, help="The default threshold is the one simulated to reach this speedup.")] = 1.6,
     partial: Annotated[bool, typer.Option("--partial", help="Fit an unfinished recording anyway (it says how much is missing).")] = False,
     oracle_from: Annotated[list[Path] | None, typer.Option(help="A sweep (--out folder) of these runs: the oracle becomes the best static schedule it measured per budget, the cost model's among them. Repeatable.")] = None,

@@ -16,7 +16,8 @@ The cost model
     step's latent error on about half as strongly as a middle step's. Without probes, ``s = 1, γ = 0``.
 
 * `cost_model`: the model of a run, its sensitivity and compounding fitted to the probes.
-* `forecast_from_probes`: the reuse rule's damping per sigma reach, from forecast probes.
+* `last_step_rule`: whether the last step stays forced (few-step probes measure it).
+* `forecast_from_probes`: the reuse rule's damping per sigma reach, from forecast probes, gated per probed prompt.
 * `oracle_schedules`: for every budget at once, the static schedule of least modelled cost (dynamic programming).
 * `simulated_front`: TeaCache's schedules at many thresholds (`calib.simulate`) and what each costs.
 """
@@ -30,7 +31,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize_scalar
 
-from calib.budgets import IDENTICAL_DB, over_prompts, values_within
+from calib.budgets import FEW_STEPS, IDENTICAL_DB, over_prompts, values_within
 from calib.simulate import UnitSeries, teacache_schedules, uniform_schedule
 from teacache.forecast import NO_FORECAST, Forecast
 from teacache.preset import Preset
@@ -257,6 +258,29 @@ def cost_model(units: list[UnitSeries], probes: pd.DataFrame | None, target: str
     if rows:
         model.gamma = float(minimize_scalar(misfit, bounds=(0.0, 2.0), method="bounded").x)
     return model
+
+
+# -- the forced last step --------------------------------------------------------------------------------------------
+def last_step_rule(settings: dict, probes: pd.DataFrame | None, echo=print) -> int:
+    """`cutoff_steps` when the flag is not given: the last step is forced (-1), as TeaCache's seed has it, unless every
+    recorded step count is a few-step one whose probes measured skipping the last step alone costs the final image
+    less than skipping any single middle step (geometric mean over the probed prompts); then no step is forced at the
+    end of the calibrated step counts (cutoff = the largest; a longer run is forced from there)."""
+    steps = settings["steps"]
+    if probes is None or "kind" not in probes or max(steps) > FEW_STEPS:
+        return -1
+    singles = probes[(probes["kind"] == "window") & (probes["length"] == 1)]
+    for n in steps:
+        cost = singles[singles["steps"] == n].groupby("first")["image_rmse"].apply(lambda v: float(np.exp(np.mean(np.log(v)))))
+        if n - 1 not in cost.index or len(cost) < 2:
+            return -1
+        middle = cost.drop(n - 1)
+        echo(f"last step, {n} steps: skipping it alone costs {cost[n - 1]:.4g} (final image RMSE), a middle step {middle.min():.4g} at least")
+        if cost[n - 1] > middle.min():
+            return -1
+    echo(f"the last step is the cheapest to skip at every calibrated step count: not forced (cutoff_steps {max(steps)})")
+    return max(steps)
+
 
 
 # -- the reuse rule ---------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import scipy.linalg
 from scipy.optimize import least_squares, minimize
 
 from calib.budgets import COMPARED, OBJECTIVES
-from calib.costmodel import CostModels, cost_models
+from calib.costmodel import CostModels, cost_models, last_step_rule
 from calib.errors import UserError
 from calib.oracle import gap_to_oracle, measured_static, preset_oracle
 from calib.runfiles import check_output_file, identity_hash, library_versions, load_probes_of, load_traces
@@ -232,7 +232,7 @@ class FitRequest:
     loss: str = "linear"
     folds: int = 5
     ret_steps: int = 1
-    cutoff_steps: int = -1
+    cutoff_steps: int | None = None  # None: the last step (-1), unless few-step probes measure it the cheapest to skip
     speedup: float = 1.6
     partial: bool = False  # fit an unfinished recording anyway
     oracle_from: tuple[Path, ...] = ()  # sweeps of these runs whose measured static schedules verify the oracle
@@ -284,14 +284,16 @@ def check_request(request: FitRequest) -> Path:
 
 def load_calibration(request: FitRequest, echo=print) -> Calibration:
     trace, settings, groups, runs = load_traces(request.runs, request.partial, echo)
-    step_rules = Preset(model=settings["model"], signal="temb", coefficients=[1.0, 0.0], ret_steps=request.ret_steps, cutoff_steps=request.cutoff_steps)
+    probes = load_probes_of(runs)
+    cutoff = request.cutoff_steps if request.cutoff_steps is not None else last_step_rule(settings, probes, echo)
+    step_rules = Preset(model=settings["model"], signal="temb", coefficients=[1.0, 0.0], ret_steps=request.ret_steps, cutoff_steps=cutoff)
     for steps in settings["steps"]:
         try:
             step_rules.resolve_cutoff(steps)
         except ValueError as err:
             raise UserError(str(err).replace("preset <memory>: ", "")) from None
     measured = measured_static(request.oracle_from, runs) if request.oracle_from else None  # checked before the fit
-    calibration = Calibration(runs, settings, unit_series(trace, groups), load_probes_of(runs), measured, step_rules)
+    calibration = Calibration(runs, settings, unit_series(trace, groups), probes, measured, step_rules)
     if calibration.prompts < 2:
         raise UserError(f"cross-validation by prompt needs at least 2 prompts; the recording has {calibration.prompts}")
     if calibration.probes is None:
@@ -321,12 +323,12 @@ def cross_validate(request: FitRequest, calibration: Calibration, costs: CostMod
     for c in candidates_of(request, units):
         key = (c.signal, c.target, c.branch_mode)
         if key not in windows:
-            windows[key] = skip_windows(units, costs.rule[c.target], c.signal, c.branch_mode == "shared", request.ret_steps, request.cutoff_steps)
+            windows[key] = skip_windows(units, costs.rule[c.target], c.signal, c.branch_mode == "shared", request.ret_steps, calibration.step_rules.cutoff_steps)
         if len(windows[key].cost) < 2 * (c.degree + 1):
             raise UserError(f"only {len(windows[key].cost)} skip windows for degree {c.degree}: record more prompts or steps, or lower --degree")
         groups = np.array([units[i].group for i in windows[key].unit])
         scored.append(evaluate(c, units, costs.rule[c.target], windows[key], groups, k, request.loss, calibration.settings["model"],
-                               request.ret_steps, request.cutoff_steps, request.objective))
+                               request.ret_steps, calibration.step_rules.cutoff_steps, request.objective))
     echo(f"{'signal':<7}{'target':<9}{'fit':<6}{'degree':>6}{'held-out R2':>13}{'MAE':>10}{'dB vs oracle':>14}   (held-out prompts; budgets "
          f"{COMPARED[0]:.0%}..{COMPARED[1]:.0%} of calls)")
     for s in scored:
@@ -355,7 +357,7 @@ def compare_signals(request: FitRequest, calibration: Calibration, costs: CostMo
         w = windows[(c.signal, c.target, c.branch_mode)]
         target = transform(w.cost, c.transform)
         coefficients = fit_polynomial(w.features(c.degree), target, request.loss, x_range(units, c.signal), step_floor(w, target))
-        fitted = candidate_preset(calibration.settings["model"], c, coefficients, units, request.ret_steps, request.cutoff_steps)
+        fitted = candidate_preset(calibration.settings["model"], c, coefficients, units, request.ret_steps, calibration.step_rules.cutoff_steps)
         if signal in EXACT_SIGNALS:
             fitted, fitted_gaps, gaps = search_shape(fitted, units, costs.plain[YARDSTICK], request.objective)
         else:
@@ -379,7 +381,7 @@ def assemble(request: FitRequest, calibration: Calibration, costs: CostModels, s
     model = costs.models[chosen.target]
     preset = Preset(
         model=settings["model"], signal=chosen.signal, coefficients=[float(c) for c in by_signal[chosen.signal]["coefficients"]],
-        ret_steps=request.ret_steps, cutoff_steps=request.cutoff_steps, branch_mode=chosen.branch_mode, forecast=costs.forecast,
+        ret_steps=request.ret_steps, cutoff_steps=calibration.step_rules.cutoff_steps, branch_mode=chosen.branch_mode, forecast=costs.forecast,
         domain={"steps": settings["steps"], "sizes": settings["sizes"], "dtype": settings["dtype"], "x_range": {s: list(x_range(units, s)) for s in SIGNALS}},
         calibration={
             "runs": [str(r) for r in request.runs], "backend": settings["backend"], "steps": settings["steps"], "sizes": settings["sizes"],

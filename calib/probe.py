@@ -16,7 +16,8 @@ linear forecast of several constant dampings (and none); `teacal fit` picks the 
 (`teacache.forecast`).
 
 Cost: one generation per probe, plus one uncached generation per unit that checks the recorded reference is
-reproduced bit for bit. `--window 1` (single steps) costs `steps - 2` generations per unit; each longer length adds
+reproduced bit for bit. `--window 1` (single steps) costs `steps - 2` generations per unit (`steps - 1` at 8 steps or
+fewer, the last step included); each longer length adds
 about `steps / (length / 2)`; `--forecast` adds 30 per unit. It says the count and the time it expects before it starts.
 """
 
@@ -29,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from calib.backends import Recording, open_recording, recording_preset, reference_mismatch
+from calib.budgets import FEW_STEPS
 from calib.errors import UserError
 from calib.metrics import psnr, to_tensor
 from calib.progress import progress
@@ -102,9 +104,12 @@ class Probe:
 
 
 def window_starts(steps: int, length: int, stride: int = 1) -> list[int]:
-    """First skipped steps of the probed windows of `length`: inside 1 .. steps-2 (the first and last step are
-    always computed), every `stride`-th step for single steps, every length/2 steps for longer windows."""
-    return list(range(1, steps - length, stride if length == 1 else max(1, length // 2)))
+    """First skipped steps of the probed windows of `length`: inside 1 .. steps-2 (the first step is always computed,
+    and so, by default, is the last), every `stride`-th step for single steps, every length/2 steps for longer windows.
+    At FEW_STEPS or fewer the last step is probed alone too: one call is an eighth of the work or more there, so
+    whether it must be forced is measured (`teacal fit` frees it when skipping it costs least)."""
+    starts = list(range(1, steps - length, stride if length == 1 else max(1, length // 2)))
+    return starts + [steps - 1] if length == 1 and steps <= FEW_STEPS else starts
 
 
 def plan(recording: Recording, request: ProbeRequest) -> list[Probe]:

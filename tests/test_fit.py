@@ -262,6 +262,29 @@ def test_the_fitted_damping_costs_no_probed_prompt_more_than_half_a_db():
     assert [a for _, a in fitted.forecast.alpha] == [0.4] and loses_db[0.4] <= PROMPT_LOSS_DB < loses_db[0.6]
 
 
+def test_the_last_step_is_freed_only_where_few_step_probes_measure_it_cheapest():
+    """TeaCache's seed forces the last step. At 8 steps or fewer the probes measure it alone: fit frees it (cutoff =
+    the step count) when skipping it costs the final image less than any middle step, at every step count; a dearer
+    last step, a longer schedule or no probe of it keeps it forced."""
+    from calib.costmodel import last_step_rule
+    from calib.probe import window_starts
+
+    assert window_starts(4, 1) == [1, 2, 3] and window_starts(8, 1, 5) == [1, 6, 7] and 19 not in window_starts(20, 1)  # what probe runs
+    def probes(steps: int, last_cost: float) -> pd.DataFrame:
+        rows = [{"kind": "window", "length": 1, "steps": steps, "first": first, "prompt_id": p, "image_rmse": 0.03 + 0.001 * first}
+                for first in range(1, steps - 1) for p in "ab"]
+        rows += [{"kind": "window", "length": 1, "steps": steps, "first": steps - 1, "prompt_id": p, "image_rmse": last_cost} for p in "ab"]
+        return pd.DataFrame(rows)
+
+    quiet = dict(echo=lambda *_: None)
+    assert last_step_rule({"steps": [4]}, probes(4, 0.003), **quiet) == 4
+    assert last_step_rule({"steps": [4, 8]}, pd.concat([probes(4, 0.003), probes(8, 0.003)]), **quiet) == 8
+    assert last_step_rule({"steps": [4, 8]}, pd.concat([probes(4, 0.003), probes(8, 0.05)]), **quiet) == -1
+    assert last_step_rule({"steps": [20]}, probes(20, 0.003), **quiet) == -1  # many steps: the seed's rule stands
+    assert last_step_rule({"steps": [4]}, probes(4, 0.003).query("first < 3"), **quiet) == -1  # not probed
+    assert last_step_rule({"steps": [4]}, None, **quiet) == -1
+
+
 def _sweep_folder(folder: Path, run: Path, rows: list[tuple[str, str, str, list[float]]], steps: int = 6) -> Path:
     """A sweep's files as `teacal sweep --out folder` writes them: (method, config, schedule per prompt, PSNR per prompt)."""
     from calib.runfiles import write_json, write_table

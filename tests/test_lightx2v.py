@@ -815,6 +815,7 @@ def test_patch_class_takes_teacals_decisions_on_lightx2v(tiny_dir, patched_light
                                 "teacache_forecast": {"rule": "linear", "axis": "sigma", "alpha": [[0.0, 0.25]]}},
         "modin-block-offload": {"coefficients": [1.0, 0.0], "teacache_thresh": SKIPPING, "teacache_signal": "modin", "cpu_offload": True, "offload_granularity": "block"},
         "outside-domain": {"coefficients": [1.0, 0.0], "teacache_thresh": SKIPPING, "teacache_steps": [20, 40], "teacache_x_range": [0.05, 0.2]},
+        "last-step-free": {"coefficients": [1.0, 0.0], "teacache_thresh": SKIPPING, "teacache_cutoff_steps": STEPS},  # fit frees it at few steps
     }
     script = tmp_path / "compare.py"
     script.write_text(

@@ -159,8 +159,8 @@ def probed(recorded_run, tmp_path_factory):
 def test_probe_measures_single_steps_and_windows(probed):
     run, lines = probed
     probes = load_probes(run)
-    # 2 prompts x (steps 1..4 single + windows of 2 at 1, 2, 3)
-    assert len(probes) == 2 * (4 + 3) and set(probes["length"]) == {1, 2}
+    # 2 prompts x (steps 1..5 single, the last step too at 8 steps or fewer, + windows of 2 at 1, 2, 3)
+    assert len(probes) == 2 * (5 + 3) and set(probes["length"]) == {1, 2} and 5 in set(probes["first"])
     assert (probes["latent_rel_l1"] > 0).all() and (probes["psnr"] > 10).all() and np.isfinite(probes["psnr"]).all()
     assert any("generations in all" in line and "min of denoising" in line for line in lines)
     assert (run / "probes.parquet").exists() and (run / "probe.json").exists()
