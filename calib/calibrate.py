@@ -33,7 +33,7 @@ from calib.budgets import budget_steps
 from calib.errors import UserError
 from calib.probe import ProbeRequest, window_starts
 from calib.record import RecordRequest, check_request
-from calib.runfiles import check_same_settings, load_run, missing_units, resolve_shard, wait_for, write_json
+from calib.runfiles import SWEEP_TABLE, check_same_settings, load_run, missing_units, resolve_shard, wait_for, write_json
 
 CALIBRATE_FILE = "calibrate.json"
 DEFAULT_BUDGET = 10_000  # calls: about TeaCache's own 70-prompt calibration of a 50-step CFG model
@@ -214,7 +214,6 @@ def _tune_stages(request: CalibrateRequest, run: Path, out: Path, plan: Plan, bu
     with the measured oracle; tune, its rounds sized to the budget left. Every shard sweeps and tunes its share of
     the prompts; rank 0 fits, the others wait for its presets."""
     from calib.fit import FitRequest, fit
-    from calib.runfiles import SWEEP_TABLE
     from calib.sweep import SweepRequest, sweep
     from calib.tune import TuneRequest, tune
 
@@ -314,13 +313,15 @@ def evaluate(request: EvaluateRequest, echo=print) -> list[Path]:
                          lightx2v_config=request.lightx2v_config, lora_path=request.lora_path, shard=request.shard), echo=echo)
     wait_for(lambda: not missing_units(load_run(run)), "the recording", echo)
     forecasts = ("preset", "none") if preset.forecast.extrapolates else ("preset",)
+    first = resolve_shard(request.shard)[0] == 0
     folders = []
     for n in steps:
         folder = run / f"sweep-{n}"
-        table = sweep(SweepRequest(run=run, preset=request.preset, out=folder, steps=n, baselines=request.baselines, methods=request.methods,
-                                   forecasts=forecasts, target_psnr=request.target_psnr, device=request.device, dtype=request.dtype,
-                                   model_path=request.model_path, lightx2v_config=request.lightx2v_config, shard=request.shard, yes=True), echo=echo)
-        if not table.empty:
+        sweep(SweepRequest(run=run, preset=request.preset, out=folder, steps=n, baselines=request.baselines, methods=request.methods,
+                           forecasts=forecasts, target_psnr=request.target_psnr, device=request.device, dtype=request.dtype,
+                           model_path=request.model_path, lightx2v_config=request.lightx2v_config, shard=request.shard, yes=True), echo=echo)
+        if first:  # the first shard reports, once every shard's part is merged (by whichever finished last)
+            wait_for((folder / SWEEP_TABLE).exists, f"the sweep {folder}", echo)
             folders.append(report(folder, echo=echo))
     for folder in folders:
         echo(f"report: {folder / 'report.md'}")

@@ -110,6 +110,21 @@ def test_evaluate_refuses_the_calibration_prompts_and_leads_with_the_answer(cali
     assert "on every prompt" in answer and "static: LeMiCa (published Qwen-Image schedules)" in text
 
 
+def test_evaluate_in_two_shards_reports_from_the_first(calibrated, tmp_path):
+    """`make demo` runs evaluate as two shards: whichever finishes last merges the sweep, the first writes the report
+    and says where it is."""
+    base, _, _ = calibrated
+    held = write_prompts(tmp_path / "held.jsonl", SMALL_PROMPTS[3:])
+    args = [sys.executable, "-m", "calib.cli", "evaluate", "held", "--preset", str(base / "run" / "preset.json"), "--prompts", held,
+            "--baseline", "identity", "--method", "teacache"]
+    shards = [subprocess.Popen([*args, "--shard", f"{i}/2"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for i in range(2)]
+    outputs = [shard.communicate(timeout=600) for shard in shards]
+    assert [shard.returncode for shard in shards] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert "report: held/sweep-6/report/report.md" in outputs[0][0] and "report:" not in outputs[1][0]
+    assert "## The answer" in (tmp_path / "held" / "sweep-6" / "report" / "report.md").read_text()
+
+
 def test_a_plan_short_of_the_forecast_probes_says_which_budget_buys_them():
     request, said = CalibrateRequest(run=Path("x")), []
     print_plan(make_plan(request, (50,), 4.0, 12, 5_000), 5_000, None, echo=said.append)
