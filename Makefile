@@ -54,14 +54,9 @@ CALIB_PROMPTS   ?= prompts/calib.jsonl
 HELDOUT_PROMPTS ?= prompts/heldout.jsonl
 DEMO_EVALUATE   ?= --baseline identity --baseline mlx-qwen --baseline lemica --method teacache --method fbcache
 
-# Two shards (--shard 0/2 in front, 1/2 logging to RUN/<stage>-shard-1.log): every second prompt each, so both cores
-# work; the first merges and fits. A failed shard stops the other.
-SHARDED = mkdir -p $(RUN) && { $(1) --shard 1/2 > $(RUN)/$(2)-shard-1.log 2>&1 & other=$$!; \
-	$(1) --shard 0/2 || { kill $$other; exit 1; }; wait $$other || { echo "shard 1/2 failed: $(RUN)/$(2)-shard-1.log" >&2; exit 1; }; }
-
 demo: install
-	$(call SHARDED,$(TEACAL) calibrate $(RUN)/calib --prompts $(CALIB_PROMPTS),calibrate)
-	$(call SHARDED,$(TEACAL) evaluate $(RUN)/heldout --preset $(RUN)/calib/preset.json --prompts $(HELDOUT_PROMPTS) $(DEMO_EVALUATE),evaluate)
+	$(TEACAL) calibrate $(RUN)/calib --prompts $(CALIB_PROMPTS)
+	$(TEACAL) evaluate $(RUN)/heldout --preset $(RUN)/calib/preset.json --prompts $(HELDOUT_PROMPTS) $(DEMO_EVALUATE)
 
 # The evidence behind the README's tables, for either embedded model: calibrate on its calibration prompts under
 # EVAL_BUDGET calls, then evaluate on its held-out prompts (never used to calibrate or tune) against every borrowed

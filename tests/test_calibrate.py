@@ -111,8 +111,8 @@ def test_evaluate_refuses_the_calibration_prompts_and_leads_with_the_answer(cali
 
 
 def test_evaluate_in_two_shards_reports_from_the_first(calibrated, tmp_path):
-    """`make demo` runs evaluate as two shards: whichever finishes last merges the sweep, the first writes the report
-    and says where it is."""
+    """evaluate in two shards (`--shard i/K`, or torchrun): whichever finishes last merges the sweep, the first writes
+    the report and says where it is, on the terminal the user watches."""
     base, _, _ = calibrated
     held = write_prompts(tmp_path / "held.jsonl", SMALL_PROMPTS[3:])
     args = [sys.executable, "-m", "calib.cli", "evaluate", "held", "--preset", str(base / "run" / "preset.json"), "--prompts", held,
