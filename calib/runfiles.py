@@ -129,9 +129,15 @@ def check_same_settings(path: Path, settings: dict[str, Any], what: str, flag: s
         return None
     existing = read_json(path)
     old = existing.get("settings", {})
-    if settings_hash(old) != settings_hash(settings):
+    if settings_hash(_given(old)) != settings_hash(_given(settings)):
         raise UserError(f"{path.parent}: already holds a {what} with other settings ({settings_difference(old, settings, files)}); choose {flag}")
     return existing
+
+
+def _given(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings without their unset (None) entries: a file written before a setting existed (no "lora" key) holds the
+    same run as one that records it unset."""
+    return {key: value for key, value in settings.items() if value is not None}
 
 
 def _check_parents(path: Path, flag: str) -> None:

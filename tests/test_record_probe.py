@@ -136,6 +136,20 @@ def test_rerun_with_other_settings_names_only_what_differs_and_keeps_the_run(rec
     assert before == {p.name: p.stat().st_mtime_ns for p in (recorded_run / "trace").iterdir()}
 
 
+def test_a_recording_from_before_a_setting_existed_resumes(recorded_run, tmp_path):
+    """A run folder written before teacal recorded `lora` (the key absent, not null) is the same run as one without a
+    LoRA now: rerunning record there resumes with nothing to do, instead of refusing the folder."""
+    run = tmp_path / "run"
+    shutil.copytree(recorded_run, run)
+    info = json.loads((run / "run.json").read_text())
+    assert info["settings"].pop("lora") is None
+    (run / "run.json").write_text(json.dumps(info))
+    result = runner.invoke(app, ["record", str(run), "--prompts", str(recorded_run.parent / "prompts.jsonl"), "--steps", "6",
+                                 "--size", "64x64", "--seed", "0", "--seed", "1", "--max-gap", "4"])
+    assert result.exit_code == 0, result.output
+    assert "0 to run" in result.output
+
+
 def test_a_failed_model_load_leaves_nothing_behind(tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", SMALL_PROMPTS[:1])
     folder = tmp_path / "weights"
