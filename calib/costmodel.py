@@ -120,6 +120,11 @@ def schedule_cost(matrix: np.ndarray, schedules: np.ndarray) -> float:
     return total / len(np.atleast_2d(schedules))
 
 
+def _geometric_mean(values) -> float:
+    """How probed final-image errors are pooled over prompts (errors spread over orders of magnitude)."""
+    return float(np.exp(np.mean(np.log(values))))
+
+
 def decibels(cost: float) -> float:
     """``-20·log10(cost)``: the cost as a PSNR up to a constant (IDENTICAL_DB for a schedule that skips nothing)."""
     return IDENTICAL_DB if cost <= 0 else -20 * math.log10(cost)
@@ -215,7 +220,7 @@ def _unit_gains(units: list[UnitSeries], singles: pd.DataFrame, target: str) -> 
 def _gain_curve(per_step: dict[int, list[float]], steps: int) -> np.ndarray:
     """Geometric mean over units at each probed step (mean PSNR averages log errors), interpolated to every step."""
     firsts = sorted(per_step)
-    return np.interp(np.arange(steps), firsts, [float(np.exp(np.mean(np.log(per_step[m])))) for m in firsts])
+    return np.interp(np.arange(steps), firsts, [_geometric_mean(per_step[m]) for m in firsts])
 
 
 def cost_model(units: list[UnitSeries], probes: pd.DataFrame | None, target: str, forecast: Forecast = NO_FORECAST,
@@ -271,7 +276,7 @@ def last_step_rule(settings: dict, probes: pd.DataFrame | None, echo=print) -> i
         return -1
     singles = probes[(probes["kind"] == "window") & (probes["length"] == 1)]
     for n in steps:
-        cost = singles[singles["steps"] == n].groupby("first")["image_rmse"].apply(lambda v: float(np.exp(np.mean(np.log(v)))))
+        cost = singles[singles["steps"] == n].groupby("first")["image_rmse"].apply(_geometric_mean)
         if n - 1 not in cost.index or len(cost) < 2:
             return -1
         middle = cost.drop(n - 1)
@@ -280,7 +285,6 @@ def last_step_rule(settings: dict, probes: pd.DataFrame | None, echo=print) -> i
             return -1
     echo(f"the last step is the cheapest to skip at every calibrated step count: not forced (cutoff_steps {max(steps)})")
     return max(steps)
-
 
 
 # -- the reuse rule ---------------------------------------------------------------------------------------------------
@@ -331,7 +335,7 @@ def forecast_from_probes(units: list[UnitSeries], probes: pd.DataFrame | None) -
         sigma = next(u.sigma for u in units if u.steps == steps)
         computed = np.flatnonzero(uniform_schedule(int(steps), int(budget)))
         spans = sigma[computed[:-1]] - sigma[computed[1:]]
-        errors = group.groupby("alpha")["image_rmse"].apply(lambda v: float(np.exp(np.mean(np.log(v)))))
+        errors = group.groupby("alpha")["image_rmse"].apply(_geometric_mean)
         if 0.0 not in errors.index:
             continue
         errors = errors[_safe_dampings(group)]  # plain reuse (0) is always safe

@@ -186,9 +186,10 @@ class Measurer:
         from its part), the others' read from theirs once they are written."""
         index, count = self.shard
         size = self.recording.size
-        mine = path.with_name(f"{path.stem}.shard-{index}of{count}.json") if count > 1 else None
-        if mine is not None and mine.exists():
-            values = read_json(mine)["per_generation"]
+        parts = [path.with_name(f"{path.stem}.shard-{i}of{count}.json") for i in range(count)] if count > 1 else []
+        own = parts[index] if parts else None
+        if own is not None and own.exists():
+            values = read_json(own)["per_generation"]
         else:
             if self.backend is None and self.mine:
                 self._load()
@@ -203,10 +204,9 @@ class Measurer:
                     value = psnr(to_tensor(generation.image), to_tensor(reference.convert("RGB")))
                 values[name] = value if math.isfinite(value) else IDENTICAL_DB
             self.generations += len(self.mine)
-            if mine is None:
+            if own is None:
                 return values
-            write_json(mine, {"steps": steps, "schedule": schedule, "forecast": forecast.to_dict(), "per_generation": values})
-        parts = [path.with_name(f"{path.stem}.shard-{i}of{count}.json") for i in range(count)]
+            write_json(own, {"steps": steps, "schedule": schedule, "forecast": forecast.to_dict(), "per_generation": values})
         wait_for(lambda: path.exists() or all(p.exists() for p in parts), f"their share of schedule {schedule} at {steps} steps", self.echo, poll=0.2)
         if path.exists():  # another shard merged already
             return read_json(path)["per_generation"]
