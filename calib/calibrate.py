@@ -175,7 +175,7 @@ def calibrate(request: CalibrateRequest, echo=print) -> Path:
     else:
         echo(f"plan: --hours {request.hours:g}; recording costs {plan.record_calls:,} calls and comes first; the budget in calls follows from its time per call")
     record(record_request, echo=echo)
-    wait_for(lambda: not missing_units(load_run(run)), "the recording", echo)
+    wait_for(lambda: not missing_units(run, load_run(run)), "the recording", echo)
     seconds_per_call = _seconds_per_call(run)
     if request.hours is not None:
         budget = int(request.hours * 3600 / seconds_per_call)
@@ -311,7 +311,7 @@ def evaluate(request: EvaluateRequest, echo=print) -> list[Path]:
     record(RecordRequest(out=run, model=preset.model, prompts=request.prompts, steps=steps, cfg=preset.calibration.get("cfg"), size=size,
                          seeds=request.seeds, device=request.device, dtype=request.dtype, model_path=request.model_path,
                          lightx2v_config=request.lightx2v_config, lora_path=request.lora_path, shard=request.shard), echo=echo)
-    wait_for(lambda: not missing_units(load_run(run)), "the recording", echo)
+    wait_for(lambda: not missing_units(run, load_run(run)), "the recording", echo)
     forecasts = ("preset", "none") if preset.forecast.extrapolates else ("preset",)
     first = resolve_shard(request.shard)[0] == 0
     folders = []

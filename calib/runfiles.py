@@ -285,9 +285,16 @@ def read_prompt_rows(path: Path) -> list[dict]:
     return rows
 
 
-def missing_units(info: dict) -> list[str]:
-    """The generations a run's run.json lists as not yet recorded (an unfinished or partly sharded record)."""
-    return sorted(name for name, status in info.get("status", {}).items() if status != "done")
+def missing_units(run: Path, info: dict) -> list[str]:
+    """The generations a run's run.json lists that are not recorded yet (an unfinished or partly sharded record).
+
+    A generation is done when its trace part is on disk: parts are written atomically, while run.json's status is one
+    shard's snapshot, which a shard finishing at the same moment can overwrite with an older view (a torchrun calibrate
+    then waited for the recording forever). Without parts (a run folder holding only trace.parquet) the status is read."""
+    parts = Path(run) / "trace"
+    if not parts.is_dir():
+        return sorted(name for name, status in info.get("status", {}).items() if status != "done")
+    return sorted(name for name in info.get("status", {}) if not (parts / f"{name}.parquet").exists())
 
 
 def load_trace(run: str | Path) -> pd.DataFrame:
@@ -361,7 +368,7 @@ def load_traces(runs: tuple[Path, ...], partial: bool = False, echo=print) -> tu
             diff = ", ".join(f"{k}: {settings[k]!r} vs {current[k]!r}" for k in current if current[k] != settings[k])
             raise UserError(f"{run}: recorded with other settings than {runs[0]} ({diff}); calibrate one model and setting at a time")
         settings = current
-        missing = missing_units(info)
+        missing = missing_units(run, info)
         if missing and not partial:
             raise UserError(f"{run}: the recording is unfinished ({len(missing)} of {len(info['status'])} generations missing, "
                             f"e.g. {missing[0]}); finish `teacal record {run}`, or pass --partial to fit on what is there")

@@ -150,6 +150,21 @@ def test_a_recording_from_before_a_setting_existed_resumes(recorded_run, tmp_pat
     assert "0 to run" in result.output
 
 
+def test_a_shards_stale_status_does_not_hide_a_finished_recording(recorded_run, tmp_path):
+    """Two shards finishing together can leave run.json listing a generation as pending whose trace part is written:
+    the part decides (calibrate waited on the status forever); a generation without its part is still missing."""
+    from calib.runfiles import missing_units
+
+    run = tmp_path / "run"
+    shutil.copytree(recorded_run, run)
+    info = json.loads((run / "run.json").read_text())
+    name = next(iter(info["status"]))
+    info["status"][name] = "pending"  # the view of a shard that wrote run.json before the other's last part landed
+    assert missing_units(run, info) == []
+    (run / "trace" / f"{name}.parquet").unlink()
+    assert missing_units(run, info) == [name]
+
+
 def test_a_failed_model_load_leaves_nothing_behind(tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", SMALL_PROMPTS[:1])
     folder = tmp_path / "weights"
