@@ -25,11 +25,11 @@ import pandas as pd
 from calib.budgets import SWEPT, budget_steps
 from calib.errors import UserError
 from calib.simulate import (
-    EXACT_SIGNALS,
     LEMICA,
     UnitSeries,
     forced_steps,
     lemica_schedule,
+    shared_schedule,
     teacache_schedules,
     thresholds_for_budgets,
     uniform_schedule,
@@ -256,7 +256,7 @@ def shared_runs(configs: list[Config], units: list[UnitSeries]) -> tuple[dict[st
     runs_as: dict[str, str] = {}
     seen: dict[tuple, str] = {}
     for c in configs:
-        if c.id in predicted and c.preset.signal in EXACT_SIGNALS:
+        if c.id in predicted and shared_schedule(c.preset):
             key = (c.preset.branch_mode, c.forecast, tuple(predicted[c.id]["computed"]))
             runs_as[c.id] = seen.setdefault(key, c.id)
     return predicted, runs_as

@@ -3,7 +3,9 @@ model. No torch. What a schedule costs the final image is `calib.costmodel`.
 
 * `unit_series`: a trace as one series per recorded generation (per branch: the signals' distances, the reuse errors).
 * `teacache_schedules`: what TeaCache would decide, feeding recorded distances to the same `TeaCachePolicy` the
-  runtimes use. Exact for `temb` and `sigma` (read from the timestep alone, not the latents); an estimate for `modin`.
+  runtimes use. Exact for `temb` and `sigma` (read from the timestep alone, not the latents); an estimate for `modin`
+  and for an adaptive preset, whose observed residual changes are the uncached run's (reach up to the recording's
+  max gap; a longer window is not observed).
 * `thresholds_for_budgets`, `threshold_for_speedup`: thresholds placed by simulation.
 * `uniform_schedule`, `lemica_schedule`: static schedules (evenly spaced; LeMiCa's published ones);
   `StaticSchedulePolicy` runs any static schedule through the runtime.
@@ -121,16 +123,31 @@ EXACT_SIGNALS = ("temb", "sigma")
 # -- TeaCache's own schedules ------------------------------------------------------------------------------------
 def teacache_schedules(unit: UnitSeries, preset: Preset, thresholds) -> np.ndarray:
     """``[thresholds, branches, n]``: what TeaCache computes, from the unit's recorded distances (see module notes)."""
-    x = unit.x[preset.signal]
-    out = np.zeros((len(thresholds), len(unit.branches), unit.steps), bool)
-    for t, threshold in enumerate(thresholds):
-        policy = TeaCachePolicy(preset, float(threshold))
-        policy.start(unit.steps)
-        for m in range(unit.steps):
-            for b, branch in enumerate(unit.branches):
-                distance = None if not math.isfinite(x[b, m]) else float(x[b, m])
-                out[t, b, m] = policy.decide_distance(m, branch, distance)
+    return np.stack([simulate_policy(unit, TeaCachePolicy(preset, float(threshold))) for threshold in thresholds]) if len(thresholds) else \
+        np.zeros((0, len(unit.branches), unit.steps), bool)
+
+
+def simulate_policy(unit: UnitSeries, policy: TeaCachePolicy) -> np.ndarray:
+    """``[branches, n]``: one generation of the unit through `policy`, fed the recorded signal distances and, after each
+    computed call of an `adapt` preset, the recorded residual change over the window it closed."""
+    x = unit.x[policy.preset.signal]
+    out = np.zeros((len(unit.branches), unit.steps), bool)
+    policy.start(unit.steps)
+    last_computed = [None] * len(unit.branches)
+    for m in range(unit.steps):
+        for b, branch in enumerate(unit.branches):
+            out[b, m] = policy.decide_distance(m, branch, float(x[b, m]) if math.isfinite(x[b, m]) else None)
+            if out[b, m]:
+                if policy.preset.adapt and last_computed[b] is not None and m - last_computed[b] <= unit.max_gap:
+                    policy.observe_change(m, branch, float(unit.reuse["residual"][b, m, m - last_computed[b]]))
+                last_computed[b] = m
     return out
+
+
+def shared_schedule(preset: Preset) -> bool:
+    """Whether every prompt gets the same schedule at a threshold: a signal read from the timestep alone, and no
+    per-prompt ratio (`Preset.adapt`)."""
+    return preset.signal in EXACT_SIGNALS and not preset.adaptive
 
 
 def computed_fraction(units: list[UnitSeries], preset: Preset, threshold: float) -> float:
@@ -169,7 +186,7 @@ def thresholds_for_budgets(units: list[UnitSeries], preset: Preset, budgets) -> 
     a sample of three put the mean of 24 prompts above the budget (16.1 calls for 16), and the front had no point there.
     Thresholds that give the same schedules are returned once.
     """
-    sample = units[:1] if preset.signal in EXACT_SIGNALS else units
+    sample = units[:1] if shared_schedule(preset) else units
     resolution = 1.0 / max(u.steps for u in sample)
     seen: dict[float, float] = {}
 
@@ -213,3 +230,18 @@ class StaticSchedulePolicy(TeaCachePolicy):
 
     def _rule(self, series, step: int, distance: float | None) -> tuple[bool, str]:
         return bool(self.schedule[step]), "schedule"
+
+
+def typical_log_ratio(units: list[UnitSeries], preset: Preset, threshold: float) -> float:
+    """The median over these units' windows of log(observed / predicted residual change) under the preset's schedules
+    at `threshold`: what `Preset.adapt["typical"]` calls a typical prompt's pace (the windows a run closes, not single
+    steps: a residual's change over a window is less than the sum of its steps' changes)."""
+    probe = preset.replace(adapt={"strength": 0.0, "typical": 0.0, "clip": 1.0})  # observes, never scales
+    ratios = []
+    for unit in units:
+        policy = TeaCachePolicy(probe, threshold)
+        simulate_policy(unit, policy)
+        ratios += [r for branch in unit.branches for r in policy.log_ratios(branch)]
+    if not ratios:
+        raise ValueError("no window was observed: the recordings hold no residual change over the windows this threshold closes")
+    return float(np.median(ratios))

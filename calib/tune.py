@@ -69,6 +69,7 @@ from calib.simulate import (
     EXACT_SIGNALS,
     StaticSchedulePolicy,
     schedule_text,
+    shared_schedule,
     teacache_schedules,
     threshold_for_speedup,
     thresholds_for_budgets,
@@ -281,9 +282,9 @@ def load_request_preset(request: TuneRequest) -> tuple[Preset, Path]:
     if out.resolve() == preset_path.resolve():
         raise UserError(f"--out {out}: that is the input preset; tune never edits its inputs, choose another file")
     preset = Preset.load(preset_path)
-    if preset.signal not in EXACT_SIGNALS:
-        raise UserError(f"--preset {preset_path}: signal {preset.signal}; tune needs a signal that does not depend on the latents ({', '.join(EXACT_SIGNALS)}), "
-                        "whose schedules are the same for every prompt")
+    if not shared_schedule(preset):
+        raise UserError(f"--preset {preset_path}: signal {preset.signal}{', adaptive' if preset.adaptive else ''}; tune needs a signal that does not depend "
+                        f"on the latents ({', '.join(EXACT_SIGNALS)}) and no per-prompt ratio: schedules the same for every prompt")
     if preset.x_range is None:
         raise UserError(f"--preset {preset_path}: no calibrated domain (x_range); tune refines a preset that `teacal fit` wrote")
     return preset, out

@@ -262,7 +262,7 @@ class TeaCacheHeadBlockHook(ModelHook):
         runtime.block_forwards += 1
         output = self.fn_ref.original_forward(hidden_states, encoder_hidden_states, *args, temb=temb, **kwargs)
         if self.is_tail:
-            _store(state, output[1])
+            _store(self.runtime, state, output[1])
         return output
 
 
@@ -279,12 +279,14 @@ class TeaCacheBlockHook(ModelHook):
         self.runtime.block_forwards += 1
         output = self.fn_ref.original_forward(hidden_states, encoder_hidden_states, *args, **kwargs)
         if self.is_tail:
-            _store(state, output[1])
+            _store(self.runtime, state, output[1])
         return output
 
 
-def _store(state: _BranchState, tail_output: torch.Tensor) -> None:
+def _store(runtime: _TeaCacheRuntime, state: _BranchState, tail_output: torch.Tensor) -> None:
     residual = tail_output - state.stack_input - state.control_before_tail
+    previous = None if state.cache.empty else state.cache.last.residual[:, : state.n_target]
+    runtime.policy.observe(state.step, runtime.state_manager.context.name, residual[:, : state.n_target], previous)
     state.cache.store(state.step, state.sigma, residual)
     state.residual = residual[:, : state.n_target]
     state.stack_input = None  # the residual is all a later skip needs

@@ -359,6 +359,8 @@ class QwenImageTeaCachingTransformerInfer(QwenImageTransformerInfer):
             # LightX2V's Qwen blocks update hidden_states out of place, so the input is still the stack's input here.
             output = super().infer(block_weights, pre_infer_out)
             residual = output - hidden_states
+            previous = None if cache.empty else self._target_rows(cache.last.residual)
+            self.policy.observe(step, branch, self._target_rows(residual), previous)
             cache.store(step, sigma, residual.cpu() if self.cpu_offload else residual)
         else:
             residual = cache.residual_for(step, sigma).to(hidden_states.device)

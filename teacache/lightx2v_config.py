@@ -19,7 +19,7 @@ from teacache.preset import Preset, PresetError
 
 # Every key the patch reads beyond feature_caching/coefficients/teacache_thresh/use_ret_steps (its teacache_rule.py).
 KEYS = ("teacache_signal", "teacache_ret_steps", "teacache_cutoff_steps", "teacache_branch_mode", "teacache_max_skips", "teacache_forecast",
-        "teacache_x_range", "teacache_steps")
+        "teacache_x_range", "teacache_steps", "teacache_adapt")
 
 
 def config_keys(preset: Preset, threshold: float | None = None) -> dict[str, Any]:
@@ -39,6 +39,8 @@ def config_keys(preset: Preset, threshold: float | None = None) -> dict[str, Any
         keys["teacache_x_range"] = list(preset.x_range)
     if preset.domain.get("steps"):
         keys["teacache_steps"] = list(preset.domain["steps"])
+    if preset.adapt:
+        keys["teacache_adapt"] = dict(preset.adapt)
     return keys
 
 
@@ -91,7 +93,8 @@ def preset_from_keys(config: Any, model: str, source: str = "LightX2V config") -
     try:
         return Preset(model=model, signal=signal, coefficients=tuple(coefficients), ret_steps=ret_steps, cutoff_steps=cutoff,
                       branch_mode=config.get("teacache_branch_mode", "per-branch"), threshold=threshold,
-                      max_consecutive_skips=config.get("teacache_max_skips"), forecast=forecast, domain=domain, source=source)
+                      max_consecutive_skips=config.get("teacache_max_skips"), forecast=forecast, adapt=config.get("teacache_adapt") or {},
+                      domain=domain, source=source)
     except PresetError as err:
         match = re.search(r"field '([^']+)': (.*)", str(err))
         if match is None:
@@ -101,4 +104,4 @@ def preset_from_keys(config: Any, model: str, source: str = "LightX2V config") -
 
 _FIELD_KEYS = {"signal": "teacache_signal", "ret_steps": "teacache_ret_steps", "cutoff_steps": "teacache_cutoff_steps",
                "branch_mode": "teacache_branch_mode", "threshold": "teacache_thresh", "max_consecutive_skips": "teacache_max_skips",
-               "domain.x_range": "teacache_x_range", "domain.steps": "teacache_steps", "coefficients": "coefficients"}
+               "domain.x_range": "teacache_x_range", "domain.steps": "teacache_steps", "coefficients": "coefficients", "adapt": "teacache_adapt"}

@@ -2,7 +2,7 @@
 
 Per transformer call at step ``i`` of one decision series (a CFG branch, or one shared series)::
 
-    acc += max(0, poly(rel_l1(signal_i, signal_{i-1})))
+    acc += max(0, poly(rel_l1(signal_i, signal_{i-1}))) * ratio
     compute = i < ret_steps or i >= cutoff or acc >= threshold
     if compute: acc = 0
     signal_{i-1} = signal_i              # on every step, computed or skipped
@@ -17,6 +17,13 @@ Deliberate choices, each fixing a pitfall of the original sketch of the request:
   40 steps sees smaller distances). Clamping errs towards computing. Generations outside the domain are flagged in
   the stats (`outside_domain`), and the runtimes log them once;
 * `start()` resets everything for a new generation;
+* ``ratio`` is 1 unless the preset adapts (`Preset.adapt`): then it is this prompt's own pace, learnt from the calls
+  it computed, at no extra transformer work. After each computed call the runtime reports the residual it produced
+  and the one before (`observe`); their rel-L1 is the change the prompt really made over the window, and the plain
+  accumulated estimate (``poly`` alone) is what the calibration predicted for it. ``ratio = exp(strength * clip(mean
+  log(observed / predicted) - typical))``: a prompt that changes faster than the calibration prompts did (``typical``,
+  their median) accumulates faster and is computed more often at the same threshold. A timestep-only signal
+  (``sigma``) thereby gets a per-prompt schedule;
 * every branch has its own state (or, in shared mode, one decision per step that both branches follow),
   and a branch that has no residual yet is always computed.
 """
@@ -118,6 +125,10 @@ class _Series:
     last_step: int | None = None
     last_computed: bool = True
     branches_at_last_step: set[str] = field(default_factory=set)
+    predicted: float = 0.0  # the plain (unscaled) estimates accumulated since the last computed step
+    window: float = 0.0  # what `predicted` was when the last computed step closed its window
+    observed_at: int | None = None  # the step of the last observed window (shared mode: the first branch's only)
+    log_ratios: list[float] = field(default_factory=list)  # log(observed / predicted) - typical, per observed window
 
 
 class TeaCachePolicy:
@@ -139,6 +150,7 @@ class TeaCachePolicy:
         self.threshold = check_threshold(preset.threshold if threshold is None else threshold)
         self.shared = preset.branch_mode == SHARED
         self._rescale = np.poly1d(preset.coefficients)
+        self._adapt = preset.adapt or None  # strength 0 still observes (calibration measures `typical` so)
         self._x_range = preset.x_range
         self._series: dict[str, _Series] = {}
         self._has_residual: set[str] = set()
@@ -202,6 +214,7 @@ class TeaCachePolicy:
                 computed, reason = True, "no-residual"
             if computed:
                 series.accumulated = 0.0
+                series.window, series.predicted = series.predicted, 0.0
             series.consecutive_skips = 0 if computed else series.consecutive_skips + 1
             series.last_computed = computed
         if not computed and branch not in self._has_residual:  # a branch following a shared skip
@@ -210,6 +223,36 @@ class TeaCachePolicy:
             self._has_residual.add(branch)
         self.stats.decisions.append(Decision(step, branch, distance, accumulated, computed, reason))
         return computed
+
+    # -- the per-prompt ratio (Preset.adapt) --------------------------------------------------------------------
+    def observe(self, step: int, branch: str, residual: torch.Tensor, previous: torch.Tensor | None) -> None:
+        """After a computed call: the residual it produced and the branch's previous one (None: none yet).
+
+        Nothing is measured unless the preset has `adapt`, so a plain preset costs no extra work."""
+        if self._adapt is not None and previous is not None and previous.shape == residual.shape:
+            self.observe_change(step, branch, self.distance(residual, previous.to(residual.device)))
+
+    def observe_change(self, step: int, branch: str, change: float) -> None:
+        """`observe` from a precomputed rel-L1 of the residual over the window that step `step` closed: for simulators."""
+        series = self._series_for(branch)
+        if self._adapt is None or series.observed_at == step or not (0 < change < math.inf and 0 < series.window < math.inf):
+            return
+        series.observed_at = step  # in shared mode the first branch of a step stands for the step
+        series.log_ratios.append(math.log(change / series.window) - self._adapt["typical"])
+
+    def log_ratios(self, branch: str) -> list[float]:
+        """Each observed window's log(observed / predicted) - typical, in order (empty without `adapt`)."""
+        return list(self._series_for(branch).log_ratios)
+
+    def ratio(self, branch: str) -> float:
+        """How much faster than the calibration prompts this generation's branch changes (1 without `adapt`)."""
+        return self._ratio(self._series_for(branch))
+
+    def _ratio(self, series: _Series) -> float:
+        if self._adapt is None or not series.log_ratios:
+            return 1.0
+        bound = math.log(self._adapt["clip"])
+        return math.exp(self._adapt["strength"] * min(max(float(np.mean(series.log_ratios)), -bound), bound))
 
     def _clamped(self, distance: float) -> float:
         if self._x_range is None or not math.isfinite(distance):
@@ -223,7 +266,9 @@ class TeaCachePolicy:
     def _rule(self, series: _Series, step: int, distance: float | None) -> tuple[bool, str]:
         """TeaCache itself: accumulate the rescaled distance; compute when forced, over threshold or capped."""
         if distance is not None:
-            series.accumulated += self.estimate(distance)
+            estimate = self.estimate(distance)
+            series.predicted += estimate
+            series.accumulated += estimate * self._ratio(series)
         if step < self.preset.ret_steps or step >= self._cutoff:
             return True, "forced"
         if series.accumulated >= self.threshold:

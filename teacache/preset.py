@@ -37,7 +37,9 @@ class Preset:
 
     `coefficients` are highest power first, as `np.poly1d` takes them; `[1.0, 0.0]` is the identity.
     `cutoff_steps` is the first step that is always computed again; a negative value counts from the end
-    (-1: the last step). `forecast` is the reuse rule of a skipped call (`teacache.forecast`). `domain` is what the
+    (-1: the last step). `forecast` is the reuse rule of a skipped call (`teacache.forecast`). `adapt` is the per-prompt
+    ratio (`teacache.policy`; empty: off): ``strength`` (the exponent, 0 = off), ``typical`` (the calibration prompts'
+    median log ratio of observed to predicted residual change) and ``clip`` (the ratio's bound, >= 1). `domain` is what the
     preset was calibrated on: ``steps`` (the step counts recorded), ``sizes`` ([width, height] pairs), ``dtype`` and
     ``x_range`` (per signal, the [low, high] of the recorded rel-L1); runtimes clamp the signal's rel-L1 into that
     range and flag a generation outside it. A preset without a domain (hand-written coefficients) is used as is.
@@ -55,6 +57,7 @@ class Preset:
     fit: dict[str, Any] = field(default_factory=dict)
     thresholds: tuple[dict[str, Any], ...] = ()
     forecast: Forecast = NO_FORECAST
+    adapt: dict[str, Any] = field(default_factory=dict)
     domain: dict[str, Any] = field(default_factory=dict)
     format: str = PRESET_FORMAT
     source: str = field(default="<memory>", compare=False, repr=False)
@@ -98,12 +101,27 @@ class Preset:
         check_threshold(self.threshold, lambda msg: self._fail("threshold", msg))
         if self.max_consecutive_skips is not None and (not _is_int(self.max_consecutive_skips) or self.max_consecutive_skips < 1):
             raise self._fail("max_consecutive_skips", f"must be null or an integer >= 1, got {self.max_consecutive_skips!r}")
-        for name in ("calibration", "fit", "domain"):
+        for name in ("calibration", "fit", "adapt", "domain"):
             if not isinstance(getattr(self, name), dict):
                 raise self._fail(name, "must be an object")
         if not isinstance(self.forecast, Forecast):
             raise self._fail("forecast", f"must be an object like {{\"rule\": \"none\"}}, got {self.forecast!r}")
         self._check_domain()
+        self._check_adapt()
+
+    def _check_adapt(self) -> None:
+        if not self.adapt:
+            return
+        keys = {"strength", "typical", "clip"}
+        if set(self.adapt) != keys or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in self.adapt.values()):
+            raise self._fail("adapt", f"expected {{}} or finite numbers for exactly {', '.join(sorted(keys))}, got {self.adapt!r}")
+        if self.adapt["strength"] < 0 or self.adapt["clip"] < 1:
+            raise self._fail("adapt", f"strength must be >= 0 and clip >= 1, got {self.adapt!r}")
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether each prompt's observed residual change scales the rule (`teacache.policy`)."""
+        return bool(self.adapt) and self.adapt["strength"] > 0
 
     def _check_domain(self) -> None:
         unknown = sorted(set(self.domain) - {"steps", "sizes", "dtype", "x_range"})
@@ -163,6 +181,8 @@ class Preset:
         data["coefficients"] = list(self.coefficients)
         data["thresholds"] = list(self.thresholds)
         data["forecast"] = self.forecast.to_dict()
+        if not data["adapt"]:  # a preset without the per-prompt ratio reads as it did before the field existed
+            del data["adapt"]
         return {"format": data.pop("format"), **data}
 
     @classmethod

@@ -304,3 +304,24 @@ def test_a_transformer_alone_without_step_fields_says_how_to_apply_teacache(tiny
             embeds, mask = embed_text(PROMPT)
             tiny.transformer(hidden_states=torch.randn(1, 16, 16), timestep=torch.tensor([0.5]), encoder_hidden_states=embeds,
                              encoder_hidden_states_mask=mask, img_shapes=[[(1, 4, 4)]], return_dict=False)
+
+
+def test_the_per_prompt_ratio_learns_the_generations_pace_from_the_calls_it_computed(tiny, reference_image):
+    """With `adapt`, every computed call after a branch's first reports its residual change to the policy, and a
+    generation that changes faster than the calibration's `typical` is computed more at the same threshold (slower:
+    less); the timestep signal alone would give all three one schedule."""
+    from teacache.policy import TeaCachePolicy
+
+    def run(typical: float, strength: float) -> tuple[int, TeaCachePolicy]:
+        policy = TeaCachePolicy(preset(signal="sigma", adapt={"strength": strength, "typical": typical, "clip": 2.0}), 0.25)
+        with teacache(tiny.transformer, policy.preset, policy=policy):
+            generate(tiny, reference_image)
+        return policy.stats.computed, policy
+
+    plain, observed = run(0.0, 0.0)
+    ratios = observed.log_ratios("cond")
+    assert len(ratios) == sum(observed.stats.schedule("cond")) - 1 and all(np.isfinite(ratios))
+    pace = float(np.mean(ratios))
+    faster, _ = run(pace - 1.0, 1.0)  # this generation changes e times faster than "typical": ratio 2 (clipped)
+    slower, _ = run(pace + 1.0, 1.0)
+    assert slower < plain < faster, (slower, plain, faster)

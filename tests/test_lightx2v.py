@@ -816,6 +816,8 @@ def test_patch_class_takes_teacals_decisions_on_lightx2v(tiny_dir, patched_light
         "modin-block-offload": {"coefficients": [1.0, 0.0], "teacache_thresh": SKIPPING, "teacache_signal": "modin", "cpu_offload": True, "offload_granularity": "block"},
         "outside-domain": {"coefficients": [1.0, 0.0], "teacache_thresh": SKIPPING, "teacache_steps": [20, 40], "teacache_x_range": [0.05, 0.2]},
         "last-step-free": {"coefficients": [1.0, 0.0], "teacache_thresh": SKIPPING, "teacache_cutoff_steps": STEPS},  # fit frees it at few steps
+        "sigma-adaptive": {"coefficients": [1.0, 0.0], "teacache_thresh": SKIPPING, "teacache_signal": "sigma",  # the per-prompt ratio
+                           "teacache_adapt": {"strength": 1.0, "typical": 0.0, "clip": 2.0}},
     }
     script = tmp_path / "compare.py"
     script.write_text(
@@ -1430,14 +1432,15 @@ def test_a_size_lightx2v_would_change_is_refused(runner_dir, teacal_deps, tmp_pa
 
 
 @pytest.mark.lightx2v
-@pytest.mark.parametrize("signal", ["sigma", "temb", "modin"])
-def test_diffusers_and_lightx2v_take_the_same_schedule(tiny_backend, prompt_items, signal):
+@pytest.mark.parametrize("signal, adapt", [("sigma", {}), ("temb", {}), ("modin", {}), ("sigma", {"strength": 1.0, "typical": -1.0, "clip": 2.0})])
+def test_diffusers_and_lightx2v_take_the_same_schedule(tiny_backend, prompt_items, signal, adapt):
     """The same preset and threshold on the same tiny weights: TeaCache in diffusers (hooks) and in LightX2V (its infer
-    class) computes and skips the same calls, bit for bit, per branch, at thresholds from few to many skips."""
+    class) computes and skips the same calls, bit for bit, per branch, at thresholds from few to many skips; with the
+    per-prompt ratio too (each runtime measures the residual change of the calls it computed)."""
     from calib.backends.tiny import TinyQwenImageEdit
 
     diffusers_backend = TinyQwenImageEdit(dtype=torch.bfloat16)  # LightX2V runs Qwen-Image in bf16
-    preset = Preset(model=TINY, signal=signal, coefficients=(1.0, 0.0), ret_steps=1, cutoff_steps=-1)
+    preset = Preset(model=TINY, signal=signal, coefficients=(1.0, 0.0), ret_steps=1, cutoff_steps=-1, adapt=adapt)
     item = prompt_items[0]
     skipped = []
     for threshold in (0.05, 0.15, 0.4, 1.0):

@@ -59,6 +59,7 @@ def presets(draw) -> Preset:
         ret_steps=ret_steps, cutoff_steps=cutoff, branch_mode=draw(st.sampled_from(["per-branch", "shared"])),
         threshold=draw(st.floats(0, 3)), max_consecutive_skips=draw(st.one_of(st.none(), st.integers(1, 4))),
         forecast=draw(forecasts), domain=domain,
+        adapt=draw(st.one_of(st.just({}), st.fixed_dictionaries({"strength": st.floats(0, 3), "typical": st.floats(-3, 3), "clip": st.floats(1, 5)}))),
     )
 
 
@@ -86,12 +87,19 @@ def test_patch_schedule_takes_the_policys_decisions(rule, preset, num_steps, cfg
     policy = TeaCachePolicy(preset)
     for request in range(requests):  # a second request starts afresh on both
         trace = signals(seed + request, num_steps, branches)
+        residuals = signals(seed + request + 1, num_steps, branches)  # what each computed call reports (an adapt preset)
         schedule.start(num_steps)
         policy.start(num_steps)
+        previous = dict.fromkeys(branches)
         for step in range(num_steps):
             for branch in branches:
                 needs = schedule.needs_signal(step, branch)
-                assert schedule.decide(step, branch, trace[step, branch] if needs else None) == policy.decide(step, branch, trace[step, branch])
+                computed = schedule.decide(step, branch, trace[step, branch] if needs else None)
+                assert computed == policy.decide(step, branch, trace[step, branch])
+                if computed:
+                    schedule.observe(step, branch, residuals[step, branch], previous[branch])
+                    policy.observe(step, branch, residuals[step, branch], previous[branch])
+                    previous[branch] = residuals[step, branch]
         ours = [(d.step, d.branch, d.distance, d.accumulated, d.computed, d.reason) for d in policy.stats.decisions]
         assert [(d.step, d.branch, d.distance, d.accumulated, d.computed, d.reason) for d in schedule.decisions] == ours
         assert schedule.outside_domain == policy.stats.outside_domain
@@ -131,7 +139,7 @@ def test_patch_damping_is_keyed_by_the_slopes_sigma_reach(rule):
 def test_keys_round_trip_to_the_same_preset():
     preset = Preset(model="qwen-image-edit-2511", signal="modin", coefficients=(3.0, -1.0, 0.2), ret_steps=2, cutoff_steps=-2, branch_mode="shared",
                     threshold=0.3, max_consecutive_skips=3, forecast=Forecast("linear", "sigma", ((0.05, 0.3), (0.2, 0.2))),
-                    domain={"steps": [20, 40], "x_range": {"modin": [0.02, 0.4]}})
+                    domain={"steps": [20, 40], "x_range": {"modin": [0.02, 0.4]}}, adapt={"strength": 1.0, "typical": -1.3, "clip": 2.0})
     keys = config_keys(preset)
     assert json.loads(json.dumps(keys)) == keys  # plain JSON: what goes into a LightX2V config file
     again = preset_from_keys(keys, model=preset.model)

@@ -179,3 +179,46 @@ def test_non_finite_distance_forces_compute():
     policy.decide(0, "cond", torch.zeros(4))
     assert policy.decide(1, "cond", torch.ones(4)) is True  # 1/0 = inf: never trust a cache on that
     assert math.isinf(policy.stats.decisions[-1].distance)
+
+
+# -- the per-prompt ratio (Preset.adapt) ----------------------------------------------------------------------------
+def adaptive_run(residual_pace: float, strength: float, steps: int = 20, threshold: float = 0.3) -> list[bool]:
+    """One branch through the runtime's calls: the same timestep signal for every prompt, and a residual that drifts
+    `residual_pace` per step (what the runtime reports after each computed call)."""
+    policy = TeaCachePolicy(make_preset(adapt={"strength": strength, "typical": 0.0, "clip": 4.0}), threshold)
+    policy.start(steps)
+    torch.manual_seed(0)
+    direction = torch.randn(64)
+    residual, previous, schedule = torch.ones(64), None, []
+    for step in range(steps):
+        computed = policy.decide(step, "cond", torch.full((8,), 1.0 + 0.1 * step))  # rel-L1 about 0.1 per step, every prompt
+        residual = residual + residual_pace * direction
+        if computed:
+            policy.observe(step, "cond", residual, previous)
+            previous = residual.clone()
+        schedule.append(computed)
+    return schedule
+
+
+def test_a_prompt_whose_residual_changes_faster_is_computed_more_at_the_same_threshold():
+    calm, restless = adaptive_run(0.02, 1.0), adaptive_run(0.2, 1.0)
+    assert sum(restless) > sum(calm)
+    # the timestep signal alone gives both prompts one schedule: the difference is the ratio's
+    assert adaptive_run(0.02, 0.0) == adaptive_run(0.2, 0.0)
+
+
+def test_without_adapt_observing_changes_nothing_and_the_preset_file_is_unchanged(tmp_path):
+    plain = make_preset()
+    assert "adapt" not in plain.to_dict()  # presets written before the field read and write as they did
+    policy = TeaCachePolicy(plain, 0.3)
+    policy.start(4)
+    policy.decide(0, "cond", torch.ones(8))
+    policy.observe(0, "cond", torch.ones(4), torch.zeros(4))
+    assert policy.ratio("cond") == 1.0 and policy.log_ratios("cond") == []
+
+
+@pytest.mark.parametrize("adapt", [{"strength": -1.0, "typical": 0.0, "clip": 2.0}, {"strength": 1.0, "typical": 0.0, "clip": 0.5},
+                                   {"strength": 1.0, "typical": float("nan"), "clip": 2.0}, {"strength": 1.0}])
+def test_a_malformed_adapt_is_refused_with_its_field(adapt):
+    with pytest.raises(Exception, match="field 'adapt'"):
+        make_preset(adapt=adapt)
