@@ -77,7 +77,7 @@ class CalibrateRequest:
     budget: int | None = None  # calls; None: DEFAULT_BUDGET, unless hours
     hours: float | None = None
     tune_rounds: int = 150  # at most; fewer when the budget ends first
-    objective: str = "mean"  # what fit and tune optimise over the prompts (calib.budgets.OBJECTIVES)
+    objective: str = "auto"  # what fit and tune optimise over the prompts (calib.budgets.OBJECTIVES; auto: fit chooses by folds)
     out: Path | None = None  # the preset (default RUN/preset.json)
     device: str = "auto"
     dtype: str = "auto"

@@ -44,7 +44,7 @@ Signal = Literal[("auto", *SIGNALS)]  # type: ignore[valid-type]
 Target = Literal[("auto", *TARGETS)]  # type: ignore[valid-type]
 BranchMode = Literal[("auto", *BRANCH_MODES)]  # type: ignore[valid-type]
 Loss = Literal[LOSSES]  # type: ignore[valid-type]
-Objective = Literal[OBJECTIVES]  # type: ignore[valid-type]
+Objective = Literal[("auto", *OBJECTIVES)]  # type: ignore[valid-type]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Backend = Literal["diffusers", "lightx2v"]
 Metric = Enum("Metric", {name: name for name in METRICS}, type=str)  # Enums: typer lists take no Literal
@@ -159,7 +159,8 @@ MODEL_PANEL, GENERATION_PANEL, DEVICE_PANEL = "Model", "Generation", "Device and
 CONFIG_PANEL, MEASURE_PANEL = "What to measure", "How to measure"
 DEVICE_HELP = "auto (cuda when present; cuda:LOCAL_RANK under torchrun), cpu or cuda[:N]."
 DTYPE_HELP = "auto: bf16 on CUDA, fp32 on CPU."
-OBJECTIVE_HELP = "What is optimised over the calibration prompts: their mean, the worst prompt, or the mean of the worst fifth (cvar)."
+OBJECTIVE_HELP = ("What is optimised over the calibration prompts: their mean, the worst prompt, or the mean of the worst fifth (cvar); "
+                  "auto: the one that does best on folds of the calibration prompts, mean and worst prompt alike.")
 LORA_HELP = "A distilled model's Lightning LoRA, its local .safetensors file (see `teacal models`); later stages reuse the recorded one."
 
 
@@ -184,7 +185,7 @@ def calibrate(
     budget: Annotated[int | None, typer.Option(min=1, help="Transformer calls to spend (default 10,000): it chooses how much to probe, and whether to tune.")] = None,
     hours: Annotated[float | None, typer.Option(help="Or a budget in hours, at the time per call measured while recording.")] = None,
     tune_rounds: Annotated[int, typer.Option(min=0, help="Tune's search rounds at most, when the budget reaches tune.")] = 150,
-    objective: Annotated[Objective, typer.Option(help=OBJECTIVE_HELP)] = "mean",
+    objective: Annotated[Objective, typer.Option(help=OBJECTIVE_HELP)] = "auto",
     out: Annotated[Path | None, typer.Option(help="The preset to write (default: RUN/preset.json).")] = None,
     backend: Annotated[Backend | None, typer.Option(help="Default: the model's own.", rich_help_panel=MODEL_PANEL)] = None,
     model_path: Annotated[Path | None, typer.Option(help="Local folder with the weights; never downloads.", rich_help_panel=MODEL_PANEL)] = None,
@@ -299,7 +300,10 @@ def fit(
     speedup: Annotated[float, typer.Option(min=1.0, help="The default threshold is the one simulated to reach this speedup.")] = 1.6,
     partial: Annotated[bool, typer.Option("--partial", help="Fit an unfinished recording anyway (it says how much is missing).")] = False,
     oracle_from: Annotated[list[Path] | None, typer.Option(help="A sweep (--out folder) of these runs: the oracle becomes the best static schedule it measured per budget, the cost model's among them. Repeatable.")] = None,
-    objective: Annotated[Objective, typer.Option(help=OBJECTIVE_HELP)] = "mean",
+    objective: Annotated[Objective, typer.Option(help=OBJECTIVE_HELP)] = "auto",
+    adapt: Annotated[float, typer.Option(min=0.0, help="Strength of the per-prompt ratio (teacache.policy): each step's estimate scaled by the prompt's own pace, "
+                                         "observed on the calls it computed, relative to the calibration prompts' (clipped to 1/2..2), to this power. 0: off "
+                                         "(the default; docs/eval/README.md says where it helps).")] = 0.0,
 ) -> None:
     """Fit the rescale polynomial (np.poly1d order) to what skips cost, with scipy; write a preset with its provenance, domain and fit quality."""
     from calib.fit import FitRequest
@@ -307,7 +311,7 @@ def fit(
 
     run_fit(FitRequest(runs=tuple(runs), out=out, signal=signal, degree=degree, target=target, branch_mode=branch_mode, loss=loss, folds=folds,
                        ret_steps=ret_steps, cutoff_steps=cutoff_steps, speedup=speedup, partial=partial, oracle_from=tuple(oracle_from or ()),
-                       objective=objective), echo=typer.echo)
+                       objective=objective, adapt=adapt), echo=typer.echo)
 
 
 @command

@@ -27,26 +27,24 @@ far from what the schedules need: `search_shape` first searches the weighting in
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.linalg
-from scipy.optimize import least_squares, minimize
 
 from calib.budgets import COMPARED, OBJECTIVES
 from calib.costmodel import CostModels, cost_models, last_step_rule
 from calib.errors import UserError
 from calib.oracle import gap_to_oracle, measured_static, preset_oracle
+from calib.regression import LOSSES, Windows, fit_polynomial, group_folds, r2, skip_windows, step_floor, transform  # noqa: F401 (LOSSES: the CLI's)
 from calib.runfiles import check_output_file, identity_hash, library_versions, load_probes_of, load_traces
-from calib.search import SHAPE_TRIALS, search_shape, simulated_gaps
-from calib.simulate import EXACT_SIGNALS, UnitSeries, forced_steps, threshold_for_speedup, unit_series
+from calib.search import OBJECTIVE_FOLDS, SHAPE_TRIALS, choose_objective, search_shape, simulated_gaps
+from calib.simulate import EXACT_SIGNALS, UnitSeries, threshold_for_speedup, typical_log_ratio, unit_series
 from teacache._files import remove_stale_temp_files
 from teacache.policy import TeaCachePolicy
 from teacache.preset import BRANCH_MODES, SIGNALS, Preset
 
-LOSSES = ("linear", "soft_l1", "huber", "cauchy")
 TARGETS = ("residual", "output")
 TRANSFORMS = ("root", "cost")
 WEAK_R2 = 0.5
@@ -54,111 +52,7 @@ WEAK_R2 = 0.5
 # the output's reuse error (the transformer output is what the sampler integrates). On the tiny model's calibration run
 # the two targets' models rank the measured static schedules about alike (rank correlation 0.87 and 0.90).
 YARDSTICK = "output"
-
-
-# -- the polynomial ---------------------------------------------------------------------------------------------------
-def fit_polynomial(features: np.ndarray, y: np.ndarray, loss: str = "linear", positive_on: tuple[float, float] | None = None,
-                   floor: float = 0.0) -> np.ndarray:
-    """Coefficients (highest power first, np.poly1d order) minimising ``features @ c - y``.
-
-    With one point per window of one step, `features` is the Vandermonde matrix and `linear` equals `np.polyfit`.
-    `positive_on`: the polynomial must stay at or above `floor` over that range (the calibrated signal range, into
-    which the runtime clamps): a fit that dips below it there is refitted under that constraint (SLSQP), since an
-    estimate of 0 would skip for free.
-    """
-    if loss not in LOSSES:
-        raise UserError(f"--loss {loss!r}: expected one of {', '.join(LOSSES)}")
-    scale = np.sqrt((features * features).sum(axis=0))  # column scaling, as np.polyfit does, for conditioning
-    scale[scale == 0] = 1.0
-    start = scipy.linalg.lstsq(features / scale, y)[0] / scale
-    if loss == "linear":
-        result = start
-    else:
-        # Robust losses down-weight outlier windows; f_scale is the residual size where that starts.
-        f_scale = float(np.median(np.abs(features @ start - y))) or 1e-3
-        result = least_squares(lambda c: features @ c - y, start, loss=loss, f_scale=f_scale, x_scale=np.abs(start) + 1e-12, method="trf").x
-    if positive_on is None:
-        return result
-    grid = np.vander(np.linspace(*positive_on, 128), features.shape[1])
-    if (grid @ result).min() >= floor:
-        return result
-    scaled = minimize(lambda c: float(np.sum((features @ (c / scale) - y) ** 2)), result * scale, method="SLSQP",
-                      constraints=[{"type": "ineq", "fun": lambda c: grid @ (c / scale) - floor}], options={"maxiter": 500, "ftol": 1e-12})
-    return scaled.x / scale
-
-
-def r2(y: np.ndarray, predicted: np.ndarray) -> float:
-    total = float(np.sum((y - y.mean()) ** 2))
-    return 1.0 - float(np.sum((y - predicted) ** 2)) / total if total > 0 else float("nan")
-
-
-def group_folds(groups: np.ndarray, k: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """k folds of indices; all entries of one group (prompt) fall in the same fold."""
-    unique = np.unique(groups)
-    order = np.random.default_rng(seed).permutation(unique)
-    folds = []
-    for i in range(k):
-        test = np.isin(groups, order[i::k])
-        folds.append((np.flatnonzero(~test), np.flatnonzero(test)))
-    return folds
-
-
-# -- windows --------------------------------------------------------------------------------------------------------
-@dataclass
-class Windows:
-    """Every skip window of some units: the accumulator's inputs (the signal's per-step x) and the window cost."""
-
-    unit: np.ndarray  # index into the unit list, per window
-    x: list[np.ndarray]  # the window's x_m, m = j+1..i
-    cost: np.ndarray  # W(j, i)
-
-    def features(self, degree: int, clamp: tuple[float, float] | None = None) -> np.ndarray:
-        rows = []
-        for x in self.x:
-            x = np.clip(x, *clamp) if clamp else x
-            rows.append(np.vander(x, degree + 1).sum(axis=0))
-        return np.array(rows).reshape(len(self.x), degree + 1)
-
-    def subset(self, index: np.ndarray) -> Windows:
-        return Windows(self.unit[index], [self.x[i] for i in index], self.cost[index])
-
-
-def skip_windows(units: list[UnitSeries], matrices: dict, signal: str, shared: bool, ret_steps: int, cutoff_steps: int) -> Windows:
-    """Windows (j computed; j+1..i skipped, none of them forced; i - j up to the recorded max gap) of every unit.
-
-    Shared decisions: one window per (j, i) with the branches' mean cost; per-branch: one per branch.
-    """
-    probe = Preset(model="-", signal=signal, coefficients=[1.0, 0.0], ret_steps=ret_steps, cutoff_steps=cutoff_steps)
-    unit_index, xs, costs = [], [], []
-    for u, unit in enumerate(units):
-        matrix = matrices[unit.key]  # [b, m, j, p]
-        forced = forced_steps(probe, unit.steps)
-        x = unit.x[signal]
-        branches = [None] if shared else range(len(unit.branches))
-        for b in branches:
-            for j in range(unit.steps):
-                running = 0.0
-                for i in range(j + 1, min(unit.steps, j + unit.max_gap + 1)):
-                    if forced[i]:
-                        break
-                    p = min(i - j, matrix.shape[3] - 1)  # the computed step before j: a gap like this one
-                    step_cost = matrix[:, i, j, p].mean() if b is None else matrix[b, i, j, p]
-                    if not math.isfinite(step_cost):
-                        break
-                    running += step_cost
-                    unit_index.append(u)
-                    xs.append(x[0 if b is None else b, j + 1 : i + 1])
-                    costs.append(running)
-    return Windows(np.array(unit_index, int), xs, np.array(costs))
-
-
-def step_floor(windows: Windows, y: np.ndarray) -> float:
-    """The least a step may add to the accumulator: 5% of the mean per-step share of the fitted quantity."""
-    return 0.05 * float(np.mean(y / np.array([len(x) for x in windows.x])))
-
-
-def transform(cost: np.ndarray, kind: str) -> np.ndarray:
-    return np.sqrt(cost) if kind == "root" else cost
+ADAPT_CLIP = 2.0  # --adapt: a prompt's pace counts up to twice (or half) the calibration prompts'
 
 
 # -- candidates -----------------------------------------------------------------------------------------------------
@@ -190,6 +84,18 @@ def candidate_preset(model: str, candidate: Candidate, coefficients, units: list
                   cutoff_steps=cutoff_steps, branch_mode=candidate.branch_mode, domain={"x_range": {candidate.signal: [lo, hi]}})
 
 
+def fold_preset(candidate: Candidate, units: list[UnitSeries], windows: Windows, y: np.ndarray, train_units: np.ndarray, loss: str, model: str,
+                ret_steps: int, cutoff_steps: int) -> Preset | None:
+    """The candidate's polynomial fitted on the windows of `train_units` only (None: too few windows for its degree)."""
+    train_rows = np.flatnonzero(np.isin(windows.unit, train_units))
+    if len(train_rows) <= candidate.degree:
+        return None
+    train = [units[i] for i in train_units]
+    fitted = windows.subset(train_rows)
+    coefficients = fit_polynomial(fitted.features(candidate.degree), y[train_rows], loss, x_range(train, candidate.signal), step_floor(fitted, y[train_rows]))
+    return candidate_preset(model, candidate, coefficients, train, ret_steps, cutoff_steps)
+
+
 def evaluate(candidate: Candidate, units: list[UnitSeries], matrices: dict, windows: Windows, groups: np.ndarray, k: int,
              loss: str, model: str, ret_steps: int, cutoff_steps: int, objective: str = "mean") -> Scored:
     """Cross-validated by prompt: the fitted quantity's held-out error and the simulated held-out dB gap to the oracle."""
@@ -200,13 +106,10 @@ def evaluate(candidate: Candidate, units: list[UnitSeries], matrices: dict, wind
     for train_units, test_units in group_folds(unit_groups, k):
         train = [units[i] for i in train_units]
         test = [units[i] for i in test_units]
-        train_rows = np.flatnonzero(np.isin(windows.unit, train_units))
         test_rows = np.flatnonzero(np.isin(windows.unit, test_units))
-        if len(train_rows) <= candidate.degree or not len(test_rows):
+        preset = fold_preset(candidate, units, windows, y, train_units, loss, model, ret_steps, cutoff_steps)
+        if preset is None or not len(test_rows):
             continue
-        fitted = windows.subset(train_rows)
-        coefficients = fit_polynomial(fitted.features(candidate.degree), y[train_rows], loss, x_range(train, candidate.signal), step_floor(fitted, y[train_rows]))
-        preset = candidate_preset(model, candidate, coefficients, train, ret_steps, cutoff_steps)
         policy = TeaCachePolicy(preset, 0.0)  # its clamp and rescale, exactly as the runtime applies them
         predicted[test_rows] = [sum(policy.estimate(float(v)) for v in windows.x[r]) for r in test_rows]
         for steps in sorted({u.steps for u in test}):
@@ -236,7 +139,8 @@ class FitRequest:
     speedup: float = 1.6
     partial: bool = False  # fit an unfinished recording anyway
     oracle_from: tuple[Path, ...] = ()  # sweeps of these runs whose measured static schedules verify the oracle
-    objective: str = "mean"  # what is optimised over the prompts: mean, worst, cvar (calib.budgets.OBJECTIVES)
+    adapt: float = 0.0  # strength of the per-prompt ratio (Preset.adapt); 0: off
+    objective: str = "auto"  # what is optimised over the prompts: mean, worst, cvar (calib.budgets.OBJECTIVES); auto: by folds
 
 
 def signal_is_branch_independent(units: list[UnitSeries], signal: str) -> bool:
@@ -258,6 +162,7 @@ class Calibration:
     probes: pd.DataFrame | None
     measured: pd.DataFrame | None  # static schedules measured by sweeps of the runs (--oracle-from)
     step_rules: Preset  # ret_steps and cutoff_steps, for the forced steps
+    objective_folds: dict | None = None  # with --objective auto: each objective's score on folds (`choose_objective`)
 
     @property
     def prompts(self) -> int:
@@ -271,12 +176,14 @@ def check_request(request: FitRequest) -> Path:
                                  ("--branch-mode", request.branch_mode, BRANCH_MODES)):
         if value not in ("auto", *choices):
             raise UserError(f"{flag} {value!r}: expected auto, {', '.join(choices)}")
-    if request.objective not in OBJECTIVES:
-        raise UserError(f"--objective {request.objective!r}: expected {', '.join(OBJECTIVES)}")
+    if request.objective not in ("auto", *OBJECTIVES):
+        raise UserError(f"--objective {request.objective!r}: expected auto, {', '.join(OBJECTIVES)}")
     if not 1 <= request.degree <= 8:
         raise UserError(f"--degree {request.degree}: expected 1 to 8")
     if request.folds < 2:
         raise UserError(f"--folds {request.folds}: need at least 2")
+    if not math.isfinite(request.adapt) or request.adapt < 0:
+        raise UserError(f"--adapt {request.adapt}: expected a finite number >= 0 (0: off)")
     if not math.isfinite(request.speedup) or request.speedup < 1:
         raise UserError(f"--speedup {request.speedup}: expected a finite number >= 1")
     return out
@@ -328,7 +235,7 @@ def cross_validate(request: FitRequest, calibration: Calibration, costs: CostMod
             raise UserError(f"only {len(windows[key].cost)} skip windows for degree {c.degree}: record more prompts or steps, or lower --degree")
         groups = np.array([units[i].group for i in windows[key].unit])
         scored.append(evaluate(c, units, costs.rule[c.target], windows[key], groups, k, request.loss, calibration.settings["model"],
-                               request.ret_steps, calibration.step_rules.cutoff_steps, request.objective))
+                               request.ret_steps, calibration.step_rules.cutoff_steps, "mean" if request.objective == "auto" else request.objective))
     echo(f"{'signal':<7}{'target':<9}{'fit':<6}{'degree':>6}{'held-out R2':>13}{'MAE':>10}{'dB vs oracle':>14}   (held-out prompts; budgets "
          f"{COMPARED[0]:.0%}..{COMPARED[1]:.0%} of calls)")
     for s in scored:
@@ -371,6 +278,23 @@ def compare_signals(request: FitRequest, calibration: Calibration, costs: CostMo
     return finalists[chosen], by_signal
 
 
+def objective_by_folds(request: FitRequest, calibration: Calibration, costs: CostModels, scored: list[Scored], windows: dict, echo=print) -> str:
+    """--objective auto: the objective of the shape search, chosen on folds of the calibration prompts with the best
+    cross-validated candidate of a timestep signal (where the search, and so the objective, steers the schedules)."""
+    exact = [s for s in scored if s.candidate.signal in EXACT_SIGNALS and s.candidate.degree == request.degree]
+    if not exact:
+        return "mean"
+    c = max(exact, key=lambda s: s.db_gap).candidate
+    units, w = calibration.units, windows[(c.signal, c.target, c.branch_mode)]
+    folds = group_folds(np.array([u.group for u in units]), min(OBJECTIVE_FOLDS, calibration.prompts))
+    objective, calibration.objective_folds = choose_objective(folds, units, lambda train: fold_preset(
+        c, units, w, transform(w.cost, c.transform), train, request.loss, calibration.settings["model"], request.ret_steps,
+        calibration.step_rules.cutoff_steps), costs.plain[YARDSTICK])
+    echo(f"objective {objective}, chosen on folds of the calibration prompts ({c.signal}; dB to the oracle on each fold's other prompts, "
+         "mean and worst prompt: " + ", ".join(f"{o} {v:+.2f}" for o, v in calibration.objective_folds.items()) + ")")
+    return objective
+
+
 def assemble(request: FitRequest, calibration: Calibration, costs: CostModels, scored: list[Scored], best: Scored, by_signal: dict,
              windows: Windows, out: Path, echo=print) -> Preset:
     """The preset: the chosen polynomial (`windows`: its skip windows), its domain, provenance and fit quality, and
@@ -387,6 +311,7 @@ def assemble(request: FitRequest, calibration: Calibration, costs: CostModels, s
             "runs": [str(r) for r in request.runs], "backend": settings["backend"], "steps": settings["steps"], "sizes": settings["sizes"],
             "cfg": settings["cfg"], "dtype": settings["dtype"], "prompts": calibration.prompts, "units": len(units), "windows": len(windows.cost),
             "target": chosen.target, "transform": chosen.transform, "loss": request.loss, "objective": request.objective,
+            **({"objective_folds": calibration.objective_folds} if calibration.objective_folds else {}),
             "cost_model": {"probed": model.probed, "gamma": round(model.gamma, 6), "gain": model.gain, "measured_check": audit,
                            "forecast_ratio": [list(k) for k in model.forecast_ratio]},
             "prompt_identities": sorted({identity_hash(u.group) for u in units}),  # `teacal evaluate` refuses these prompts
@@ -401,6 +326,9 @@ def assemble(request: FitRequest, calibration: Calibration, costs: CostModels, s
         },
         source=str(out),
     )
+    if request.adapt > 0:  # the calibration prompts' pace, at the threshold of the requested speed-up
+        typical = typical_log_ratio(units, preset, threshold_for_speedup(units, preset, request.speedup)[0])
+        preset = preset.replace(adapt={"strength": request.adapt, "typical": round(typical, 6), "clip": ADAPT_CLIP})
     threshold, reached = threshold_for_speedup(units, preset, request.speedup)
     if reached + 1e-9 < request.speedup:
         echo(f"note: --speedup {request.speedup:g} is out of reach on this recording; the fastest threshold ({threshold:g}) gives {reached:.2f}x")
@@ -414,6 +342,8 @@ def fit(request: FitRequest, echo=print) -> Preset:
     remove_stale_temp_files(out.parent, [out.name])  # a killed fit's half-written preset
     costs = cost_models(calibration.units, calibration.probes, TARGETS, echo)
     scored, windows = cross_validate(request, calibration, costs, echo)
+    if request.objective == "auto":
+        request = replace(request, objective=objective_by_folds(request, calibration, costs, scored, windows, echo))
     best, by_signal = compare_signals(request, calibration, costs, scored, windows, echo)
     chosen = best.candidate
     preset = assemble(request, calibration, costs, scored, best, by_signal, windows[(chosen.signal, chosen.target, chosen.branch_mode)], out, echo)

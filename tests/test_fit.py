@@ -127,6 +127,35 @@ def test_fit_chooses_by_simulated_quality(fitted):
     best = max(candidates, key=lambda c: c["db_vs_oracle_heldout"])
     assert (preset.calibration["target"], preset.calibration["transform"]) == (best["target"], best["transform"])
     assert any(line.startswith("sigma ") for line in lines) and any("shape search" in line for line in lines)
+    # the objective (--objective auto): the one whose shape search did best on folds of the calibration prompts
+    folds = preset.calibration["objective_folds"]
+    best = max(folds, key=lambda o: (folds[o], o == "mean"))
+    assert set(folds) == {"mean", "worst", "cvar"} and preset.calibration["objective"] == (best if folds[best] >= folds["mean"] + 0.25 else "mean")
+    assert any(line.startswith(f"objective {preset.calibration['objective']}, chosen on folds") for line in lines)
+
+
+def test_fit_adapt_writes_the_calibration_prompts_pace_and_an_adaptive_rule(recorded_run, tmp_path):
+    from calib.runfiles import load_trace
+    from calib.simulate import teacache_schedules, typical_log_ratio, unit_series
+
+    preset = fit(FitRequest(runs=(recorded_run,), out=tmp_path / "p.json", degree=2, folds=2, signal="sigma", objective="mean", adapt=1.0),
+                 echo=lambda *_: None)
+    assert Preset.load(tmp_path / "p.json") == preset and "objective_folds" not in preset.calibration  # an explicit objective: no folds
+    assert preset.adapt["strength"] == 1.0 and preset.adapt["clip"] == 2.0 and preset.adaptive
+    units = unit_series(load_trace(recorded_run))
+    # `typical` is the median pace over the calibration prompts: about as many windows run faster as slower
+    plain = preset.replace(adapt={})
+    assert preset.adapt["typical"] == pytest.approx(typical_log_ratio(units, plain, fit_threshold(plain, units)), abs=1e-6)
+    # a timestep signal alone gives every prompt one schedule; the ratio gives each its own at some threshold
+    thresholds = np.geomspace(0.05, 2.0, 12)
+    assert len({teacache_schedules(u, plain, thresholds).tobytes() for u in units}) == 1
+    assert len({teacache_schedules(u, preset, thresholds).tobytes() for u in units}) > 1
+
+
+def fit_threshold(preset: Preset, units) -> float:
+    from calib.simulate import threshold_for_speedup
+
+    return threshold_for_speedup(units, preset, 1.6)[0]
 
 
 def _copy_run(src: Path, dst: Path, edit=None) -> Path:

@@ -18,7 +18,7 @@ MAX_FUNCTION_LINES = 60  # in calib/; the CLI's commands are typer signatures an
 LAYERS = [
     ("teacache", "calib.errors", "calib.progress", "calib.budgets", "calib.models", "calib.backends.loop", "calib.tiny"),
     ("calib.prompts", "calib.runfiles", "calib.metrics", "calib.simulate"),
-    ("calib.backends", "calib.costmodel", "calib.configs"),
+    ("calib.backends", "calib.costmodel", "calib.configs", "calib.regression"),
     ("calib.tables", "calib.peers"),
     ("calib.oracle",),
     ("calib.search", "calib.reuse_rule"),
