@@ -32,7 +32,7 @@ import pandas as pd
 from scipy.optimize import minimize_scalar
 
 from calib.budgets import FEW_STEPS, IDENTICAL_DB, over_prompts, values_within
-from calib.simulate import UnitSeries, forecast_probe_reach, forecast_probe_schedule, teacache_schedules
+from calib.simulate import UnitSeries, teacache_schedules, uniform_schedule
 from teacache.forecast import NO_FORECAST, Forecast
 from teacache.preset import Preset
 
@@ -333,13 +333,15 @@ def forecast_from_probes(units: list[UnitSeries], probes: pd.DataFrame | None) -
     rows = []
     for (steps, budget), group in probes[probes["kind"] == "forecast"].groupby(["steps", "budget"]):
         sigma = next(u.sigma for u in units if u.steps == steps)
+        computed = np.flatnonzero(uniform_schedule(int(steps), int(budget)))
+        spans = sigma[computed[:-1]] - sigma[computed[1:]]
         errors = group.groupby("alpha")["image_rmse"].apply(_geometric_mean)
         if 0.0 not in errors.index:
             continue
         errors = errors[_safe_dampings(group)]  # plain reuse (0) is always safe
         best = _best_damping(errors)
         measured_best = float(errors.min())
-        rows.append({"steps": int(steps), "budget": int(budget), "span": forecast_probe_reach(sigma, forecast_probe_schedule(int(steps), int(budget))),
+        rows.append({"steps": int(steps), "budget": int(budget), "span": float(np.mean(spans[:-1])) if len(spans) > 1 else float(spans[0]),
                      "alpha": round(best if measured_best < errors[0.0] else 0.0, 4), "ratio": min(1.0, measured_best / errors[0.0]),
                      **{f"error a={a:g}": v for a, v in errors.items()}})
     if not rows:

@@ -47,7 +47,7 @@ from calib.runfiles import (
     write_json,
     write_table,
 )
-from calib.simulate import StaticSchedulePolicy, forecast_probe_schedule
+from calib.simulate import StaticSchedulePolicy, uniform_schedule
 from teacache._files import remove_stale_temp_files
 from teacache.forecast import NO_FORECAST, Forecast
 
@@ -94,7 +94,7 @@ class Probe:
 
     def schedule(self) -> np.ndarray:
         if self.kind == "forecast":
-            return forecast_probe_schedule(self.steps, self.budget)
+            return uniform_schedule(self.steps, self.budget)
         schedule = np.ones(self.steps, bool)
         schedule[self.first : self.first + self.length] = False
         return schedule
@@ -112,12 +112,6 @@ def window_starts(steps: int, length: int, stride: int = 1) -> list[int]:
     return starts + [steps - 1] if length == 1 and steps <= FEW_STEPS else starts
 
 
-def forecast_budgets(steps: int) -> list[int]:
-    """The computed steps of the forecast probes' schedules (FORECAST_SHARES); at FEW_STEPS or fewer also 2, the first
-    step and the middle one, the rest forecast: the reach of a preset's lowest budget once fit frees the last step."""
-    return sorted({max(3, round(share * steps)) for share in FORECAST_SHARES} | ({2} if steps <= FEW_STEPS else set()))
-
-
 def plan(recording: Recording, request: ProbeRequest) -> list[Probe]:
     settings = recording.settings
     items = recording.prompts.items[: request.prompts]
@@ -129,7 +123,7 @@ def plan(recording: Recording, request: ProbeRequest) -> list[Probe]:
             for length in request.windows:
                 probes += [Probe(item, seed, steps, recording.size, first, length) for first in window_starts(steps, length, request.stride)]
             if request.forecast:
-                for budget in forecast_budgets(steps):
+                for budget in sorted({max(3, round(share * steps)) for share in FORECAST_SHARES}):
                     probes += [Probe(item, seed, steps, recording.size, kind="forecast", budget=budget, alpha=a) for a in PROBE_DAMPINGS]
     return probes
 

@@ -89,27 +89,6 @@ def uniform_schedule(steps: int, budget: int, forced: np.ndarray | None = None) 
     return schedule
 
 
-def forecast_probe_schedule(steps: int, budget: int) -> np.ndarray:
-    """The evenly spaced schedule a forecast probe (`teacal probe --forecast`) runs: the first and the last step among
-    `budget` computed. A budget of 2, probed at few steps only, computes the first step and the middle one and
-    forecasts every step after it: what a preset that frees the last step does at its lowest budget."""
-    if budget >= 3:
-        return uniform_schedule(steps, budget)
-    first = np.zeros(steps, bool)
-    first[0] = True
-    return uniform_schedule(steps, budget, first)
-
-
-def forecast_probe_reach(sigma: np.ndarray, schedule: np.ndarray) -> float:
-    """The sigma reach a forecast probe's schedule stands for: the mean span of the windows whose slope it carries (all
-    but the first); with the last step free, the longer of the last span and the distance carried to the end."""
-    computed = np.flatnonzero(schedule)
-    spans = sigma[computed[:-1]] - sigma[computed[1:]]
-    if computed[-1] < len(sigma) - 1:
-        return float(max(spans[-1], sigma[computed[-1]] - sigma[-1]))
-    return float(np.mean(spans[:-1])) if len(spans) > 1 else float(spans[0])
-
-
 # LeMiCa's published static schedules for Qwen-Image at 50 steps, true CFG 4, one mask for both CFG branches
 # (LeMiCa4QwenImage/inference_qwenimage.py): its graph search computes the early steps densely. On the real
 # Qwen-Image-2512 they measure 29.2 / 24.3 / 17.8 dB PSNR (MeanCache's README).

@@ -269,28 +269,6 @@ def test_the_fitted_damping_recovers_a_known_one_per_sigma_span():
     assert ratios[round(spans[10], 4)] == pytest.approx(math.exp(3.0 * (0.1**2 - 0.5**2)), rel=1e-6)  # best probed: 0.4 and 0.6
 
 
-def test_few_step_forecast_probes_measure_the_reach_of_a_freed_last_step():
-    """At 8 steps the probes also run 2 computed steps, the first and the middle one, forecasting the rest (the lowest
-    budget once fit frees the last step): its knot sits at the distance carried to the end, so a damping that loses
-    there is not held from a shorter probed reach."""
-    from calib.costmodel import forecast_from_probes
-    from calib.probe import PROBE_DAMPINGS, forecast_budgets
-    from calib.simulate import forecast_probe_schedule, schedule_text
-
-    steps = 8
-    assert forecast_budgets(steps) == [2, 3, 4] and forecast_budgets(20) == [4, 5, 6, 7, 8, 10]  # longer runs as before
-    assert schedule_text(forecast_probe_schedule(steps, 2)) == "x...x..." and schedule_text(forecast_probe_schedule(steps, 3)) == "x..x...x"
-    sigma = np.linspace(1.0, 0.1, steps)
-    unit = UnitSeries(("p", 0, steps, 48, 48), "p", ("cond",), sigma, {}, {})
-    best_by_budget = {3: 0.5, 2: -1.0}  # the long reach of budget 2: every positive damping hurts
-    rows = [{"kind": "forecast", "prompt_id": "p", "seed": 0, "steps": steps, "budget": budget, "alpha": alpha,
-             "image_rmse": 0.01 * math.exp(3.0 * (alpha - best) ** 2)} for budget, best in best_by_budget.items() for alpha in PROBE_DAMPINGS]
-    forecast = forecast_from_probes([unit], pd.DataFrame(rows)).forecast
-    carried = sigma[4] - sigma[-1]  # budget 2: slope over steps 0-4 (0.51), carried over 4-7 (0.39): the reach is the longer
-    assert forecast.damping(sigma[0] - sigma[4]) == pytest.approx(0.0, abs=1e-3) and carried < sigma[0] - sigma[4]
-    assert forecast.damping(sigma[0] - sigma[3]) == pytest.approx(0.5, abs=1e-3)  # budget 3's reach: 3 steps
-
-
 def test_the_fitted_damping_costs_no_probed_prompt_more_than_half_a_db():
     """Three probed prompts gain from a strong damping and one loses: the geometric mean favours 0.8, but the rule
     fitted from them is the strongest damping under which the losing prompt stays within 0.5 dB of plain reuse."""
