@@ -9,14 +9,16 @@ candidate, skipped when it is not positive over the calibrated range) with one d
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
 
-from calib.budgets import OBJECTIVES
+from calib.budgets import OBJECTIVES, budget_steps
+from calib.costmodel import decibels, schedule_cost
 from calib.oracle import gap_to_oracle
 from calib.progress import progress
-from calib.simulate import UnitSeries
+from calib.simulate import UnitSeries, teacache_schedules, thresholds_for_budgets
 from teacache.preset import Preset
 
 MOVES = (0.1, -0.1, 0.3, -0.3)  # one knot's log-value moved by this much, every knot in turn; halved after a pass without gain
@@ -135,32 +137,48 @@ def search_shape(preset: Preset, units: list[UnitSeries], matrices: dict, object
 
 OBJECTIVE_FOLDS = 3  # folds of the calibration prompts on which `choose_objective` compares the objectives
 OBJECTIVE_TRIALS = SHAPE_TRIALS // 3  # each fold's shape search: the objectives' fronts part early in the search
-# Another objective replaces the mean only when it beats it on the folds by this much: on 3-4 prompts a fold, the
-# scores are within 0.1 dB of each other on both embedded models, and which one leads changes with the search length.
+# Another objective replaces the mean only when it beats it on the folds by this much (the scores of one recording
+# move by about 0.1 dB with the search's length).
 OBJECTIVE_MARGIN_DB = 0.25
 
 
 def choose_objective(folds: list[tuple[np.ndarray, np.ndarray]], units: list[UnitSeries], fold_fit: Callable[[np.ndarray], Preset | None],
                      matrices: dict) -> tuple[str, dict[str, float]]:
     """The objective (`calib.budgets.OBJECTIVES`) whose shape search, run on each fold's training prompts (`fold_fit`:
-    the polynomial fitted on them), does best on the fold's other prompts, judged on the mean prompt and the worst
-    prompt alike: the modelled dB gap to the oracle under each, averaged over budgets, folds and the two. Held-out
+    the polynomial fitted on them, the threshold of each budget placed on them), does best on the prompts it never saw.
+
+    Every calibration prompt is held out once: its modelled dB at each budget is pooled over the folds, and an
+    objective scores the mean over budgets of (mean prompt + worst prompt) / 2, so the worst of all the calibration
+    prompts counts, not the worst of three. Budgets some objective cannot reach on every fold are left out. Held-out
     prompts never enter; the mean stays unless another beats it by `OBJECTIVE_MARGIN_DB`. Returns it and every
     objective's score."""
-    scores = {}
+    pooled: dict[str, dict[tuple[int, int], list[float]]] = {o: {} for o in OBJECTIVES}
     with progress("fit: objective, by folds of the calibration prompts", len(OBJECTIVES) * len(folds)) as advance:
         for objective in OBJECTIVES:
-            gaps = []
             for train_units, test_units in folds:
                 fitted = fold_fit(train_units)
                 if fitted is not None:
                     train, test = [units[i] for i in train_units], [units[i] for i in test_units]
                     searched = search_shape(fitted, train, matrices, objective, OBJECTIVE_TRIALS, quiet=True)[0]
-                    for steps in sorted({u.steps for u in test}):
-                        train_n, test_n = [u for u in train if u.steps == steps] or train, [u for u in test if u.steps == steps]
-                        gaps += [np.where(np.isfinite(g), g, MISSING_DB) for g in (gap_to_oracle(searched, train_n, test_n, matrices, steps, judged)
-                                                                                  for judged in ("mean", "worst"))]
+                    for (steps, budget), values in held_out_db(searched, train, test, matrices).items():
+                        pooled[objective].setdefault((steps, budget), []).extend(values)
                 advance()
-            scores[objective] = round(float(np.mean(np.concatenate(gaps))), 4) if gaps else float("-inf")
+    units_at = Counter(u.steps for u in units)  # every unit held out once: a budget every objective reached on every fold
+    common = [key for key in pooled["mean"] if all(len(pooled[o].get(key, ())) == units_at[key[0]] for o in OBJECTIVES)]
+    scores = {o: round(float(np.mean([(np.mean(pooled[o][key]) + np.min(pooled[o][key])) / 2 for key in common])), 4) if common else float("-inf")
+              for o in OBJECTIVES}
     best = max(OBJECTIVES, key=lambda o: (scores[o], -OBJECTIVES.index(o)))
     return (best if scores[best] >= scores["mean"] + OBJECTIVE_MARGIN_DB else "mean"), scores
+
+
+def held_out_db(preset: Preset, train: list[UnitSeries], test: list[UnitSeries], matrices: dict) -> dict[tuple[int, int], list[float]]:
+    """Per (step count, budget in computed steps): the modelled dB of each `test` unit under the preset's schedule at
+    the threshold placed for that budget on `train` (the most computed calls within it)."""
+    out = {}
+    for steps in sorted({u.steps for u in test}):
+        train_n, test_n = [u for u in train if u.steps == steps] or train, [u for u in test if u.steps == steps]
+        for budget in budget_steps(steps):
+            placed = thresholds_for_budgets(train_n, preset, [budget / steps])
+            if placed:
+                out[steps, budget] = [decibels(schedule_cost(matrices[u.key], teacache_schedules(u, preset, placed[-1:])[0])) for u in test_n]
+    return out
