@@ -272,6 +272,8 @@ class EvaluateRequest:
     baselines: tuple[str, ...] = EVALUATE_BASELINES
     methods: tuple[str, ...] = EVALUATE_METHODS
     target_psnr: float | None = None
+    plain_reuse: bool = True  # a forecasting preset's polynomial with plain reuse too: what its forecast gains
+    oracle: bool = True  # the calibration's best static schedules too: how far the preset's front is from them
     device: str = "auto"
     dtype: str = "auto"
     model_path: Path | None = None
@@ -312,13 +314,14 @@ def evaluate(request: EvaluateRequest, echo=print) -> list[Path]:
                          seeds=request.seeds, device=request.device, dtype=request.dtype, model_path=request.model_path,
                          lightx2v_config=request.lightx2v_config, lora_path=request.lora_path, shard=request.shard), echo=echo)
     wait_for(lambda: not missing_units(run, load_run(run)), "the recording", echo)
-    forecasts = ("preset", "none") if preset.forecast.extrapolates else ("preset",)
+    forecasts = ("preset", "none") if preset.forecast.extrapolates and request.plain_reuse else ("preset",)
     first = resolve_shard(request.shard)[0] == 0
     folders = []
     for n in steps:
         folder = run / f"sweep-{n}"
         sweep(SweepRequest(run=run, preset=request.preset, out=folder, steps=n, baselines=request.baselines, methods=request.methods,
-                           forecasts=forecasts, target_psnr=request.target_psnr, device=request.device, dtype=request.dtype,
+                           forecasts=forecasts, oracle="auto" if request.oracle else "none", target_psnr=request.target_psnr,
+                           device=request.device, dtype=request.dtype,
                            model_path=request.model_path, lightx2v_config=request.lightx2v_config, shard=request.shard, yes=True), echo=echo)
         if first:  # the first shard reports, once every shard's part is merged (by whichever finished last)
             wait_for((folder / SWEEP_TABLE).exists, f"the sweep {folder}", echo)

@@ -216,6 +216,8 @@ def evaluate(
     baseline: Annotated[list[str] | None, typer.Option(help="Borrowed sets and static schedules to measure beside it (default: constant, identity, flux, wan21, mlx-qwen, uniform, lemica).")] = None,
     method: Annotated[list[Method] | None, typer.Option(help="Caches to measure (default: teacache, fbcache, magcache).")] = None,
     target_psnr: Annotated[float | None, typer.Option(min=0.0, help="The report also names the fewest calls keeping every prompt at this PSNR.")] = None,
+    plain_reuse: Annotated[bool, typer.Option("--plain-reuse/--no-plain-reuse", help="Also measure a forecasting preset's polynomial with plain reuse (what its forecast gains).")] = True,
+    oracle: Annotated[bool, typer.Option("--oracle/--no-oracle", help="Also measure the calibration's best static schedules (how far the preset's front is from them).")] = True,
     model_path: Annotated[Path | None, typer.Option(help="Local folder with the weights (real models).", rich_help_panel=DEVICE_PANEL)] = None,
     lightx2v_config: Annotated[Path | None, typer.Option(help="--backend lightx2v: its JSON config.", rich_help_panel=DEVICE_PANEL)] = None,
     lora_path: Annotated[Path | None, typer.Option(help=LORA_HELP, rich_help_panel=DEVICE_PANEL)] = None,
@@ -230,7 +232,7 @@ def evaluate(
     run_evaluate(EvaluateRequest(
         run=run, preset=preset, prompts=prompts, steps=tuple(steps or ()), seeds=tuple(seed or (0,)),
         baselines=tuple(baseline) if baseline else EVALUATE_BASELINES, methods=tuple(dict.fromkeys(m.value for m in method)) if method else EVALUATE_METHODS,
-        target_psnr=target_psnr, device=device, dtype=dtype, model_path=model_path, lightx2v_config=lightx2v_config, lora_path=lora_path, shard=shard,
+        target_psnr=target_psnr, plain_reuse=plain_reuse, oracle=oracle, device=device, dtype=dtype, model_path=model_path, lightx2v_config=lightx2v_config, lora_path=lora_path, shard=shard,
     ), echo=typer.echo)
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from calib.calibrate import LADDER, CalibrateRequest, make_plan, print_plan
@@ -112,17 +113,20 @@ def test_evaluate_refuses_the_calibration_prompts_and_leads_with_the_answer(cali
 
 def test_evaluate_in_two_shards_reports_from_the_first(calibrated, tmp_path):
     """evaluate in two shards (`--shard i/K`, or torchrun): whichever finishes last merges the sweep, the first writes
-    the report and says where it is, on the terminal the user watches."""
+    the report and says where it is, on the terminal the user watches. Without the oracle and plain reuse (the
+    demo's quicker evaluate) neither is measured."""
     base, _, _ = calibrated
     held = write_prompts(tmp_path / "held.jsonl", SMALL_PROMPTS[3:])
     args = [sys.executable, "-m", "calib.cli", "evaluate", "held", "--preset", str(base / "run" / "preset.json"), "--prompts", held,
-            "--baseline", "identity", "--method", "teacache"]
+            "--baseline", "identity", "--method", "teacache", "--no-oracle", "--no-plain-reuse"]
     shards = [subprocess.Popen([*args, "--shard", f"{i}/2"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
               for i in range(2)]
     outputs = [shard.communicate(timeout=600) for shard in shards]
     assert [shard.returncode for shard in shards] == [0, 0], [err[-2000:] for _, err in outputs]
     assert "report: held/sweep-6/report/report.md" in outputs[0][0] and "report:" not in outputs[1][0]
     assert "## The answer" in (tmp_path / "held" / "sweep-6" / "report" / "report.md").read_text()
+    measured = pd.read_parquet(tmp_path / "held" / "sweep-6" / "sweep.parquet")
+    assert set(measured["method"]) == {"uncached", "teacache", "baseline"} and measured.loc[measured["method"] == "teacache", "label"].nunique() == 1
 
 
 def test_a_plan_short_of_the_forecast_probes_says_which_budget_buys_them():
