@@ -290,8 +290,9 @@ def objective_by_folds(request: FitRequest, calibration: Calibration, costs: Cos
     objective, calibration.objective_folds = choose_objective(folds, units, lambda train: fold_preset(
         c, units, w, transform(w.cost, c.transform), train, request.loss, calibration.settings["model"], request.ret_steps,
         calibration.step_rules.cutoff_steps), costs.plain[YARDSTICK])
+    scores = ", ".join(f"{o} {v:.2f}" for o, v in calibration.objective_folds.items()) or "no budget reached on every fold"
     echo(f"objective {objective}, chosen on folds of the calibration prompts ({c.signal}; modelled dB of every prompt where it was held out, "
-         "(mean + worst prompt) / 2 over budgets: " + ", ".join(f"{o} {v:.2f}" for o, v in calibration.objective_folds.items()) + ")")
+         f"(mean + worst prompt) / 2 over budgets: {scores})")
     return objective
 
 

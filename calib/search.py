@@ -140,6 +140,7 @@ OBJECTIVE_TRIALS = SHAPE_TRIALS // 3  # each fold's shape search: the objectives
 # Another objective replaces the mean only when it beats it on the folds by this much (the scores of one recording
 # move by about 0.1 dB with the search's length).
 OBJECTIVE_MARGIN_DB = 0.25
+UNCOSTED_DB = 0.0  # a held-out prompt's schedule with a gap the recording cannot cost (beyond its max gap): as bad as it gets
 
 
 def choose_objective(folds: list[tuple[np.ndarray, np.ndarray]], units: list[UnitSeries], fold_fit: Callable[[np.ndarray], Preset | None],
@@ -151,7 +152,7 @@ def choose_objective(folds: list[tuple[np.ndarray, np.ndarray]], units: list[Uni
     objective scores the mean over budgets of (mean prompt + worst prompt) / 2, so the worst of all the calibration
     prompts counts, not the worst of three. Budgets some objective cannot reach on every fold are left out. Held-out
     prompts never enter; the mean stays unless another beats it by `OBJECTIVE_MARGIN_DB`. Returns it and every
-    objective's score."""
+    objective's score (none, and the mean, where no budget was reached on every fold)."""
     pooled: dict[str, dict[tuple[int, int], list[float]]] = {o: {} for o in OBJECTIVES}
     with progress("fit: objective, by folds of the calibration prompts", len(OBJECTIVES) * len(folds)) as advance:
         for objective in OBJECTIVES:
@@ -165,20 +166,23 @@ def choose_objective(folds: list[tuple[np.ndarray, np.ndarray]], units: list[Uni
                 advance()
     units_at = Counter(u.steps for u in units)  # every unit held out once: a budget every objective reached on every fold
     common = [key for key in pooled["mean"] if all(len(pooled[o].get(key, ())) == units_at[key[0]] for o in OBJECTIVES)]
-    scores = {o: round(float(np.mean([(np.mean(pooled[o][key]) + np.min(pooled[o][key])) / 2 for key in common])), 4) if common else float("-inf")
-              for o in OBJECTIVES}
+    if not common:  # too few prompts or steps for every objective to reach a budget on every fold
+        return "mean", {}
+    scores = {o: round(float(np.mean([(np.mean(pooled[o][key]) + np.min(pooled[o][key])) / 2 for key in common])), 4) for o in OBJECTIVES}
     best = max(OBJECTIVES, key=lambda o: (scores[o], -OBJECTIVES.index(o)))
     return (best if scores[best] >= scores["mean"] + OBJECTIVE_MARGIN_DB else "mean"), scores
 
 
 def held_out_db(preset: Preset, train: list[UnitSeries], test: list[UnitSeries], matrices: dict) -> dict[tuple[int, int], list[float]]:
     """Per (step count, budget in computed steps): the modelled dB of each `test` unit under the preset's schedule at
-    the threshold placed for that budget on `train` (the most computed calls within it)."""
+    the threshold placed for that budget on `train` (the most computed calls within it; UNCOSTED_DB where the schedule
+    skips longer than the recording measured)."""
     out = {}
     for steps in sorted({u.steps for u in test}):
         train_n, test_n = [u for u in train if u.steps == steps] or train, [u for u in test if u.steps == steps]
         for budget in budget_steps(steps):
             placed = thresholds_for_budgets(train_n, preset, [budget / steps])
             if placed:
-                out[steps, budget] = [decibels(schedule_cost(matrices[u.key], teacache_schedules(u, preset, placed[-1:])[0])) for u in test_n]
+                db = [decibels(schedule_cost(matrices[u.key], teacache_schedules(u, preset, placed[-1:])[0])) for u in test_n]
+                out[steps, budget] = [v if np.isfinite(v) else UNCOSTED_DB for v in db]
     return out
