@@ -318,6 +318,9 @@ def _best_damping(errors: pd.Series) -> float:
     return float(alphas[i])
 
 
+STOP_BEYOND = 1e-3  # at few steps the forecast's damping falls to 0 this far (in sigma) beyond the longest probed reach
+
+
 def forecast_from_probes(units: list[UnitSeries], probes: pd.DataFrame | None) -> ForecastFit | None:
     """The linear forecast's damping per sigma reach, from forecast probes (`teacal probe --forecast`).
 
@@ -326,7 +329,10 @@ def forecast_from_probes(units: list[UnitSeries], probes: pd.DataFrame | None) -
     stands for the reaches it used (`teacache.forecast.Forecast.reach`). For each
     probed budget the damping of least final error (geometric mean over the probed prompts), among those that cost no
     probed prompt more than PROMPT_LOSS_DB against plain reuse, becomes a knot. Where no damping beats plain reuse the
-    knot is 0, so the fitted rule never does worse on what was measured, on the mean or on any probed prompt.
+    knot is 0, so the fitted rule never does worse on what was measured, on the mean or on any probed prompt. At
+    FEW_STEPS or fewer a last knot of 0 just beyond the longest probed reach stops the forecast where no probe went
+    (the lowest budgets carry a slope further than the probes' 3 computed steps; held there, the 8-step student's
+    damping lost 3.6 dB on the worst prompt at 2 of 8).
     """
     if probes is None or "kind" not in probes or not (probes["kind"] == "forecast").any():
         return None
@@ -351,7 +357,10 @@ def forecast_from_probes(units: list[UnitSeries], probes: pd.DataFrame | None) -
     ratio = tuple((float(r.span), float(r.ratio)) for r in knots.itertuples())
     if not (knots["alpha"] > 0).any():
         return ForecastFit(NO_FORECAST, (), table)
-    forecast = Forecast("linear", "step", tuple((float(r.span), float(r.alpha)) for r in knots.itertuples()),
+    alpha = tuple((float(r.span), float(r.alpha)) for r in knots.itertuples())
+    if table["steps"].max() <= FEW_STEPS:  # the probes stop short of the lowest budget's reach there: so does the forecast
+        alpha += ((round(alpha[-1][0] + STOP_BEYOND, 4), 0.0),)
+    forecast = Forecast("linear", "step", alpha,
                         fit={"probes": int((probes["kind"] == "forecast").sum()), "budgets": table[["steps", "budget", "span", "alpha", "ratio"]].round(5).to_dict("records")})
     return ForecastFit(forecast, ratio, table)
 

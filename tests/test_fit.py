@@ -269,6 +269,26 @@ def test_the_fitted_damping_recovers_a_known_one_per_sigma_span():
     assert ratios[round(spans[10], 4)] == pytest.approx(math.exp(3.0 * (0.1**2 - 0.5**2)), rel=1e-6)  # best probed: 0.4 and 0.6
 
 
+def test_at_few_steps_the_forecast_stops_beyond_the_longest_probed_reach():
+    """The forecast probes run 3 or more computed steps, so at 8 steps the lowest budgets carry a slope further than any
+    probe did: there the fitted damping falls to 0 (plain reuse) just beyond the longest probed reach; at 20 steps,
+    where the probes span the budgets, the last knot is held as before."""
+    from calib.costmodel import STOP_BEYOND, forecast_from_probes
+    from calib.probe import PROBE_DAMPINGS
+
+    def fitted(steps: int, budgets: list[int]):
+        sigma = np.linspace(1.0, 0.05, steps)
+        unit = UnitSeries(("p", 0, steps, 48, 48), "p", ("cond",), sigma, {}, {})
+        rows = [{"kind": "forecast", "prompt_id": "p", "seed": 0, "steps": steps, "budget": b, "alpha": a,
+                 "image_rmse": 0.01 * math.exp(3.0 * (a - 0.5) ** 2)} for b in budgets for a in PROBE_DAMPINGS]
+        return forecast_from_probes([unit], pd.DataFrame(rows)).forecast
+
+    few, many = fitted(8, [3, 4]), fitted(20, [4, 6, 8])
+    longest = few.alpha[-2][0]
+    assert few.damping(longest) == pytest.approx(0.5, abs=1e-3) and few.damping(longest + STOP_BEYOND) == 0.0 and few.damping(0.9) == 0.0
+    assert many.damping(0.9) == pytest.approx(0.5, abs=1e-3)
+
+
 def test_the_fitted_damping_costs_no_probed_prompt_more_than_half_a_db():
     """Three probed prompts gain from a strong damping and one loses: the geometric mean favours 0.8, but the rule
     fitted from them is the strongest damping under which the losing prompt stays within 0.5 dB of plain reuse."""
