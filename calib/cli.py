@@ -32,10 +32,11 @@ from typer.core import TyperCommand, TyperGroup  # noqa: E402
 from calib.budgets import OBJECTIVES  # noqa: E402
 from calib.configs import MAX_CONFIGS, STATIC  # noqa: E402
 from calib.errors import UserError  # noqa: E402
-from calib.fit import LOSSES, TARGETS  # noqa: E402
+from calib.fit import TARGETS  # noqa: E402
 from calib.metrics import METRICS  # noqa: E402
 from calib.models import DEFAULT_MODEL, MODELS  # noqa: E402
 from calib.peers import METHODS, grid_keys  # noqa: E402
+from calib.regression import LOSSES  # noqa: E402
 from teacache.preset import BRANCH_MODES, SIGNALS  # noqa: E402
 
 # Choices, as `--help` shows them, from the modules that own them.

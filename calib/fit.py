@@ -37,7 +37,7 @@ from calib.budgets import COMPARED, OBJECTIVES
 from calib.costmodel import CostModels, cost_models, last_step_rule
 from calib.errors import UserError
 from calib.oracle import gap_to_oracle, measured_static, preset_oracle
-from calib.regression import LOSSES, Windows, fit_polynomial, group_folds, r2, skip_windows, step_floor, transform  # noqa: F401 (LOSSES: the CLI's)
+from calib.regression import Windows, fit_polynomial, group_folds, r2, skip_windows, step_floor, transform
 from calib.runfiles import check_output_file, identity_hash, library_versions, load_probes_of, load_traces
 from calib.search import OBJECTIVE_FOLDS, SHAPE_TRIALS, choose_objective, search_shape, simulated_gaps
 from calib.simulate import EXACT_SIGNALS, UnitSeries, threshold_for_speedup, typical_log_ratio, unit_series

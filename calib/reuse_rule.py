@@ -27,6 +27,7 @@ class Measures(Protocol):
 
     def under(self, objective: str, steps: int, schedule: str, forecast: Forecast = NO_FORECAST) -> float: ...
 
+
 CONSTANT_DAMPINGS = (0.15, 0.3, 0.5)  # constant dampings measured on the tuned schedules
 FORECAST_FLOOR_DB = -0.2  # a reuse rule may lose at most this much to plain reuse at any budget
 WORST_FLOOR_DB = -0.5  # nor this much on the worst prompt of any schedule: the image a user sees is one prompt

@@ -9,6 +9,7 @@ candidate, skipped when it is not positive over the calibrated range) with one d
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Callable
 
@@ -127,11 +128,9 @@ def search_shape(preset: Preset, units: list[UnitSeries], matrices: dict, object
         if np.polyval(shaped.coefficients, grid).min() > 0 and (score := shape_score(gaps_of(shaped))) > best:
             best, best_preset = score, shaped
             log_values = log_values_at(shaped, knots)
-    if quiet:
-        best_preset, _ = pattern_search(best_preset, knots, log_values, lambda p: shape_score(gaps_of(p)), trials, lambda label=None: None)
-    else:
-        with progress(f"fit: shape search, {preset.signal}", trials) as advance:
-            best_preset, _ = pattern_search(best_preset, knots, log_values, lambda p: shape_score(gaps_of(p)), trials, advance)
+    watched = contextlib.nullcontext(lambda label=None: None) if quiet else progress(f"fit: shape search, {preset.signal}", trials)
+    with watched as advance:
+        best_preset, _ = pattern_search(best_preset, knots, log_values, lambda p: shape_score(gaps_of(p)), trials, advance)
     return best_preset, fitted_gaps, gaps_of(best_preset)
 
 

@@ -123,8 +123,10 @@ EXACT_SIGNALS = ("temb", "sigma")
 # -- TeaCache's own schedules ------------------------------------------------------------------------------------
 def teacache_schedules(unit: UnitSeries, preset: Preset, thresholds) -> np.ndarray:
     """``[thresholds, branches, n]``: what TeaCache computes, from the unit's recorded distances (see module notes)."""
-    return np.stack([simulate_policy(unit, TeaCachePolicy(preset, float(threshold))) for threshold in thresholds]) if len(thresholds) else \
-        np.zeros((0, len(unit.branches), unit.steps), bool)
+    out = np.zeros((len(thresholds), len(unit.branches), unit.steps), bool)
+    for t, threshold in enumerate(thresholds):
+        out[t] = simulate_policy(unit, TeaCachePolicy(preset, float(threshold)))
+    return out
 
 
 def simulate_policy(unit: UnitSeries, policy: TeaCachePolicy) -> np.ndarray:

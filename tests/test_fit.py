@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from calib.cli import app
 from calib.costmodel import CostModel
-from calib.fit import FitRequest, Windows, fit, fit_polynomial, group_folds, skip_windows, transform
+from calib.fit import FitRequest, fit
+from calib.regression import Windows, fit_polynomial, group_folds, skip_windows, transform
 from calib.search import search_shape, simulated_gaps
 from calib.simulate import UnitSeries
 from teacache.diffusers import apply_teacache, remove_teacache, teacache_stats

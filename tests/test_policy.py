@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from teacache.policy import TeaCachePolicy
-from teacache.preset import Preset
+from teacache.preset import Preset, PresetError
 
 
 def make_preset(**overrides) -> Preset:
@@ -207,7 +207,7 @@ def test_a_prompt_whose_residual_changes_faster_is_computed_more_at_the_same_thr
     assert adaptive_run(0.02, 0.0) == adaptive_run(0.2, 0.0)
 
 
-def test_without_adapt_observing_changes_nothing_and_the_preset_file_is_unchanged(tmp_path):
+def test_without_adapt_observing_changes_nothing_and_the_preset_file_is_unchanged():
     plain = make_preset()
     assert "adapt" not in plain.to_dict()  # presets written before the field read and write as they did
     policy = TeaCachePolicy(plain, 0.3)
@@ -220,5 +220,5 @@ def test_without_adapt_observing_changes_nothing_and_the_preset_file_is_unchange
 @pytest.mark.parametrize("adapt", [{"strength": -1.0, "typical": 0.0, "clip": 2.0}, {"strength": 1.0, "typical": 0.0, "clip": 0.5},
                                    {"strength": 1.0, "typical": float("nan"), "clip": 2.0}, {"strength": 1.0}])
 def test_a_malformed_adapt_is_refused_with_its_field(adapt):
-    with pytest.raises(Exception, match="field 'adapt'"):
+    with pytest.raises(PresetError, match="field 'adapt'"):
         make_preset(adapt=adapt)
