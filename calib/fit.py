@@ -278,22 +278,24 @@ def compare_signals(request: FitRequest, calibration: Calibration, costs: CostMo
     return finalists[chosen], by_signal
 
 
-def objective_by_folds(request: FitRequest, calibration: Calibration, costs: CostModels, scored: list[Scored], windows: dict, echo=print) -> str:
+def objective_by_folds(request: FitRequest, calibration: Calibration, costs: CostModels, scored: list[Scored], windows: dict,
+                       echo=print) -> tuple[str, dict]:
     """--objective auto: the objective of the shape search, chosen on folds of the calibration prompts with the best
-    cross-validated candidate of a timestep signal (where the search, and so the objective, steers the schedules)."""
+    cross-validated candidate of a timestep signal (where the search, and so the objective, steers the schedules).
+    Returns it and every objective's score on the folds (none where no timestep signal was fitted)."""
     exact = [s for s in scored if s.candidate.signal in EXACT_SIGNALS and s.candidate.degree == request.degree]
     if not exact:
-        return "mean"
+        return "mean", {}
     c = max(exact, key=lambda s: s.db_gap).candidate
     units, w = calibration.units, windows[(c.signal, c.target, c.branch_mode)]
     folds = group_folds(np.array([u.group for u in units]), min(OBJECTIVE_FOLDS, calibration.prompts))
-    objective, calibration.objective_folds = choose_objective(folds, units, lambda train: fold_preset(
+    objective, scores = choose_objective(folds, units, lambda train: fold_preset(
         c, units, w, transform(w.cost, c.transform), train, request.loss, calibration.settings["model"], request.ret_steps,
         calibration.step_rules.cutoff_steps), costs.plain[YARDSTICK])
-    scores = ", ".join(f"{o} {v:.2f}" for o, v in calibration.objective_folds.items()) or "no budget reached on every fold"
+    listed = ", ".join(f"{o} {v:.2f}" for o, v in scores.items()) or "no budget reached on every fold"
     echo(f"objective {objective}, chosen on folds of the calibration prompts ({c.signal}; modelled dB of every prompt where it was held out, "
-         f"(mean + worst prompt) / 2 over budgets: {scores})")
-    return objective
+         f"(mean + worst prompt) / 2 over budgets: {listed})")
+    return objective, scores
 
 
 def assemble(request: FitRequest, calibration: Calibration, costs: CostModels, scored: list[Scored], best: Scored, by_signal: dict,
@@ -344,7 +346,8 @@ def fit(request: FitRequest, echo=print) -> Preset:
     costs = cost_models(calibration.units, calibration.probes, TARGETS, echo)
     scored, windows = cross_validate(request, calibration, costs, echo)
     if request.objective == "auto":
-        request = replace(request, objective=objective_by_folds(request, calibration, costs, scored, windows, echo))
+        objective, scores = objective_by_folds(request, calibration, costs, scored, windows, echo)
+        request, calibration = replace(request, objective=objective), replace(calibration, objective_folds=scores)
     best, by_signal = compare_signals(request, calibration, costs, scored, windows, echo)
     chosen = best.candidate
     preset = assemble(request, calibration, costs, scored, best, by_signal, windows[(chosen.signal, chosen.target, chosen.branch_mode)], out, echo)
