@@ -282,13 +282,17 @@ class EvaluateRequest:
     shard: str | None = None
 
 
-def check_held_out(preset, prompts: Path) -> None:
-    """A preset is measured on prompts it never saw: one calibrated on any of these is refused."""
+def check_held_out(preset, prompts: Path, echo=print) -> None:
+    """A preset is measured on prompts it never saw: one calibrated on any of these is refused. A preset that names
+    no calibration prompts (written elsewhere, or by hand) cannot be checked: said, not refused."""
     from calib.prompts import load_prompts
     from calib.runfiles import prompt_set_identities
 
     load_prompts(prompts)  # a malformed set fails here, naming its line
     calibrated = set(preset.calibration.get("prompt_identities", ()))
+    if not calibrated:
+        echo(f"note: {preset.source} names no calibration prompts (calibration.prompt_identities): whether {prompts} is held out "
+             "cannot be checked")
     seen = [pid for pid, identity in prompt_set_identities(Path(prompts)).items() if identity in calibrated]
     if seen:
         raise UserError(f"--prompts {prompts}: {len(seen)} of its prompts calibrated {preset.source} (e.g. {seen[0]!r}); evaluate on "
@@ -304,7 +308,7 @@ def evaluate(request: EvaluateRequest, echo=print) -> list[Path]:
     from teacache.preset import Preset
 
     preset = Preset.load(request.preset)
-    check_held_out(preset, request.prompts)
+    check_held_out(preset, request.prompts, echo)
     steps = request.steps or tuple(preset.domain.get("steps") or ())
     if not steps:
         raise UserError(f"--preset {request.preset}: no calibrated step counts in its domain; pass --steps")

@@ -13,7 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from calib.calibrate import LADDER, CalibrateRequest, make_plan, print_plan
+from calib.calibrate import LADDER, CalibrateRequest, check_held_out, make_plan, print_plan
+from teacache.preset import Preset
 from tests.conftest import SMALL_PROMPTS, write_prompts
 
 CALIBRATE = ["calibrate", "run", "--prompts", "calib.jsonl", "--steps", "6", "--size", "64x64", "--budget", "700"]
@@ -109,6 +110,24 @@ def test_evaluate_refuses_the_calibration_prompts_and_leads_with_the_answer(cali
     answer = text.split("## The answer")[1].split("##")[0]
     assert "(the preset's default)" in answer and "x measured" in answer and "on the worst prompt, at" in answer
     assert "on every prompt" in answer and "static: LeMiCa (published Qwen-Image schedules)" in text
+
+
+def test_the_shipped_preset_refuses_its_calibration_prompts_and_a_preset_naming_none_is_said(tmp_path):
+    """The shipped tiny preset names the prompts that calibrated it, so evaluate refuses them; a preset that names none
+    (written elsewhere, or before teacal recorded them) cannot be checked, and evaluate says so instead of staying silent."""
+    repo = Path(__file__).resolve().parents[1]
+    shipped, calib_prompts = repo / "presets" / "tiny-qwen-image-edit.json", repo / "prompts" / "calib.jsonl"
+    refused = _teacal(["evaluate", "held", "--preset", str(shipped), "--prompts", str(calib_prompts)], tmp_path)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "12 of its prompts calibrated" in refused.stderr and not (tmp_path / "held").exists()
+    preset = Preset.load(shipped)
+    unnamed = preset.replace(calibration={k: v for k, v in preset.calibration.items() if k != "prompt_identities"})
+    said: list[str] = []
+    check_held_out(unnamed, calib_prompts, said.append)
+    assert len(said) == 1 and "names no calibration prompts" in said[0] and "cannot be checked" in said[0]
+    said.clear()
+    check_held_out(preset, repo / "prompts" / "heldout.jsonl", said.append)  # held out, and checked: nothing to say
+    assert said == []
 
 
 def test_evaluate_in_two_shards_reports_from_the_first(calibrated, tmp_path):
