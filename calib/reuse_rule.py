@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from calib.budgets import budget_steps, front_at
+from calib.progress import progress
 from calib.runfiles import json_number
 from teacache.forecast import NO_FORECAST, Forecast
 
@@ -63,6 +64,26 @@ def worst_loss(measure: Measures, schedules: dict[int, list[str]], forecast: For
     return min(losses)
 
 
+class Counted:
+    """A `Measures` that advances a progress bar once per schedule and rule it has not measured before: each is a
+    generation per calibration prompt (minutes on a real model); a repeat is read back."""
+
+    def __init__(self, measure: Measures, advance) -> None:
+        self.measure, self.advance, self.seen = measure, advance, set()
+
+    def __call__(self, steps: int, schedule: str, forecast: Forecast = NO_FORECAST) -> float:
+        return self._counted((steps, schedule, forecast), self.measure(steps, schedule, forecast))
+
+    def under(self, objective: str, steps: int, schedule: str, forecast: Forecast = NO_FORECAST) -> float:
+        return self._counted((steps, schedule, forecast), self.measure.under(objective, steps, schedule, forecast))
+
+    def _counted(self, key: tuple, value: float) -> float:
+        if key not in self.seen:
+            self.seen.add(key)
+            self.advance()
+        return value
+
+
 def forecast_score(gains: dict[int, np.ndarray]) -> float:
     """The mean gain over plain reuse, less twice every loss beyond FORECAST_FLOOR_DB."""
     g = np.concatenate(list(gains.values()))
@@ -79,7 +100,10 @@ def tune_forecast(measure: Measures, schedules: dict[int, list[str]], sigmas: di
     candidates: dict[str, Forecast] = {f"linear:{a:g}": Forecast("linear", "step", ((0.0, a),)) for a in CONSTANT_DAMPINGS}
     if fitted.extrapolates:
         candidates["probe-fitted"] = fitted
-    gains = {name: gains_of(measure, schedules, rule) for name, rule in candidates.items()}
+    distinct = len({(steps, s) for steps, found in schedules.items() for s in found})
+    with progress("tune: reuse rule, constant and probe-fitted dampings", distinct * (len(candidates) + 1)) as advance:
+        measure = Counted(measure, advance)
+        gains = {name: gains_of(measure, schedules, rule) for name, rule in candidates.items()}
     points = []  # per tuned schedule: the mean reach of its skips and its measured PSNR per constant damping
     for steps, found in schedules.items():
         sigma = sigmas[steps]
@@ -97,7 +121,8 @@ def tune_forecast(measure: Measures, schedules: dict[int, list[str]], sigmas: di
         knots = tuple(k for i, k in enumerate(knots) if i == 0 or k[0] > knots[i - 1][0])
         if any(a > 0 for _, a in knots):
             candidates["measured knots"] = Forecast("linear", "step", knots)
-            gains["measured knots"] = gains_of(measure, schedules, candidates["measured knots"])
+            with progress("tune: reuse rule, measured knots", distinct) as measure.advance:
+                gains["measured knots"] = gains_of(measure, schedules, candidates["measured knots"])
     scores = {name: forecast_score(g) for name, g in gains.items()}
     worst = {name: worst_loss(measure, schedules, candidates[name]) for name in gains}
     echo(f"{'reuse rule':<16}{'score':>8}{'mean':>8}{'worst':>8}{'worst prompt':>14}   gain over plain reuse (dB) on the calibration prompts, "

@@ -213,6 +213,9 @@ def test_tune_sharded_over_two_processes_finds_the_preset_of_one(calibrated, tmp
                                stderr=subprocess.PIPE, text=True) for i in range(2)]
     outputs = [shard.communicate(timeout=900) for shard in shards]
     assert [shard.returncode for shard in shards] == [0, 0], [err[-3000:] for _, err in outputs]
+    for _, err in outputs:  # choosing the reuse rule generates too: it shows progress, to the end
+        rule_lines = [line for line in err.splitlines() if line.startswith("tune: reuse rule, constant and probe-fitted dampings: ")]
+        assert rule_lines and "(100%)" in rule_lines[-1], err[-3000:]
 
     def generated(text: str) -> int:
         return int(next(line for line in text.splitlines() if line.startswith("measured ")).split()[1])
