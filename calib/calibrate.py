@@ -294,6 +294,7 @@ def check_held_out(preset, prompts: Path, echo=print) -> None:
     if not calibrated:
         echo(f"note: {preset.source} names no calibration prompts (calibration.prompt_identities): whether {prompts} is held out "
              "cannot be checked")
+        return
     seen = [pid for pid, identity in prompt_set_identities(Path(prompts)).items() if identity in calibrated]
     if seen:
         raise UserError(f"--prompts {prompts}: {len(seen)} of its prompts calibrated {preset.source} (e.g. {seen[0]!r}); evaluate on "
