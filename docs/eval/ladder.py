@@ -38,6 +38,23 @@ def front(view: pd.DataFrame, budgets: list[int]) -> list[str]:
     return ["-" if i < 0 else f"{view['psnr'].iloc[i]:.1f} ({view['psnr_worst'].iloc[i]:.1f})" for i in best]
 
 
+def best_others(sweep: Path, column: str, budgets: list[int]) -> list[tuple[float | None, str]]:
+    """Per budget of calls: the best `column` (psnr, psnr_worst) of any borrowed set or peer in make eval's sweep, each
+    at its own best configuration within the budget, and whose it is ((None, "-") where none reaches it)."""
+    swept = pd.read_parquet(sweep)
+    others = with_measured_oracle(aggregate(swept), swept)
+    others = others[~others["method"].isin(["uncached", "teacache", "oracle", "oracle pick"])]
+    best = []
+    for b in budgets:
+        points = []
+        for label, g in others.groupby("label"):
+            i = best_within(g["computed"], g[column], [b])[0]
+            if i >= 0:
+                points.append((float(g[column].iloc[i]), label))
+        best.append(max(points, default=(None, "-")))
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("eval", type=Path)
@@ -82,18 +99,8 @@ def main() -> None:
         table = {"calls": [f"{b} of {calls}" for b in budgets], **{name: front(view, budgets) for name, view in rows.items()}}
         full_sweep = args.eval / "heldout" / f"sweep-{steps}" / "sweep.parquet"
         if full_sweep.exists():
-            swept = pd.read_parquet(full_sweep)
-            others = with_measured_oracle(aggregate(swept), swept)
-            others = others[~others["method"].isin(["uncached", "teacache", "oracle", "oracle pick"])]
             for column, what in (("psnr", "best borrowed set or peer"), ("psnr_worst", "best worst prompt of those")):
-                best = []
-                for b in budgets:
-                    points = []
-                    for label, g in others.groupby("label"):
-                        i = best_within(g["computed"], g[column], [b])[0]
-                        if i >= 0:
-                            points.append((float(g[column].iloc[i]), label))
-                    best.append(max(points, default=(None, "-")))
+                best = best_others(full_sweep, column, budgets)
                 table[what] = [f"{v:.1f} ({label})" if v is not None else "-" for v, label in best]
         frame = pd.DataFrame(table)
         lines += [f"\n## {steps} steps\n", "| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
