@@ -37,7 +37,7 @@ from calib.fit import (  # noqa: E402
 )
 from calib.runfiles import unit_name  # noqa: E402
 from calib.search import OBJECTIVE_TRIALS, held_out_db, search_shape  # noqa: E402
-from calib.simulate import EXACT_SIGNALS, teacache_schedules, thresholds_for_budgets  # noqa: E402
+from calib.simulate import EXACT_SIGNALS, schedule_text, teacache_schedules, thresholds_for_budgets  # noqa: E402
 from calib.tune import Measurer  # noqa: E402
 from teacache.preset import Preset  # noqa: E402
 
@@ -91,7 +91,7 @@ def main() -> None:
                 for budget in budget_steps(steps):
                     placed = thresholds_for_budgets(train_n, searched, [budget / steps])
                     for u in test_n if placed else ():
-                        schedule = "".join("x" if v else "." for v in teacache_schedules(u, searched, placed[-1:])[0][0])
+                        schedule = schedule_text(teacache_schedules(u, searched, placed[-1:])[0][0])
                         measure(steps, schedule)
                         generated = measure.part(steps, schedule)
                         name = unit_name(u.key[0].split(":", 1)[1], u.key[1], steps, recording.size)
