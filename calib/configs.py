@@ -7,8 +7,7 @@
 * the peer caches of `calib.peers` (`--method`, `--peer-grid`).
 
 `--thresh auto` gives each method its own thresholds, one per budget from 15% to 80% of the calls (`calib.budgets`),
-placed by simulating its schedules on the recorded trace, each at the evenest schedule of its computed count
-(`calib.simulate.evenest_thresholds`). Budgets are computed calls of the total, both CFG
+placed by simulating its schedules on the recorded trace. Budgets are computed calls of the total, both CFG
 branches counted; a schedule computes the same steps in each branch.
 """
 
@@ -28,11 +27,11 @@ from calib.errors import UserError
 from calib.simulate import (
     LEMICA,
     UnitSeries,
-    evenest_thresholds,
     forced_steps,
     lemica_schedule,
     shared_schedule,
     teacache_schedules,
+    thresholds_for_budgets,
     uniform_schedule,
 )
 from teacache.forecast import NO_FORECAST, Forecast
@@ -181,7 +180,7 @@ def configurations(wanted: Wanted, preset: Preset, units: list[UnitSeries], bran
     auto = [k for k in budget_steps(steps, SWEPT) if k > forced.sum()]
 
     def grid(method_preset: Preset) -> list[float]:
-        return wanted.thresholds if wanted.thresholds is not None else evenest_thresholds(units, method_preset, [k / steps for k in auto])
+        return wanted.thresholds if wanted.thresholds is not None else thresholds_for_budgets(units, method_preset, [k / steps for k in auto])
 
     configs = [Config("uncached", "uncached", "uncached")]
     if "teacache" in wanted.methods:

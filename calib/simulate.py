@@ -6,8 +6,7 @@ model. No torch. What a schedule costs the final image is `calib.costmodel`.
   runtimes use. Exact for `temb` and `sigma` (read from the timestep alone, not the latents); an estimate for `modin`
   and for an adaptive preset, whose observed residual changes are the uncached run's (reach up to the recording's
   max gap; a longer window is not observed).
-* `thresholds_for_budgets`, `threshold_for_speedup`: thresholds placed by simulation; `evenest_thresholds` (the
-  sweep's auto thresholds) moves each to the evenest schedule of its computed count.
+* `thresholds_for_budgets`, `threshold_for_speedup`: thresholds placed by simulation.
 * `uniform_schedule`, `lemica_schedule`: static schedules (evenly spaced; LeMiCa's published ones);
   `StaticSchedulePolicy` runs any static schedule through the runtime.
 """
@@ -214,69 +213,6 @@ def thresholds_for_budgets(units: list[UnitSeries], preset: Preset, budgets) -> 
         if ok:
             chosen.append(float(f"{-max(ok)[1]:.6g}"))
     return sorted(set(chosen))
-
-
-def unevenness(schedule: np.ndarray) -> tuple[int, int]:
-    """How unevenly a ``[branches, n]`` schedule spreads its skips: the longest run of skipped steps, then the sum of
-    the runs' squares (the same count of skips in shorter runs is smaller)."""
-    runs = [len(run) for row in np.atleast_2d(schedule) for run in schedule_text(row).split("x") if run]
-    return max(runs, default=0), sum(r * r for r in runs)
-
-
-def schedule_plateaus(unit: UnitSeries, preset: Preset) -> dict[str, float]:
-    """Every schedule the preset's thresholds give this unit, each with a threshold inside its range (the geometric
-    middle of the thresholds seen to give it, where that still does). A log grid is bisected wherever neighbouring
-    thresholds give different schedules, down to a ratio of 1 + 1e-7."""
-    seen: dict[float, str] = {}
-
-    def text(threshold: float) -> str:
-        if threshold not in seen:
-            seen[threshold] = schedule_text(teacache_schedules(unit, preset, [threshold])[0].ravel())
-        return seen[threshold]
-
-    grid = list(np.geomspace(1e-6, 1e3, 60))
-    while text(grid[-1]).count("x") > len(unit.branches) * (preset.ret_steps + 1) and grid[-1] < 1e9:
-        grid.append(grid[-1] * 10)
-    pending = list(zip(grid[:-1], grid[1:], strict=True))
-    while pending:
-        lo, hi = pending.pop()
-        if text(lo) != text(hi) and hi / lo > 1 + 1e-7:
-            mid = math.sqrt(lo * hi)
-            pending += [(lo, mid), (mid, hi)]
-    ranges: dict[str, tuple[float, float]] = {}
-    for threshold, schedule in sorted(seen.items()):
-        lo, _ = ranges.get(schedule, (threshold, threshold))
-        ranges[schedule] = (lo, threshold)
-    out = {}
-    for schedule, (lo, hi) in ranges.items():
-        middle = float(f"{math.sqrt(lo * hi):.6g}")
-        out[schedule] = middle if text(middle) == schedule else lo
-    return out
-
-
-def evenest_thresholds(units: list[UnitSeries], preset: Preset, budgets) -> list[float]:
-    """`thresholds_for_budgets`, each moved to the evenest schedule (`unevenness`) of the same computed count that the
-    preset's thresholds also give, when one is more even than the schedule placed. Why: for a signal read from the
-    timestep one polynomial gives several schedules of one count, and which one a grid lands on was a lottery of up
-    to 2.4 dB of mean and 7.9 dB of worst prompt (docs/eval/README.md, "What calibration costs"). Signals read from
-    the latents keep their placement."""
-    placed = thresholds_for_budgets(units, preset, budgets)
-    if not shared_schedule(preset):
-        return placed
-    unit = units[0]
-    plateaus = schedule_plateaus(unit, preset)
-    shape = (len(unit.branches), unit.steps)
-
-    def as_array(schedule: str) -> np.ndarray:
-        return np.array([c == "x" for c in schedule]).reshape(shape)
-
-    moved = []
-    for threshold in placed:
-        own = teacache_schedules(unit, preset, [threshold])[0]
-        rivals = [(unevenness(as_array(s)), t) for s, t in plateaus.items() if s.count("x") == own.sum()]
-        best, at = min(rivals, default=(unevenness(own), threshold))
-        moved.append(at if best < unevenness(own) else threshold)
-    return sorted(set(moved))
 
 
 class StaticSchedulePolicy(TeaCachePolicy):

@@ -161,34 +161,3 @@ def test_each_objective_recovers_its_choice_on_a_synthetic_cost_table():
     assert max(scores["worst"], key=scores["worst"].get) == "B" and max(scores["cvar"], key=scores["cvar"].get) == "B"
     assert over_prompts([50, 50, 50, 30], "mean") == 45 and over_prompts([50, 50, 50, 30], "worst") == 30
     assert over_prompts(list(range(10)), "cvar") == 0.5  # the worst fifth: 2 of 10
-
-
-def test_auto_thresholds_take_the_evenest_schedule_of_each_computed_count():
-    """One polynomial gives several schedules of one count of computed steps; the sweep's auto thresholds must measure
-    the evenest (shortest longest run of skips, then the smallest sum of squared runs), keeping the count."""
-    from calib.simulate import evenest_thresholds, unevenness
-
-    rng = np.random.default_rng(7)
-    x = np.concatenate([[np.nan], rng.uniform(0.02, 0.4, 39)])
-    unit = unit_series(_trace(x))[0]
-    preset = Preset(model="m", signal="temb", coefficients=[1.0, 0.0], ret_steps=1, cutoff_steps=-1, branch_mode="shared")
-    budgets = [k / 40 for k in range(6, 33)]
-    by_count: dict[int, set[str]] = {}  # every schedule a fine threshold grid reaches, by count
-    for t in np.geomspace(1e-3, 20, 5_000):
-        s = teacache_schedules(unit, preset, [t])[0, 0]
-        by_count.setdefault(int(s.sum()), set()).add("".join("x" if c else "." for c in s))
-
-    def schedule(t: float) -> np.ndarray:
-        return teacache_schedules(unit, preset, [t])[0, 0]
-
-    grid_placed = thresholds_for_budgets([unit], preset, budgets)
-    evenest = evenest_thresholds([unit], preset, budgets)
-    assert sorted(int(schedule(t).sum()) for t in evenest) == sorted(int(schedule(t).sum()) for t in grid_placed)
-    moved = 0
-    for before, after in zip(grid_placed, evenest, strict=True):
-        count = int(schedule(after).sum())
-        best = min(unevenness(np.array([c == "x" for c in s])) for s in by_count[count])
-        assert unevenness(schedule(after)) == best, (count, before, after)
-        moved += not np.array_equal(schedule(before), schedule(after))
-    assert moved > 0  # this trace has counts where the grid landed on an uneven schedule
-    assert unevenness(np.array([c == "x" for c in "x..x.x...x"])) == (3, 4 + 1 + 9)

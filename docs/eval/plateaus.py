@@ -4,11 +4,10 @@
     python docs/eval/plateaus.py PRESET RUN --steps N [--thresh-list] [--choose-on CALIB_RUN]
 
 RUN is a recording with N-step traces (its first unit stands for all: for a timestep signal every prompt gets the
-same schedule). Finds every schedule the preset's thresholds give (`calib.simulate.schedule_plateaus`) and prints,
-for each count of computed steps that more than one schedule reaches, every schedule with a threshold that gives it,
-marking the one the sweep's auto thresholds measure (`calib.simulate.evenest_thresholds`; before 2026-12-07,
-`thresholds_for_budgets`, marked "grid"). With --thresh-list, prints instead those thresholds, comma-separated, for
-`teacal sweep --thresh`. With --choose-on, every schedule of a count that has
+same schedule). Walks a fine threshold grid and prints, for each count of computed steps that more than one schedule
+reaches, every schedule with the smallest threshold that gives it, marking the one `calib.simulate.
+thresholds_for_budgets` (the auto thresholds) places. With --thresh-list, prints instead one threshold inside each
+schedule's range, comma-separated, for `teacal sweep --thresh`. With --choose-on, every schedule of a count that has
 several, within 15-80% of the steps, is generated (plain reuse) on CALIB_RUN's prompts (parts in its tune/ folder,
 as tune writes them) and each count's best by (mean + worst prompt) / 2 there is marked; with --thresh-list only
 the chosen ones are listed.
@@ -27,15 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from calib.backends import open_recording  # noqa: E402
 from calib.runfiles import load_traces  # noqa: E402
-from calib.simulate import (  # noqa: E402
-    evenest_thresholds,
-    schedule_plateaus,
-    schedule_text,
-    shared_schedule,
-    teacache_schedules,
-    thresholds_for_budgets,
-    unit_series,
-)
+from calib.simulate import schedule_text, shared_schedule, teacache_schedules, thresholds_for_budgets, unit_series  # noqa: E402
 from calib.tune import Measurer  # noqa: E402
 from teacache.preset import Preset  # noqa: E402
 
@@ -70,18 +61,18 @@ def main() -> None:
         sys.exit(f"{args.preset}: its schedules differ per prompt ({preset.signal}); this diagnostic is for a timestep signal")
     trace, _, groups, _ = load_traces((args.run,))
     unit = next(u for u in unit_series(trace, groups) if u.steps == args.steps)
-    first = {s[: args.steps]: t for s, t in schedule_plateaus(unit, preset).items()}  # schedule (first branch) -> a threshold giving it
+    first: dict[str, float] = {}  # schedule -> the smallest grid threshold that gives it
+    for threshold in np.geomspace(1e-3, 50, 200_000):
+        first.setdefault(schedule_text(teacache_schedules(unit, preset, [threshold])[0][0]), float(threshold))
     chosen = choose_by_generation(first, args.steps, preset, args.choose_on) if args.choose_on else set(first)
     if args.thresh_list:
-        print(",".join(f"{t:.6g}" for s, t in first.items() if s in chosen))
+        print(",".join(f"{t * 1.0001:.6g}" for s, t in first.items() if s in chosen))
         return
-    budgets = np.arange(1, args.steps + 1) / args.steps
-    auto, grid = ({schedule_text(teacache_schedules(unit, preset, [t])[0][0]) for t in place([unit], preset, budgets)}
-                  for place in (evenest_thresholds, thresholds_for_budgets))
+    auto = {schedule_text(teacache_schedules(unit, preset, [t])[0][0]) for t in thresholds_for_budgets([unit], preset, np.arange(1, args.steps + 1) / args.steps)}
     for count in range(1, args.steps + 1):
         reached = [(t, s) for s, t in first.items() if s.count("x") == count]
         if len(reached) > 1:
-            print(f"{count} of {args.steps}: " + "  ".join(f"{s} at {t:.4g}{' (auto)' if s in auto else ''}{' (grid)' if s in grid else ''}{' (chosen)' if args.choose_on and s in chosen else ''}" for t, s in sorted(reached)))
+            print(f"{count} of {args.steps}: " + "  ".join(f"{s} from {t:.4g}{' (auto)' if s in auto else ''}{' (chosen)' if args.choose_on and s in chosen else ''}" for t, s in sorted(reached)))
 
 
 if __name__ == "__main__":
