@@ -50,14 +50,17 @@ bench-real: install
 # The main job on the embedded tiny model: calibrate on prompts/calib.jsonl under the default budget of calls (record,
 # probe, fit), then measure the preset on prompts/heldout.jsonl, which it never saw, against a borrowed set, LeMiCa and
 # FirstBlockCache, and write the report (it leads with the threshold to use). The oracle and the plain-reuse front are
-# left to make eval: the demo keeps to about 6 minutes.
+# left to make eval. Both commands run as DEMO_PROCS processes under torchrun (each a share of the prompts, the same
+# preset and report as one process; only rank 0 prints): on 2 cores one process left a core idle, 6.7 minutes.
 CALIB_PROMPTS   ?= prompts/calib.jsonl
 HELDOUT_PROMPTS ?= prompts/heldout.jsonl
 DEMO_EVALUATE   ?= --baseline identity --baseline mlx-qwen --baseline lemica --method teacache --method fbcache --no-oracle --no-plain-reuse
+DEMO_PROCS      ?= 2
+DEMO_TEACAL     := $(PY) -m torch.distributed.run --standalone --nproc-per-node $(DEMO_PROCS) --local-ranks-filter 0 --module calib.cli
 
 demo: install
-	$(TEACAL) calibrate $(RUN)/calib --prompts $(CALIB_PROMPTS)
-	$(TEACAL) evaluate $(RUN)/heldout --preset $(RUN)/calib/preset.json --prompts $(HELDOUT_PROMPTS) $(DEMO_EVALUATE)
+	$(DEMO_TEACAL) calibrate $(RUN)/calib --prompts $(CALIB_PROMPTS)
+	$(DEMO_TEACAL) evaluate $(RUN)/heldout --preset $(RUN)/calib/preset.json --prompts $(HELDOUT_PROMPTS) $(DEMO_EVALUATE)
 
 # The evidence behind the README's tables, for either embedded model: calibrate on its calibration prompts under
 # EVAL_BUDGET calls, then evaluate on its held-out prompts (never used to calibrate or tune) against every borrowed
