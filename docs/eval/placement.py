@@ -5,7 +5,7 @@
 RUN is a calibration run folder with its preset (`teacal calibrate`'s). A polynomial's thresholds reach several
 schedules of one count of computed steps; `calib.simulate.thresholds_for_budgets` (the sweep's auto thresholds)
 measures the one its grid lands on. The alternative tried in commit 242d6bc (and reverted) took the evenest: the
-shortest longest run of skipped steps, then the smallest sum of squared runs. At every count of the compared budgets
+shortest longest run of skipped steps, then the smallest sum of squared runs, then the smaller threshold. At every count of the compared budgets
 where the two differ, both schedules are generated with plain reuse on the calibration prompts (parts in RUN/tune/,
 as tune writes them) and scored on the first K (default 4) by (mean + worst prompt) / 2; prints each count and the mean
 difference, even minus grid. Only calibration prompts are used.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -28,7 +27,6 @@ from calib.backends import open_recording  # noqa: E402
 from calib.budgets import SWEPT, budget_steps  # noqa: E402
 from calib.runfiles import load_traces, unit_name  # noqa: E402
 from calib.simulate import (  # noqa: E402
-    UnitSeries,
     forced_steps,
     schedule_text,
     shared_schedule,
@@ -39,33 +37,14 @@ from calib.simulate import (  # noqa: E402
 from calib.tune import Measurer  # noqa: E402
 from teacache.preset import Preset  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from plateaus import schedule_thresholds  # noqa: E402
+
 
 def unevenness(schedule: str) -> tuple[int, int]:
     """The longest run of skipped steps, then the sum of the runs' squares."""
     runs = [len(run) for run in schedule.split("x") if run]
     return max(runs, default=0), sum(r * r for r in runs)
-
-
-def schedules_by_count(unit: UnitSeries, preset: Preset) -> dict[int, set[str]]:
-    """Every schedule the preset's thresholds give the unit (first branch), by count: a log grid bisected wherever
-    neighbouring thresholds give different schedules, down to a ratio of 1 + 1e-7."""
-    seen: dict[float, str] = {}
-
-    def text(threshold: float) -> str:
-        if threshold not in seen:
-            seen[threshold] = schedule_text(teacache_schedules(unit, preset, [threshold])[0][0])
-        return seen[threshold]
-
-    pending = list(zip(np.geomspace(1e-6, 1e3, 60)[:-1], np.geomspace(1e-6, 1e3, 60)[1:], strict=True))
-    while pending:
-        lo, hi = pending.pop()
-        if text(lo) != text(hi) and hi / lo > 1 + 1e-7:
-            mid = math.sqrt(lo * hi)
-            pending += [(lo, mid), (mid, hi)]
-    out: dict[int, set[str]] = {}
-    for schedule in seen.values():
-        out.setdefault(schedule.count("x"), set()).add(schedule)
-    return out
 
 
 def main() -> None:
@@ -85,7 +64,9 @@ def main() -> None:
     differences = []
     for steps in args.steps or recording.settings["steps"]:
         unit = next(u for u in units if u.steps == steps)
-        by_count = schedules_by_count(unit, preset)
+        by_count: dict[int, list[str]] = {}
+        for schedule in schedule_thresholds(unit, preset):
+            by_count.setdefault(schedule.count("x"), []).append(schedule)
         budgets = [k / steps for k in budget_steps(steps, SWEPT) if k > forced_steps(preset, steps).sum()]
         for threshold in thresholds_for_budgets([unit], preset, budgets):
             grid = schedule_text(teacache_schedules(unit, preset, [threshold])[0][0])

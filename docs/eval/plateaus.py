@@ -4,8 +4,8 @@
     python docs/eval/plateaus.py PRESET RUN --steps N [--thresh-list] [--choose-on CALIB_RUN]
 
 RUN is a recording with N-step traces (its first unit stands for all: for a timestep signal every prompt gets the
-same schedule). Walks a fine threshold grid and prints, for each count of computed steps that more than one schedule
-reaches, every schedule with the smallest threshold that gives it, marking the one `calib.simulate.
+same schedule). Finds every schedule the preset's thresholds give (`schedule_thresholds`) and prints, for each count
+of computed steps that more than one schedule reaches, every schedule with the smallest threshold found to give it, marking the one `calib.simulate.
 thresholds_for_budgets` (the auto thresholds) places. With --thresh-list, prints instead one threshold inside each
 schedule's range, comma-separated, for `teacal sweep --thresh`. With --choose-on, every schedule of a count that has
 several, within 15-80% of the steps, is generated (plain reuse) on CALIB_RUN's prompts (parts in its tune/ folder,
@@ -16,6 +16,7 @@ the chosen ones are listed.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -26,9 +27,33 @@ sys.path.insert(0, str(ROOT))
 
 from calib.backends import open_recording  # noqa: E402
 from calib.runfiles import load_traces  # noqa: E402
-from calib.simulate import schedule_text, shared_schedule, teacache_schedules, thresholds_for_budgets, unit_series  # noqa: E402
+from calib.simulate import UnitSeries, schedule_text, shared_schedule, teacache_schedules, thresholds_for_budgets, unit_series  # noqa: E402
 from calib.tune import Measurer  # noqa: E402
 from teacache.preset import Preset  # noqa: E402
+
+
+def schedule_thresholds(unit: UnitSeries, preset: Preset) -> dict[str, float]:
+    """Every schedule the preset's thresholds give the unit (its first branch), each with the smallest threshold found
+    to give it: a log grid from 1e-6 to 1e3, bisected wherever neighbouring thresholds give different schedules, down
+    to a ratio of 1 + 1e-7."""
+    seen: dict[float, str] = {}
+
+    def text(threshold: float) -> str:
+        if threshold not in seen:
+            seen[threshold] = schedule_text(teacache_schedules(unit, preset, [threshold])[0][0])
+        return seen[threshold]
+
+    grid = np.geomspace(1e-6, 1e3, 60)
+    pending = list(zip(grid[:-1], grid[1:], strict=True))
+    while pending:
+        lo, hi = pending.pop()
+        if text(lo) != text(hi) and hi / lo > 1 + 1e-7:
+            mid = math.sqrt(lo * hi)
+            pending += [(lo, mid), (mid, hi)]
+    first: dict[str, float] = {}
+    for threshold, schedule in sorted(seen.items()):
+        first.setdefault(schedule, float(threshold))
+    return first
 
 
 def choose_by_generation(schedules: dict[str, float], steps: int, preset: Preset, calibration_run: Path) -> set[str]:
@@ -61,9 +86,7 @@ def main() -> None:
         sys.exit(f"{args.preset}: its schedules differ per prompt ({preset.signal}); this diagnostic is for a timestep signal")
     trace, _, groups, _ = load_traces((args.run,))
     unit = next(u for u in unit_series(trace, groups) if u.steps == args.steps)
-    first: dict[str, float] = {}  # schedule -> the smallest grid threshold that gives it
-    for threshold in np.geomspace(1e-3, 50, 200_000):
-        first.setdefault(schedule_text(teacache_schedules(unit, preset, [threshold])[0][0]), float(threshold))
+    first = schedule_thresholds(unit, preset)
     chosen = choose_by_generation(first, args.steps, preset, args.choose_on) if args.choose_on else set(first)
     if args.thresh_list:
         print(",".join(f"{t * 1.0001:.6g}" for s, t in first.items() if s in chosen))
