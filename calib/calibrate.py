@@ -12,8 +12,10 @@ last rung of `LADDER` that fits (listed from least to most useful; at many steps
 tiny model's held-out prompts (docs/eval/README.md, "What calibration costs") what the full calibration gains over
 record + fit comes from the window probes and the forecast probes, at one step count (fit maps them to the others by
 sigma); the sweeps and tune, about 90% of the full cost, change little there, and on the scenes model's they lose
-(tune fits the calibration prompts: 0.6 to 3.4 dB below the default at 26 of 28 budgets). At 20 and 40 steps the default budget buys
-both on 4 prompts (7,840 calls for 12 prompts with CFG); at 50 steps it buys them on 2 prompts, every 5th step (9,400).
+(tune fits the calibration prompts: 0.6 to 3.4 dB below the default at 26 of 28 budgets). A probe calls the transformer
+only at the steps it computes, and the plan counts those calls (`calib.probe.unit_calls`). At 20 and 40 steps the
+default budget buys both on 4 prompts (4,568 calls for 12 prompts with CFG); at 50 steps on 2 prompts, every 5th
+step (5,360), and which two decides much (docs/eval/README.md, "Which prompts are probed").
 
 Files, in RUN: the record's (run.json, trace/, refs/, ...), the probes', calibrate.json (the plan: its resume key),
 preset.json (the result); with tune, calib-sweep-<steps>/ and fitted-preset.json as well.
@@ -32,7 +34,7 @@ from pathlib import Path
 
 from calib.budgets import budget_steps
 from calib.errors import UserError
-from calib.probe import ProbeRequest, window_starts
+from calib.probe import ProbeRequest, unit_calls
 from calib.record import RecordRequest, check_request
 from calib.runfiles import SWEEP_TABLE, check_same_settings, load_run, missing_units, resolve_shard, wait_for, write_json
 
@@ -59,7 +61,7 @@ LADDER = (
     Rung("+ probes: 2 prompts, every 2nd step", 2, 2, (1,)),
     Rung("+ probes: 4 prompts, every 2nd step", 4, 2, (1,)),
     Rung("+ probes: 4 prompts, every step, windows of 4", 4, 1, (1, 4)),
-    Rung("+ probes: 2 prompts, every 5th step, forecasts", 2, 5, (1,), False, True),  # the forecast within 10,000 calls at 50 steps
+    Rung("+ probes: 2 prompts, every 5th step, forecasts", 2, 5, (1,), False, True),  # the default at 40 and 50 steps
     Rung("+ probes: 4 prompts, every 2nd step, forecasts", 4, 2, (1,), False, True),  # the tiny model's: the full calibration at 30 of 35 budgets
     Rung("+ probes: 4 prompts, every step count, windows of 1/4/8, forecasts", 4, 1, (1, 4, 8), True, True),
     Rung("+ calibration sweeps and tune", 4, 1, (1, 4, 8), True, True, tune=True),
@@ -105,17 +107,22 @@ class Plan:
         return LADDER[self.chosen]
 
 
-def probe_plan(rung: Rung, steps: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
-    """The step counts the rung probes, and the generations per probed prompt (an uncached check per step count)."""
+def probe_plan(rung: Rung, steps: tuple[int, ...], branches: int) -> tuple[tuple[int, ...], int]:
+    """The step counts the rung probes, and the transformer calls per probed prompt (its uncached checks included)."""
     probed = steps if rung.all_step_counts else steps[:1]
-    per_prompt = sum(1 + sum(len(window_starts(n, w, rung.stride)) for w in rung.windows) + (30 if rung.forecast else 0) for n in probed)
-    return probed, per_prompt
+    return probed, sum(unit_calls(n, rung.windows, rung.stride, rung.forecast, branches) for n in probed)
+
+
+# A sweep or tune generation skips calls too: the scenes model's full calibration (12 prompts, 50 steps, CFG) made
+# 370,668 calls in its sweeps and tune, 71% of their 518,640 steps x branches (counted from its files, 2026-12-07).
+SWEEP_COMPUTED_SHARE = 0.71
 
 
 def tune_calls(plan: Plan, rounds: int) -> int:
     """An estimate, from the tiny model's make eval (12 prompts, 20 and 40 steps: 3,108 sweep generations, 7.4 per
-    compared budget and prompt; 2,688 tune generations in 150 rounds, 1.5 new schedules a round per prompt)."""
-    per_generation = {n: n * plan.branches for n in plan.steps}
+    compared budget and prompt; 2,688 tune generations in 150 rounds, 1.5 new schedules a round per prompt), each
+    generation calling the transformer at SWEEP_COMPUTED_SHARE of its steps."""
+    per_generation = {n: n * plan.branches * SWEEP_COMPUTED_SHARE for n in plan.steps}
     budgets = {n: len(budget_steps(n)) for n in plan.steps}
     sweeps = sum(7.4 * budgets[n] * plan.units * per_generation[n] for n in plan.steps)
     return round(sweeps + rounds * 1.5 * plan.units * sum(per_generation.values()) / len(per_generation))
@@ -125,8 +132,7 @@ def make_plan(request: CalibrateRequest, steps: tuple[int, ...], cfg: float, uni
     branches = 2 if cfg > 1 else 1
     plan = Plan(branches, steps, units, units * sum(steps) * branches)
     for rung in LADDER:
-        probed, per_prompt = probe_plan(rung, steps)
-        probes = min(rung.probe_prompts, units) * per_prompt * round(sum(probed) / len(probed)) * branches if rung.windows else 0
+        probes = min(rung.probe_prompts, units) * probe_plan(rung, steps, branches)[1] if rung.windows else 0
         plan.costs.append(plan.record_calls + probes + (tune_calls(plan, request.tune_rounds) if rung.tune else 0))
     within = [i for i, cost in enumerate(plan.costs) if cost <= budget]
     plan.chosen = within[-1] if within else 0
@@ -189,7 +195,7 @@ def calibrate(request: CalibrateRequest, echo=print) -> Path:
     check_same_settings(run / CALIBRATE_FILE, settings, "calibration", flag="another run folder, or the budget it was planned with")
     write_json(run / CALIBRATE_FILE, {"kind": "calibrate", "settings": settings, "budget": budget, "costs": plan.costs})
     if rung.windows:
-        probed, _ = probe_plan(rung, steps)
+        probed, _ = probe_plan(rung, steps, plan.branches)
         probe_request = ProbeRequest(run=run, prompts=min(rung.probe_prompts, len(prompts)), windows=rung.windows, device=request.device,
                                      dtype=request.dtype, model_path=request.model_path, lightx2v_config=request.lightx2v_config,
                                      shard=request.shard, forecast=rung.forecast, steps=probed, stride=rung.stride)

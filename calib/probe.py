@@ -18,7 +18,9 @@ linear forecast of several constant dampings (and none); `teacal fit` picks the 
 Cost: one generation per probe, plus one uncached generation per unit that checks the recorded reference is
 reproduced bit for bit. `--window 1` (single steps) costs `steps - 2` generations per unit (`steps - 1` at 8 steps or
 fewer, the last step included); each longer length adds
-about `steps / (length / 2)`; `--forecast` adds 30 per unit. It says the count and the time it expects before it starts.
+about `steps / (length / 2)`; `--forecast` adds 30 per unit. A generation calls the transformer only at the steps it
+computes (`unit_calls`): a window probe all but its window, a forecast probe a fifth to a half of the steps. It says
+the count and the time it expects before it starts.
 """
 
 from __future__ import annotations
@@ -102,6 +104,11 @@ class Probe:
     def forecast(self) -> Forecast:
         return Forecast("linear", "step", ((0.0, self.alpha),)) if self.alpha else NO_FORECAST
 
+    @property
+    def computed(self) -> int:
+        """Steps that call the transformer (per branch)."""
+        return int(self.schedule().sum())
+
 
 def window_starts(steps: int, length: int, stride: int = 1) -> list[int]:
     """First skipped steps of the probed windows of `length`: inside 1 .. steps-2 (the first step is always computed,
@@ -112,20 +119,28 @@ def window_starts(steps: int, length: int, stride: int = 1) -> list[int]:
     return starts + [steps - 1] if length == 1 and steps <= FEW_STEPS else starts
 
 
+def unit_probes(item, seed: int, steps: int, size: tuple[int, int], windows: tuple[int, ...], stride: int, forecast: bool) -> list[Probe]:
+    """One unit's probes: its uncached check, every window, and with `forecast` the forecast probes."""
+    probes = [Probe(item, seed, steps, size, 0, 0)]
+    for length in windows:
+        probes += [Probe(item, seed, steps, size, first, length) for first in window_starts(steps, length, stride)]
+    if forecast:
+        for budget in sorted({max(3, round(share * steps)) for share in FORECAST_SHARES}):
+            probes += [Probe(item, seed, steps, size, kind="forecast", budget=budget, alpha=a) for a in PROBE_DAMPINGS]
+    return probes
+
+
+def unit_calls(steps: int, windows: tuple[int, ...], stride: int, forecast: bool, branches: int) -> int:
+    """Transformer calls one unit's probes make: only computed steps call the transformer (a forecast probe computes
+    a fifth to a half of them)."""
+    return branches * sum(p.computed for p in unit_probes(None, 0, steps, (0, 0), windows, stride, forecast))
+
+
 def plan(recording: Recording, request: ProbeRequest) -> list[Probe]:
     settings = recording.settings
-    items = recording.prompts.items[: request.prompts]
     seed = settings["seeds"][0]
-    probes = []
-    for item in items:
-        for steps in request.steps or settings["steps"]:
-            probes.append(Probe(item, seed, steps, recording.size, 0, 0))
-            for length in request.windows:
-                probes += [Probe(item, seed, steps, recording.size, first, length) for first in window_starts(steps, length, request.stride)]
-            if request.forecast:
-                for budget in sorted({max(3, round(share * steps)) for share in FORECAST_SHARES}):
-                    probes += [Probe(item, seed, steps, recording.size, kind="forecast", budget=budget, alpha=a) for a in PROBE_DAMPINGS]
-    return probes
+    return [probe for item in recording.prompts.items[: request.prompts] for steps in request.steps or settings["steps"]
+            for probe in unit_probes(item, seed, steps, recording.size, request.windows, request.stride, request.forecast)]
 
 
 def check_request(request: ProbeRequest) -> None:
@@ -168,7 +183,7 @@ def probe(request: ProbeRequest, echo=print) -> Path:
     todo = _with_checks_first(todo, checks, run)
     borrowed_checks = len(todo) - mine_todo  # other shards' units' uncached checks, rerun here for their pixels
     per_call = _seconds_per_call(run)
-    calls = sum(p.steps for p in todo) * (2 if settings["cfg"] > 1 else 1)
+    calls = sum(p.computed for p in todo) * (2 if settings["cfg"] > 1 else 1)
     echo(f"probe {settings['model']}: {len(probes)} generations in all ({request.prompts} prompts x {len(request.steps or settings['steps'])} step count(s), "
          f"windows {', '.join(map(str, request.windows))}{', forecasts' if request.forecast else ''}, plus one uncached check per unit); shard {shard_index}/{shard_count}: "
          f"{mine_todo} to run, {len(mine) - mine_todo} done"
@@ -197,8 +212,10 @@ def run_probe(backend, recording: Recording, p: Probe) -> dict:
     cfg = recording.settings["cfg"]
     reference = read_array(recording.run / "refs" / f"{p.unit}.npy")
     pixels_file = recording.run / "probes" / p.unit / "reference-pixels.npy"
+    branches = 2 if cfg > 1 else 1
     if p.kind == "window" and p.length == 0:
         generation = backend.run(p.item, p.seed, p.steps, cfg, p.size)
+        calls = p.steps * branches
         mismatch = reference_mismatch(generation, reference)
         if mismatch is not None:
             raise UserError(f"{p.unit}: an uncached run here does not reproduce the recorded reference ({mismatch}); probe on the machine, "
@@ -207,15 +224,16 @@ def run_probe(backend, recording: Recording, p: Probe) -> dict:
         write_array(pixels_file, generation.float_pixels())
     else:
         preset = recording_preset(recording.spec.name).replace(forecast=p.forecast())
-        with backend.caching(preset, 0.0, StaticSchedulePolicy(preset, p.schedule())):
+        with backend.caching(preset, 0.0, StaticSchedulePolicy(preset, p.schedule())) as cache:
             generation = backend.run(p.item, p.seed, p.steps, cfg, p.size)
+            calls = cache.stats().computed  # counted by the runtime, not from the schedule
     with Image.open(recording.run / "refs" / f"{p.unit}.png") as ref:
         image_psnr = psnr(to_tensor(generation.image), to_tensor(ref.convert("RGB")))
     latent_error = float(np.abs(generation.latents - reference).mean() / np.abs(reference).mean())
     image_rmse = float(np.sqrt(np.mean((generation.float_pixels() - read_array(pixels_file)) ** 2)))
     return {"prompt_id": p.item.id, "seed": p.seed, "steps": p.steps, "width": p.size[0], "height": p.size[1], "kind": p.kind, "first": p.first,
             "length": p.length, "budget": p.budget, "alpha": p.alpha, "latent_rel_l1": latent_error, "image_rmse": image_rmse,
-            "psnr": image_psnr, "seconds": generation.denoise_seconds}
+            "psnr": image_psnr, "seconds": generation.denoise_seconds, "calls": calls}
 
 
 def _with_checks_first(todo: list[Probe], checks: dict[str, Probe], run: Path) -> list[Probe]:

@@ -31,7 +31,7 @@ PROBE_FILE = "probe.json"
 # kind "window": only steps first..first+length-1 skipped; kind "forecast": the uniform schedule of `budget` computed
 # steps, with a linear forecast of constant damping `alpha` (0: plain reuse)
 # image_rmse: of the float image (before 8-bit rounding) against the reference's, what the cost model predicts
-PROBE_COLUMNS = ["prompt_id", "seed", "steps", "width", "height", "kind", "first", "length", "budget", "alpha", "latent_rel_l1", "image_rmse", "psnr", "seconds"]
+PROBE_COLUMNS = ["prompt_id", "seed", "steps", "width", "height", "kind", "first", "length", "budget", "alpha", "latent_rel_l1", "image_rmse", "psnr", "seconds", "calls"]
 UNIT_COLUMNS = ["prompt_id", "seed", "steps", "width", "height"]  # one generation; its steps are a series per branch
 TRACE_COLUMNS = [*UNIT_COLUMNS, "step", "branch", "timestep", "sigma", *(f"x_{s}" for s in SIGNALS), "y_output", "y_residual", "seconds"]
 REUSE_TARGETS = ("output", "residual")

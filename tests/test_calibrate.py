@@ -40,8 +40,17 @@ def test_the_plan_comes_first_and_the_budget_chooses_the_rung(calibrated):
     lines = output.splitlines()
     assert lines[0].startswith("plan: a budget of 700 transformer calls; recording alone costs 36 (3 generations")  # 3 prompts x 6 steps x 2 branches
     chosen = [line for line in lines[1 : len(LADDER) + 1] if line.startswith("  ->")]
-    assert len(chosen) == 1 and "every step, windows of 4" in chosen[0]
+    assert len(chosen) == 1 and "windows of 1/4/8, forecasts" in chosen[0]
     assert "calibrated: run/preset.json" in output
+
+
+def test_the_planned_calls_are_the_calls_the_runtime_counted(calibrated):
+    """A probe calls the transformer only at the steps it computes: the plan counts those, as the hook does."""
+    base, output, _ = calibrated
+    planned = int(output.split(" calls planned")[0].rsplit("; ", 1)[1].replace(",", ""))
+    parts = pd.DataFrame([json.loads(part.read_text()) for part in (base / "run" / "probes").glob("*/*.json")])  # checks included
+    assert planned == 3 * 6 * 2 + parts["calls"].sum()  # recording: 3 prompts x 6 steps x 2 branches, every call
+    assert (parts["calls"] < parts["steps"] * 2).sum() == len(parts) - 3  # every probe but the 3 uncached checks skips
 
 
 def test_more_budget_buys_more_measurement_and_never_less():
@@ -151,7 +160,7 @@ def test_evaluate_in_two_shards_reports_from_the_first(calibrated, tmp_path):
 def test_a_plan_short_of_the_forecast_probes_says_which_budget_buys_them():
     request, said = CalibrateRequest(run=Path("x")), []
     print_plan(make_plan(request, (50,), 4.0, 12, 5_000), 5_000, None, echo=said.append)
-    assert said[-1] == "note: --budget 9400 would buy the forecast probes, which gained most on held-out prompts"
+    assert said[-1] == "note: --budget 5360 would buy the forecast probes, which gained most on held-out prompts"
     said.clear()
     print_plan(make_plan(request, (20,), 4.0, 12, 10_000), 10_000, None, echo=said.append)  # the default buys them here
     assert not any("would buy" in line for line in said)
