@@ -1,13 +1,16 @@
 """What calibration costs against what it buys: each rung of `teacal calibrate`'s ladder, measured on held-out prompts.
 
     python docs/eval/ladder.py EVAL --prompts HELDOUT.jsonl --steps N [--steps M] --budget B [--budget C ...] [--full PRESET]
-                               [--plain B]
+                               [--plain B] [--preset NAME=PRESET ...]
 
 For each budget B, EVAL/ladder-B/preset.json is what `teacal calibrate --budget B` wrote (make ladder). The held-out
 prompts are recorded once (EVAL/ladder-heldout), each preset swept there with `--method teacache` (its own reuse
 rule; with `--plain B`, budget B's preset also with plain reuse), and `--full PRESET` (a preset of the full
-calibration, sweeps and tune included) beside them. The best borrowed set or peer per budget, by mean and by worst
-prompt, comes from make eval's sweep of the same held-out prompts (EVAL/heldout/sweep-N), when it is there. Writes EVAL/ladder.md: per step count, mean PSNR (worst prompt) at equal computed calls, and each rung's calls.
+calibration, sweeps and tune included) and any `--preset NAME=PRESET` (say, the same budget calibrated on the same
+prompts in another order) beside them. The best borrowed set or peer per budget, by mean and by worst
+prompt, comes from make eval's sweep of the same held-out prompts (EVAL/heldout/sweep-N), when it is there. Writes
+EVAL/ladder.md: per step count, mean PSNR (worst prompt) at equal computed calls, each rung's calls, and for every
+pair of calibrations the budgets where one is more than 0.5 dB below the other on the mean or the worst prompt.
 """
 
 from __future__ import annotations
@@ -32,10 +35,37 @@ def teacal(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "calib.cli", *args], cwd=ROOT, check=True)
 
 
-def front(view: pd.DataFrame, budgets: list[int]) -> list[str]:
-    """Mean (worst) PSNR of the best configuration within each budget of calls."""
+# Two calibrations "agree" at a budget when neither is below the other by more than this, on the mean or the worst
+# prompt (issue 25's bar for the default against the full calibration).
+AGREE_DB = 0.5
+
+
+def front(view: pd.DataFrame, budgets: list[int]) -> list[tuple[float, float] | None]:
+    """Mean and worst-prompt PSNR of the best configuration within each budget of calls (None where none is)."""
     best = best_within(view["computed"], view["psnr"], budgets)
-    return ["-" if i < 0 else f"{view['psnr'].iloc[i]:.1f} ({view['psnr_worst'].iloc[i]:.1f})" for i in best]
+    return [None if i < 0 else (float(view["psnr"].iloc[i]), float(view["psnr_worst"].iloc[i])) for i in best]
+
+
+def cell(point: tuple[float, float] | None) -> str:
+    return "-" if point is None else f"{point[0]:.1f} ({point[1]:.1f})"
+
+
+def below(a: list, b: list, budgets: list[int]) -> list[int]:
+    """The budgets where front `a` is more than AGREE_DB below front `b`, on the mean or the worst prompt."""
+    return [budget for budget, p, q in zip(budgets, a, b, strict=True)
+            if p is not None and q is not None and (p[0] < q[0] - AGREE_DB or p[1] < q[1] - AGREE_DB)]
+
+
+def agreement(fronts: dict[str, list], budgets: list[int]) -> list[str]:
+    """A markdown table: for each pair of calibrations (plain-reuse columns left out), the budgets where the row's
+    is more than AGREE_DB below the column's."""
+    calibrated = [name for name in fronts if not name.endswith("plain reuse")]
+    lines = [f"\nBudgets (of {len(budgets)}) where the row's calibration is more than {AGREE_DB} dB below the column's, on the "
+             "mean or the worst prompt:\n", "| below | " + " | ".join(calibrated) + " |", "|" + "---|" * (len(calibrated) + 1)]
+    for a in calibrated:
+        misses = ["-" if a == b else ", ".join(map(str, below(fronts[a], fronts[b], budgets))) or "none" for b in calibrated]
+        lines.append(f"| {a} | " + " | ".join(misses) + " |")
+    return lines
 
 
 def best_others(sweep: Path, column: str, budgets: list[int]) -> list[tuple[float | None, str]]:
@@ -62,11 +92,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, action="append", required=True)
     parser.add_argument("--budget", type=int, action="append", required=True)
     parser.add_argument("--full", type=Path, help="a preset of the full calibration (record, probe, fit, sweeps, tune)")
+    parser.add_argument("--preset", action="append", default=[], metavar="NAME=PRESET", help="another preset beside the rungs (repeatable)")
     parser.add_argument("--plain", type=int, action="append", default=[], metavar="B",
                         help="also sweep budget B's preset, if it forecasts, with plain reuse: a column of its own (repeatable)")
     args = parser.parse_args()
     held = args.eval / "ladder-heldout"
     presets = {f"budget {b:,}": args.eval / f"ladder-{b}" / "preset.json" for b in args.budget}
+    for named in args.preset:
+        name, _, path = named.partition("=")
+        if not path:
+            parser.error(f"--preset {named}: expected NAME=PRESET")
+        presets[name] = Path(path)
     if args.full:
         presets["full calibration"] = args.full
     model = json.loads(next(iter(presets.values())).read_text())["model"]
@@ -96,7 +132,8 @@ def main() -> None:
                 rows[name] = view
         calls = steps * 2
         budgets = [k * 2 for k in budget_steps(steps)]
-        table = {"calls": [f"{b} of {calls}" for b in budgets], **{name: front(view, budgets) for name, view in rows.items()}}
+        fronts = {name: front(view, budgets) for name, view in rows.items()}
+        table = {"calls": [f"{b} of {calls}" for b in budgets], **{name: [cell(p) for p in f] for name, f in fronts.items()}}
         full_sweep = args.eval / "heldout" / f"sweep-{steps}" / "sweep.parquet"
         if full_sweep.exists():
             for column, what in (("psnr", "best borrowed set or peer"), ("psnr_worst", "best worst prompt of those")):
@@ -105,6 +142,7 @@ def main() -> None:
         frame = pd.DataFrame(table)
         lines += [f"\n## {steps} steps\n", "| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
         lines += ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
+        lines += agreement(fronts, budgets)
     (args.eval / "ladder.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
