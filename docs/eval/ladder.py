@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from calib.budgets import best_within, budget_steps  # noqa: E402
+from calib.probe import Probe  # noqa: E402
 from calib.report import with_measured_oracle  # noqa: E402
 from calib.tables import aggregate  # noqa: E402
 
@@ -66,6 +67,26 @@ def agreement(fronts: dict[str, list], budgets: list[int]) -> list[str]:
         misses = ["-" if a == b else ", ".join(map(str, below(fronts[a], fronts[b], budgets))) or "none" for b in calibrated]
         lines.append(f"| {a} | " + " | ".join(misses) + " |")
     return lines
+
+
+def calls_made(run: Path) -> int:
+    """The transformer calls a calibration run made, counted from its files: every recorded call; each probe's
+    computed ones (as the runtime counted them where its part says, else from its schedule); every computed call of
+    its calibration sweeps and of tune's generations."""
+    calls = len(pd.read_parquet(run / "trace.parquet"))  # a row per recorded step and branch
+    branches = 2 if json.loads((run / "run.json").read_text())["settings"]["cfg"] > 1 else 1
+    for part in (run / "probes").glob("*/*.json"):
+        p = json.loads(part.read_text())
+        if "calls" not in p:
+            probe = Probe(None, p["seed"], p["steps"], (p["width"], p["height"]), p["first"], p["length"], p["kind"], p["budget"], p["alpha"])
+            p["calls"] = probe.computed * branches
+        calls += p["calls"]
+    calls += sum(int(pd.read_parquet(sweep)["computed"].sum()) for sweep in run.glob("calib-sweep-*/sweep.parquet"))
+    for part in (run / "tune").glob("*/*.json"):
+        if ".shard-" not in part.name:  # a shard's generations are in the merged part too
+            p = json.loads(part.read_text())
+            calls += p["schedule"].count("x") * branches * len(p["per_generation"])
+    return calls
 
 
 def best_others(sweep: Path, column: str, budgets: list[int]) -> list[tuple[float | None, str]]:
@@ -113,8 +134,7 @@ def main() -> None:
     for name, preset in presets.items():
         plan = json.loads((preset.parent / "calibrate.json").read_text()) if (preset.parent / "calibrate.json").exists() else None
         rung = plan["settings"]["rung"]["name"] if plan else "sweeps and tune included"
-        # the rung calibrate chose: the last within its budget, in the costs of the ladder it was planned with
-        cost = f", {next((c for c in reversed(plan['costs']) if c <= plan['budget']), plan['costs'][0]):,} calls" if plan else ""
+        cost = f", {calls_made(preset.parent):,} calls" if plan else ""
         lines.append(f"- {name}: {preset} ({rung}{cost})")
     for steps in args.steps:
         rows = {}
