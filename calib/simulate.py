@@ -6,21 +6,27 @@ model. No torch. What a schedule costs the final image is `calib.costmodel`.
   runtimes use. Exact for `temb` and `sigma` (read from the timestep alone, not the latents); an estimate for `modin`
   and for an adaptive preset, whose observed residual changes are the uncached run's (reach up to the recording's
   max gap; a longer window is not observed).
-* `thresholds_for_budgets`, `threshold_for_speedup`: thresholds placed by simulation.
+* `thresholds_for_budgets`, `threshold_for_speedup`: thresholds placed by simulation (`refined_thresholds`: where a
+  step function of the threshold changes).
 * `uniform_schedule`, `lemica_schedule`: static schedules (evenly spaced; LeMiCa's published ones);
   `StaticSchedulePolicy` runs any static schedule through the runtime.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
 
 from teacache.policy import TeaCachePolicy
 from teacache.preset import SIGNALS, Preset
+
+T = TypeVar("T")
 
 BRANCH_ORDER = ("cond", "uncond")  # the order the pipelines call them in each step
 UNIT = ["prompt_id", "seed", "steps", "width", "height"]
@@ -177,6 +183,26 @@ def forced_steps(preset: Preset, steps: int) -> np.ndarray:
     return np.array([m < preset.ret_steps or m >= cutoff for m in range(steps)])
 
 
+def refined_thresholds(grid, value: Callable[[float], T], differ: Callable[[T, T], bool], min_ratio: float) -> dict[float, T]:
+    """`value` at every threshold of the ascending `grid`, and at the geometric midpoint of any two neighbours whose
+    values `differ`, recursively, until such neighbours are within `min_ratio` of each other: where a step function of
+    the threshold (the computed share, the schedule) changes, which a fixed grid misses."""
+    seen: dict[float, T] = {}
+
+    def at(threshold: float) -> T:
+        if threshold not in seen:
+            seen[threshold] = value(threshold)
+        return seen[threshold]
+
+    pending = list(zip(grid[:-1], grid[1:], strict=True))
+    while pending:
+        lo, hi = pending.pop()
+        if differ(at(lo), at(hi)) and hi / lo > min_ratio:
+            mid = math.sqrt(lo * hi)
+            pending += [(lo, mid), (mid, hi)]
+    return seen
+
+
 def thresholds_for_budgets(units: list[UnitSeries], preset: Preset, budgets) -> list[float]:
     """For each budget (fraction of calls computed), the threshold whose simulated schedules compute the most without
     exceeding it, on average over the units.
@@ -190,22 +216,15 @@ def thresholds_for_budgets(units: list[UnitSeries], preset: Preset, budgets) -> 
     """
     sample = units[:1] if shared_schedule(preset) else units
     resolution = 1.0 / max(u.steps for u in sample)
-    seen: dict[float, float] = {}
 
+    @functools.cache
     def fraction(threshold: float) -> float:
-        if threshold not in seen:
-            seen[threshold] = float(np.mean([teacache_schedules(u, preset, [threshold]).mean() for u in sample]))
-        return seen[threshold]
+        return float(np.mean([teacache_schedules(u, preset, [threshold]).mean() for u in sample]))
 
     grid = list(np.geomspace(1e-6, 1e3, 40))
     while fraction(grid[-1]) > min(budgets) and grid[-1] < 1e9:
         grid.append(grid[-1] * 10)
-    pending = list(zip(grid[:-1], grid[1:], strict=True))
-    while pending:
-        lo, hi = pending.pop()
-        if abs(fraction(lo) - fraction(hi)) > resolution + 1e-9 and hi / lo > 1 + 1e-6:
-            mid = math.sqrt(lo * hi)
-            pending += [(lo, mid), (mid, hi)]
+    seen = refined_thresholds(grid, fraction, lambda a, b: abs(a - b) > resolution + 1e-9, 1 + 1e-6)
     points = sorted(seen.items())
     chosen = []
     for budget in budgets:

@@ -16,7 +16,6 @@ the chosen ones are listed.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -27,7 +26,15 @@ sys.path.insert(0, str(ROOT))
 
 from calib.backends import open_recording  # noqa: E402
 from calib.runfiles import load_traces  # noqa: E402
-from calib.simulate import UnitSeries, schedule_text, shared_schedule, teacache_schedules, thresholds_for_budgets, unit_series  # noqa: E402
+from calib.simulate import (  # noqa: E402
+    UnitSeries,
+    refined_thresholds,
+    schedule_text,
+    shared_schedule,
+    teacache_schedules,
+    thresholds_for_budgets,
+    unit_series,
+)
 from calib.tune import Measurer  # noqa: E402
 from teacache.preset import Preset  # noqa: E402
 
@@ -36,20 +43,8 @@ def schedule_thresholds(unit: UnitSeries, preset: Preset) -> dict[str, float]:
     """Every schedule the preset's thresholds give the unit (its first branch), each with the smallest threshold found
     to give it: a log grid from 1e-6 to 1e3, bisected wherever neighbouring thresholds give different schedules, down
     to a ratio of 1 + 1e-7."""
-    seen: dict[float, str] = {}
-
-    def text(threshold: float) -> str:
-        if threshold not in seen:
-            seen[threshold] = schedule_text(teacache_schedules(unit, preset, [threshold])[0][0])
-        return seen[threshold]
-
-    grid = np.geomspace(1e-6, 1e3, 60)
-    pending = list(zip(grid[:-1], grid[1:], strict=True))
-    while pending:
-        lo, hi = pending.pop()
-        if text(lo) != text(hi) and hi / lo > 1 + 1e-7:
-            mid = math.sqrt(lo * hi)
-            pending += [(lo, mid), (mid, hi)]
+    seen = refined_thresholds(np.geomspace(1e-6, 1e3, 60), lambda t: schedule_text(teacache_schedules(unit, preset, [t])[0][0]),
+                              lambda a, b: a != b, 1 + 1e-7)
     first: dict[str, float] = {}
     for threshold, schedule in sorted(seen.items()):
         first.setdefault(schedule, float(threshold))
