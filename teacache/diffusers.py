@@ -41,6 +41,9 @@ from teacache.policy import TeaCacheCall, TeaCachePolicy, TeaCacheStats
 from teacache.preset import SIGNALS, Preset, PresetError, check_threshold
 
 logger = logging.getLogger(__name__)
+# (preset source, reason) already warned in this process: a sweep applies a hook per configuration, and each warned
+# again (35 times for one sweep)
+_WARNED: set[tuple[str, str]] = set()
 
 _TRANSFORMER_HOOK = "teacache_transformer"
 _HEAD_HOOK = "teacache_head_block"
@@ -127,7 +130,6 @@ class _TeaCacheRuntime:
         self.observers: list = []  # called with a TeaCacheCall after every transformer call
         self.block_forwards = 0  # blocks that really ran; a skipped call adds none
         self.fresh = True  # the next call starts a generation (set again when the pipeline resets the hooks)
-        self._warned: set[str] = set()
 
     def position(self) -> tuple[int, int]:
         """(step index, steps in this generation), from the denoising loop's context or the pipeline's scheduler."""
@@ -175,9 +177,10 @@ class _TeaCacheRuntime:
             self.warn_once(reason)
 
     def warn_once(self, reason: str) -> None:
-        if reason not in self._warned:
-            self._warned.add(reason)
-            logger.warning("TeaCache preset %s: %s; its schedule there is extrapolated", self.policy.preset.source, reason)
+        key = (self.policy.preset.source, reason)
+        if key not in _WARNED:
+            _WARNED.add(key)
+            logger.warning("TeaCache preset %s: %s; its schedule there is extrapolated", *key)
 
     def end_call(self, state: _BranchState, output, seconds: float | None) -> None:
         stats = self.policy.stats

@@ -188,6 +188,18 @@ def test_the_step_count_comes_from_the_generation_not_from_apply(tiny):
             assert stats.schedule("cond") == [True] + [False] * (steps - 2) + [True]  # the last step of *this* run is forced
 
 
+def test_a_request_outside_the_domain_warns_once_per_process_however_many_hooks(tiny, caplog):
+    pipe = _pipe(tiny, QwenImagePipeline)
+    outside = preset(domain={"steps": [20, 40]})  # what a sweep does: a hook per threshold, each run at 6 steps
+    with caplog.at_level("WARNING", logger="teacache.diffusers"):
+        for threshold in (0.1, 0.2, 0.3):
+            with teacache(pipe, outside, threshold=threshold):
+                _t2i(pipe, steps=6)
+                assert teacache_stats(pipe).outside_domain == ["6 steps outside the calibrated 20..40"]
+    assert [r.getMessage() for r in caplog.records].count(
+        f"TeaCache preset {outside.source}: 6 steps outside the calibrated 20..40; its schedule there is extrapolated") == 1
+
+
 def test_img2img_strength_runs_fewer_steps_and_teacache_follows(tiny, reference_image):
     from diffusers import QwenImageImg2ImgPipeline
 
