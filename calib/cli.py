@@ -269,7 +269,7 @@ def record(
 @command
 def probe(
     run: Annotated[Path, typer.Argument(metavar="RUN", help=RUN_FOLDER + " Probes go in its probes/ and probes.parquet.")],
-    prompts: Annotated[int, typer.Option(min=1, help="How many of the run's prompts to probe (the first ones; first seed, every step count).")] = 4,
+    prompts: Annotated[int, typer.Option(min=1, help="How many of the run's prompts to probe (spread over how far each moves, whatever their order in the file; first seed, every step count).")] = 4,
     window: Annotated[list[int] | None, typer.Option(help="Window lengths to skip; repeat for several (default: 1, 4 and 8). Single steps give the sensitivity, longer windows the compounding.")] = None,
     steps: Annotated[list[int] | None, typer.Option(help="Which recorded step counts to probe; repeatable (default: all). Fit maps the sensitivity to the others by sigma.")] = None,
     stride: Annotated[int, typer.Option(min=1, help="Single steps: probe every STRIDE-th (fit interpolates between them).")] = 1,

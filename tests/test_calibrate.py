@@ -157,6 +157,21 @@ def test_evaluate_in_two_shards_reports_from_the_first(calibrated, tmp_path):
     assert set(measured["method"]) == {"uncached", "teacache", "baseline"} and measured.loc[measured["method"] == "teacache", "label"].nunique() == 1
 
 
+def test_the_same_prompts_in_another_order_calibrate_the_same_preset(tmp_path):
+    """Which prompts are probed follows from the recording, not from the file's order (2 of 4 probed here)."""
+    presets, probed = [], []
+    for name, order in (("a", SMALL_PROMPTS), ("b", SMALL_PROMPTS[::-1])):
+        (tmp_path / name).mkdir()
+        write_prompts(tmp_path / name / "calib.jsonl", order)
+        done = _teacal([*CALIBRATE[:-1], "200"], tmp_path / name)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "-> + probes: 2 prompts, every 5th step, forecasts" in done.stdout
+        probed.append(next(line for line in done.stdout.splitlines() if "spread over" in line).split(": prompts ")[1])
+        presets.append((tmp_path / name / "run" / "preset.json").read_bytes())
+    assert probed[0] == probed[1] and len(probed[0].split(", ")) == 2
+    assert presets[0] == presets[1]
+
+
 def test_a_plan_short_of_the_forecast_probes_says_which_budget_buys_them():
     request, said = CalibrateRequest(run=Path("x")), []
     print_plan(make_plan(request, (50,), 4.0, 12, 5_000), 5_000, None, echo=said.append)

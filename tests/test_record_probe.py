@@ -198,6 +198,22 @@ def test_probe_measures_single_steps_and_windows(probed):
     assert (merged[2] > merged[1]).loc[lambda s: s.index.get_level_values(1) <= 3].mean() > 0.8
 
 
+def test_which_prompts_are_probed_does_not_depend_on_their_order_in_the_file(recorded_run):
+    from calib.probe import probed_prompts
+    from calib.prompts import load_prompts
+
+    items = load_prompts(recorded_run / "inputs" / "prompts.jsonl").items
+    trace = load_trace(recorded_run)
+    picked = [item.id for item in probed_prompts(items, trace, 2)]
+    assert len(set(picked)) == 2
+    for order in (items[::-1], items[1:] + items[:1], items[2:] + items[:2]):
+        assert [item.id for item in probed_prompts(order, trace, 2)] == picked
+    # one from the slower half of the prompts, by how far the output moves per step, one from the faster
+    moved = trace[trace["step"] > 0].assign(log=lambda t: np.log(t["y_output"])).groupby("prompt_id")["log"].mean().sort_values()
+    assert picked[0] in list(moved.index[:2]) and picked[1] in list(moved.index[2:])
+    assert [item.id for item in probed_prompts(items, trace, 9)] == [item.id for item in items]
+
+
 def test_probe_resumes_and_shards_to_the_same_table(probed, tmp_path):
     run, _ = probed
     again = []
@@ -243,7 +259,7 @@ def test_bad_probe_input_exits_2_with_one_line(recorded_run, tmp_path, args, mes
 def test_probe_stops_when_the_reference_is_not_reproduced(recorded_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(recorded_run, run)
-    reference = run / "refs" / "cat-hat-0-6st-64x64.npy"
-    np.save(reference, np.load(reference) * 1.001)  # as if recorded elsewhere
+    for reference in (run / "refs").glob("*.npy"):
+        np.save(reference, np.load(reference) * 1.001)  # as if recorded elsewhere
     result = runner.invoke(app, ["probe", str(run), "--prompts", "1", "--window", "1"])
     assert result.exit_code == 2 and "does not reproduce the recorded reference" in result.output
