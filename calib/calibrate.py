@@ -14,8 +14,9 @@ record + fit comes from the window probes and the forecast probes, at one step c
 sigma); the sweeps and tune, about 90% of the full cost, change little there, and on the scenes model's they lose
 (tune fits the calibration prompts: 0.6 to 3.4 dB below the default at 26 of 28 budgets). A probe calls the transformer
 only at the steps it computes, and the plan counts those calls (`calib.probe.unit_calls`). At 20 and 40 steps the
-default budget buys both on 4 prompts (4,568 calls for 12 prompts with CFG); at 50 steps on 2 prompts, every 5th
-step (5,360), and which two decides much (docs/eval/README.md, "Which prompts are probed").
+default budget buys both on 4 prompts (4,568 calls for 12 prompts with CFG); at 40 or 50 steps on 4 prompts, every
+5th step (6,976; 9,520). Which prompts are probed follows from the recording, not the file's order
+(`calib.probe.probed_prompts`; docs/eval/README.md, "Which prompts are probed").
 
 Files, in RUN: the record's (run.json, trace/, refs/, ...), the probes', calibrate.json (the plan: its resume key),
 preset.json (the result); with tune, calib-sweep-<steps>/ and fitted-preset.json as well.
@@ -61,7 +62,8 @@ LADDER = (
     Rung("+ probes: 2 prompts, every 2nd step", 2, 2, (1,)),
     Rung("+ probes: 4 prompts, every 2nd step", 4, 2, (1,)),
     Rung("+ probes: 4 prompts, every step, windows of 4", 4, 1, (1, 4)),
-    Rung("+ probes: 2 prompts, every 5th step, forecasts", 2, 5, (1,), False, True),  # the default at 40 and 50 steps
+    Rung("+ probes: 2 prompts, every 5th step, forecasts", 2, 5, (1,), False, True),
+    Rung("+ probes: 4 prompts, every 5th step, forecasts", 4, 5, (1,), False, True),  # the default at 40 and 50 steps
     Rung("+ probes: 4 prompts, every 2nd step, forecasts", 4, 2, (1,), False, True),  # the tiny model's: the full calibration at 30 of 35 budgets
     Rung("+ probes: 4 prompts, every step count, windows of 1/4/8, forecasts", 4, 1, (1, 4, 8), True, True),
     Rung("+ calibration sweeps and tune", 4, 1, (1, 4, 8), True, True, tune=True),
