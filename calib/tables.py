@@ -54,8 +54,9 @@ def static_configs(table: pd.DataFrame) -> pd.Series:
     set on a timestep-only signal). Adaptive ones (another schedule per prompt), forecasts and peer caches are left
     out. Returns each one's schedule, indexed by config."""
     rows = table[table["method"].isin(SCHEDULE_METHODS) & (table["forecast"].fillna("none") == "none") & table["schedule"].notna()]
-    if "computed_uncond" in rows:  # one schedule for both branches
-        rows = rows[rows["computed_uncond"].isna() | (rows["computed_cond"] == rows["computed_uncond"])]
+    if "computed_uncond" in rows:  # one schedule for both branches; without CFG the uncond branch never runs (0)
+        uncond = rows["computed_uncond"]
+        rows = rows[uncond.isna() | (uncond == 0) | (rows["computed_cond"] == uncond)]
     generations = int((table["method"] == "uncached").sum())  # one uncached row per (prompt, seed)
     per_config = rows.groupby("config", sort=False)["schedule"].agg(["nunique", "size", "first"])
     static = per_config[(per_config["nunique"] == 1) & (per_config["size"] == generations)]

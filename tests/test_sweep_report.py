@@ -477,3 +477,21 @@ def test_with_cfg_off_there_is_one_branch_from_record_to_report(tmp_path):
     columns = _equal_calls_columns(run / "report" / "report.md")
     assert {"teacache (calibrated)", "baseline: identity", "static: uniform spacing", "FirstBlockCache (diffusers)"} <= set(columns)
     assert "| 2 of 8 |" in (run / "report" / "report.md").read_text()
+
+
+def test_without_cfg_the_static_schedules_are_found_for_the_oracle(tmp_path, temb_preset):
+    """A CFG-off generation runs no uncond branch (its computed_uncond is 0): its static schedules still count, so
+    tune's oracle (`--oracle-from`) has schedules to choose from on a distilled model (it found none: calibrate failed)."""
+    from calib.oracle import measured_static
+    from calib.record import RecordRequest, record
+
+    prompts = write_prompts(tmp_path / "p.jsonl", SMALL_PROMPTS[:2])
+    run = tmp_path / "run"
+    record(RecordRequest(out=run, prompts=Path(prompts), steps=(6,), size=(64, 64), cfg=1.0), echo=lambda *_: None)
+    table = sweep(SweepRequest(run=run, preset=temb_preset, thresholds="0.1,2", oracle="none", out=run / "calib-sweep-6", baselines=("uniform",),
+                               metrics=("psnr",)), echo=lambda *_: None)
+    assert (table.loc[table["method"] != "uncached", "computed_uncond"] == 0).all()
+    static = static_configs(table)
+    assert sum(config.startswith("uniform-") for config in static.index) >= 2
+    measured = measured_static((run / "calib-sweep-6",), [run])
+    assert len(measured) == len(set(static)) and (measured["steps"] == 6).all()
