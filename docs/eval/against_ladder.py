@@ -34,7 +34,7 @@ def ladder_columns(ladder: Path, steps: int) -> dict[str, list]:
     rows = [line for line in section.splitlines() if line.startswith("| ")]
     head = [c.strip() for c in rows[0].strip("|").split("|")]
     columns: dict[str, list] = {h: [] for h in head}
-    for line in rows[2:]:
+    for line in rows[1:]:  # the rule line (|---|) is not among them
         cells = [c.strip() for c in line.strip("|").split("|")]
         if not cells[0][:1].isdigit():  # the agreement table follows
             break
