@@ -12,16 +12,14 @@ full calibrations behind a ladder cost 300,000-400,000 calls; their columns stan
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ladder import ROOT, agreement, cell, front  # noqa: E402
+from ladder import agreement, cell, front, teacal  # noqa: E402
 
 from calib.tables import aggregate  # noqa: E402
 
@@ -53,13 +51,11 @@ def main() -> None:
     args = parser.parse_args()
     columns = ladder_columns(args.ladder, args.steps)
     budgets = [int(calls.split()[0]) for calls in columns["calls"]]
-    threads = os.environ.get("OMP_NUM_THREADS")  # the recording's, which the sweep checks; teacal chooses it otherwise
     fronts = {}
     for named in args.presets:
         name, _, preset = named.partition("=")
         out = args.held / f"{name.replace(' ', '-')}-{args.steps}"
-        subprocess.run([sys.executable, "-m", "calib.cli", "sweep", str(args.held), "--preset", preset, "--steps", str(args.steps), "--out", str(out),
-                        "--oracle", "none", "--metrics", "psnr", "--yes"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env={**os.environ, **({"OMP_NUM_THREADS": threads} if threads else {})})
+        teacal("sweep", str(args.held), "--preset", preset, "--steps", str(args.steps), "--out", str(out), "--oracle", "none", "--metrics", "psnr", "--yes")
         view = aggregate(pd.read_parquet(out / "sweep.parquet"))
         fronts[name] = front(view[view["method"] == "teacache"], budgets)
     kinds = {name: {type(v) for v in column if v is not None} for name, column in columns.items()}
